@@ -1,0 +1,16 @@
+"""Exceptions that carry a message meant for the user: the cause and the fix, on one line where possible.
+
+The command line prints these without a traceback; anything else is a bug and keeps its traceback.
+"""
+
+
+class DistillError(Exception):
+    """Base class of every error whose message tells the user what went wrong and how to fix it."""
+
+
+class InputError(DistillError, ValueError):
+    """A tensor, file or value handed to the library does not have the form it needs."""
+
+
+class CheckpointError(DistillError, RuntimeError):
+    """A checkpoint file cannot be read safely, or does not fit the model it is loaded into."""

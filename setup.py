@@ -1,0 +1,45 @@
+"""Packaging for distill: every dependency and extra is declared here and nowhere else."""
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+
+INSTALL_REQUIRES = [
+    # 2.13 and older CPU wheels cannot load torchvision's compiled ops, which timm imports.
+    "torch>=2.14",
+    "torchvision",
+    "timm>=1.0",
+    "submitit>=1.5",
+    "fvcore",
+    "faiss-cpu",
+    "omegaconf>=2.3",
+    "numpy",
+    "pillow",
+    "pyyaml",
+    "safetensors",
+    "tqdm",
+    "matplotlib",
+]
+
+EXTRAS_REQUIRE = {
+    # Memory-efficient attention kernels and faiss on CUDA. faiss-gpu provides the same `faiss`
+    # module as faiss-cpu: uninstall faiss-cpu after installing this extra.
+    "gpu": ["xformers", "faiss-gpu"],
+    "dev": ["pytest>=8", "pytest-xdist", "pytest-timeout"],
+}
+
+setup(
+    name="distill",
+    version="0.1.0",
+    description="Teach Vision Transformers from other networks or from themselves: DINO, DeiT, DINOv2 and data curation",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8") if (HERE / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["distill", "distill.*", "data_curation", "data_curation.*"]),
+    include_package_data=True,
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+    entry_points={"console_scripts": ["distill=distill.cli:main"]},
+    license="Apache-2.0",
+)
