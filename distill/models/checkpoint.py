@@ -1,0 +1,321 @@
+"""Loading backbone weights from the checkpoint files users already have, safely and strictly.
+
+Reading never runs code from the file (`weights_only`). The layouts of REFERENCE.md are recognised and
+converted to this package's parameter names: bare backbones (DINO, DINOv2 hub), DINO training checkpoints
+(teacher by default), DeiT `model` files, DINOv2 teacher and training checkpoints with chunked blocks, timm
+state dicts and anything prefixed by DDP, FSDP or torch.compile. After conversion every key and shape must
+match; otherwise one error lists what differs and which registered name the file looks like.
+"""
+
+import argparse
+import logging
+import re
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import numpy as np
+import torch
+
+from distill.errors import CheckpointError
+from distill.models.layers import resize_pos_embed
+
+logger = logging.getLogger(__name__)
+
+StateDict = Dict[str, torch.Tensor]
+
+# Objects found in official training checkpoints besides tensors (DINO and DeiT store their argparse
+# arguments). None of them can run code when rebuilt.
+SAFE_GLOBALS = [argparse.Namespace, np.dtype, np.ndarray]
+for _name in ("scalar", "_reconstruct"):
+    for _module in ("numpy._core.multiarray", "numpy.core.multiarray"):
+        try:
+            SAFE_GLOBALS.append(getattr(__import__(_module, fromlist=[_name]), _name))
+            break
+        except (ImportError, AttributeError):
+            continue
+
+# Top-level entries that hold a network, in the order they are tried when no key is given.
+DEFAULT_KEYS = ("teacher", "model", "state_dict", "model_ema", "student")
+# Wrapper segments that DDP, FSDP, activation checkpointing and torch.compile insert into parameter names.
+WRAPPER_SEGMENTS = ("module.", "_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
+def _refused_globals(error: Exception) -> List[str]:
+    """Names the restricted unpickler refused to import, or [] if the error is damage, not a refusal."""
+    text = str(error)
+    names = re.findall(r"GLOBAL ([\w.]+)", text)
+    if names or "allowlisted" in text or "is blocked" in text:
+        return sorted(set(names)) or ["a Python object that is not a tensor"]
+    return []
+
+
+def read_checkpoint(path: Union[str, Path]) -> Any:
+    """The object stored in a .pth/.pt/.safetensors file, read without ever executing code from it."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist (or is not a file): check the path")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as error:
+            raise CheckpointError(f"cannot read {path} as safetensors: {error}") from None
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises UnpicklingError, RuntimeError, KeyError... depending on the damage
+        refused = _refused_globals(error)
+        if refused:
+            raise CheckpointError(
+                f"refusing to load {path}: it holds {', '.join(refused)}, and unpickling that could run code. "
+                "Only tensors, "
+                "containers and plain values are loaded. If you trust the file, load it with "
+                "torch.load(path, weights_only=False) yourself and torch.save() just its state dict"
+            ) from None
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        unpickler = [line for line in lines if not line.startswith(("Weights only", "Please file", "Check the"))]
+        reason = (unpickler or lines or [type(error).__name__])[0][:160]
+        raise CheckpointError(
+            f"cannot read {path}: not a PyTorch checkpoint, or a truncated or corrupt one ({reason})"
+        ) from None
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _strip_wrappers(key: str) -> str:
+    for segment in WRAPPER_SEGMENTS:
+        key = key.replace(segment, "")
+    return key
+
+
+def _select_prefix(state: StateDict, prefix: str) -> StateDict:
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def extract_state_dict(obj: Any, checkpoint_key: Optional[str] = None) -> Tuple[StateDict, str]:
+    """The backbone's state dict inside a checkpoint object, with its keys unprefixed, and where it was found.
+
+    checkpoint_key picks the network of a training checkpoint: "teacher" (the default when there is one),
+    "student", "model", "model_ema", ...
+    """
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"the file holds a {type(obj).__name__}, not a state dict or a checkpoint dict")
+    role = checkpoint_key if checkpoint_key in ("teacher", "student") else "teacher"
+    if _is_state_dict(obj) and checkpoint_key is None:
+        state, where = obj, "bare state dict"
+    else:
+        if checkpoint_key is not None and checkpoint_key not in obj and not (
+            checkpoint_key in ("teacher", "student") and "model" in obj
+        ):
+            raise CheckpointError(
+                f"checkpoint_key {checkpoint_key!r} is not in the file; its top-level keys are {sorted(obj)}"
+            )
+        keys = (checkpoint_key,) if checkpoint_key in obj else DEFAULT_KEYS
+        found = next((k for k in keys if isinstance(obj.get(k), dict) and obj[k]), None)
+        if found is None:
+            raise CheckpointError(
+                f"no network weights found: top-level keys are {sorted(obj)[:12]}; expected a state dict or "
+                f"one of {', '.join(DEFAULT_KEYS)}"
+            )
+        state, where = obj[found], f"'{found}'"
+    state = {_strip_wrappers(k): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if any(k.startswith(("teacher.", "student.")) for k in state):  # DINOv2 training `model`: both networks
+        state, where = _select_prefix(state, f"{role}."), f"{where} -> {role}"
+    if any(k.startswith("backbone.") for k in state):  # drop the projection heads (head, dino_head, ibot_head)
+        state, where = _select_prefix(state, "backbone."), f"{where} -> backbone"
+    # DINOv2 trains with block_chunks: blocks.{chunk}.{i}.* where i is already the global block index.
+    state = {re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", k): v for k, v in state.items()}
+    if not state:
+        raise CheckpointError(f"the {where} entry of the file holds no tensors")
+    return state, where
+
+
+# ---------------------------------------------------------------------------------------------- conversion
+
+
+def _perfect_square(n: int) -> Optional[int]:
+    root = int(round(n**0.5))
+    return root if root * root == n else None
+
+
+def adapt_to_model(state: StateDict, model: torch.nn.Module) -> Tuple[StateDict, List[str]]:
+    """Convert a recognised foreign layout to the model's names; returns the new dict and what was changed."""
+    state = dict(state)
+    notes: List[str] = []
+    own = model.state_dict()
+    n_pos = getattr(model, "num_pos_prefix_tokens", 1)
+
+    if "reg_token" in state:  # timm: registers as reg_token, and no position embedding on the class token
+        state["register_tokens"] = state.pop("reg_token")
+        pos = state.get("pos_embed")
+        if pos is not None and _perfect_square(pos.shape[1]) is not None:
+            state["pos_embed"] = torch.cat([pos.new_zeros(1, n_pos, pos.shape[-1]), pos], dim=1)
+        notes.append("converted timm register layout")
+    if getattr(model, "config", {}).get("ffn_layer") == "swiglu" and any(".mlp.fc1." in k for k in state):
+        state = {k.replace(".mlp.fc1.", ".mlp.w12.").replace(".mlp.fc2.", ".mlp.w3."): v for k, v in state.items()}
+        notes.append("renamed timm SwiGLU fc1/fc2 to w12/w3")
+    if getattr(model, "num_classes", 0) == 0:
+        heads = [k for k in state if k.startswith(("head.", "head_dist."))]
+        for key in heads:
+            del state[key]
+        if heads:
+            notes.append("dropped the classifier heads (the model is built without classes)")
+    if "mask_token" in own and "mask_token" not in state:
+        state["mask_token"] = own["mask_token"].clone()
+        notes.append("kept the model's initial mask token (the file has none; it only matters for masked training)")
+
+    proj = state.get("patch_embed.proj.weight")
+    own_proj = own.get("patch_embed.proj.weight")
+    if proj is not None and own_proj is not None and proj.shape[1] == 3 and own_proj.shape[1] == 1:
+        if proj.shape[0] == own_proj.shape[0] and proj.shape[2:] == own_proj.shape[2:]:
+            state["patch_embed.proj.weight"] = proj.sum(dim=1, keepdim=True)
+            notes.append("summed the RGB patch-embedding filters for 1-channel input")
+
+    pos, own_pos = state.get("pos_embed"), own.get("pos_embed")
+    if pos is not None and own_pos is not None and pos.shape != own_pos.shape and pos.shape[-1] == own_pos.shape[-1]:
+        side = _perfect_square(pos.shape[1] - n_pos)
+        if side is not None and hasattr(model, "pos_grid"):
+            patch_pos = resize_pos_embed(
+                pos[:, n_pos:], (side, side), model.pos_grid, model.interpolate_offset, model.interpolate_antialias
+            )
+            state["pos_embed"] = torch.cat([pos[:, :n_pos], patch_pos], dim=1)
+            notes.append(f"resized the position embedding from a {side}x{side} grid to {model.pos_grid}")
+    return state, notes
+
+
+# ---------------------------------------------------------------------------------------------- diagnosis
+
+
+def infer_architecture(state: StateDict) -> Dict[str, Any]:
+    """What a ViT state dict says about its architecture (after conversion to this package's names)."""
+    blocks = {int(m.group(1)) for k in state for m in [re.match(r"blocks\.(\d+)\.", k)] if m}
+    arch: Dict[str, Any] = {"depth": max(blocks) + 1 if blocks else 0}
+    if "cls_token" in state:
+        arch["embed_dim"] = state["cls_token"].shape[-1]
+    proj = state.get("patch_embed.proj.weight")
+    if proj is not None:
+        arch["patch_size"] = proj.shape[-1]
+        arch["in_chans"] = proj.shape[1]
+    arch["num_register_tokens"] = state["register_tokens"].shape[1] if "register_tokens" in state else 0
+    arch["distilled"] = "dist_token" in state
+    arch["layerscale"] = "blocks.0.ls1.gamma" in state
+    arch["ffn_layer"] = "swiglu" if "blocks.0.mlp.w12.weight" in state else "mlp"
+    arch["num_classes"] = state["head.weight"].shape[0] if "head.weight" in state else 0
+    return arch
+
+
+def _spec_architecture(kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    return {
+        "depth": kwargs["depth"],
+        "embed_dim": kwargs["embed_dim"],
+        "patch_size": kwargs.get("patch_size", 16),
+        "num_register_tokens": kwargs.get("num_register_tokens", 0),
+        "distilled": kwargs.get("distilled", False),
+        "layerscale": bool(kwargs.get("layerscale_init")),
+        "ffn_layer": kwargs.get("ffn_layer", "mlp"),
+    }
+
+
+def guess_backbone_name(state: StateDict) -> Optional[str]:
+    """The registered name whose architecture the state dict matches, official names first."""
+    from distill.models.registry import get_spec, list_backbones
+
+    arch = infer_architecture(state)
+    keys = ("depth", "embed_dim", "patch_size", "num_register_tokens", "distilled", "layerscale", "ffn_layer")
+    side = _perfect_square(state["pos_embed"].shape[1] - 1 - arch["distilled"]) if "pos_embed" in state else None
+    matches = []
+    for name in list_backbones():
+        spec = get_spec(name)
+        if all(_spec_architecture(spec.kwargs).get(k) == arch.get(k) for k in keys):
+            same_grid = side is not None and side * spec.kwargs.get("patch_size", 16) == spec.img_size
+            matches.append((spec.family == "vit", not same_grid, name))
+    return min(matches)[2] if matches else None
+
+
+def _describe(arch: Dict[str, Any]) -> str:
+    parts = [f"embed_dim {arch.get('embed_dim', '?')}", f"depth {arch['depth']}", f"patch {arch.get('patch_size', '?')}"]
+    if arch["num_register_tokens"]:
+        parts.append(f"{arch['num_register_tokens']} registers")
+    if arch["distilled"]:
+        parts.append("distillation token")
+    if arch["layerscale"]:
+        parts.append("LayerScale")
+    if arch["ffn_layer"] != "mlp":
+        parts.append(arch["ffn_layer"])
+    if arch["num_classes"]:
+        parts.append(f"{arch['num_classes']}-class head")
+    return ", ".join(parts)
+
+
+def _listing(keys: List[str], limit: int = 8) -> str:
+    """Keys with block indices folded (blocks.*.ls1.gamma x12), so that the distinctive ones stay visible."""
+    counts: Dict[str, int] = {}
+    for key in keys:
+        folded = re.sub(r"^blocks\.\d+\.", "blocks.*.", key)
+        counts[folded] = counts.get(folded, 0) + 1
+    items = [f"{k} x{n}" if n > 1 else k for k, n in counts.items()]
+    shown = ", ".join(items[:limit])
+    return f"{shown} (+{len(items) - limit} more)" if len(items) > limit else shown
+
+
+def mismatch_report(state: StateDict, model: torch.nn.Module, source: str) -> Optional[str]:
+    """None if the state dict fits the model exactly, else one message saying what differs and what to use."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(
+        f"{k} file {list(state[k].shape)} vs model {list(own[k].shape)}"
+        for k in set(own) & set(state)
+        if state[k].shape != own[k].shape
+    )
+    if not (missing or unexpected or shapes):
+        return None
+    name = getattr(model, "registry_name", type(model).__name__)
+    lines = [f"{source} does not fit backbone '{name}':"]
+    if missing:
+        lines.append(f"  missing keys ({len(missing)}): {_listing(missing)}")
+    if unexpected:
+        lines.append(f"  unexpected keys ({len(unexpected)}): {_listing(unexpected)}")
+    if shapes:
+        lines.append(f"  shape mismatches ({len(shapes)}): {_listing(shapes, 4)}")
+    arch = infer_architecture(state)
+    guess = guess_backbone_name(state)
+    described = f"the file holds a ViT with {_describe(arch)}"
+    if guess and guess != name:
+        lines.append(f"  {described}: it looks like '{guess}' -> create_backbone('{guess}', pretrained=...)")
+    elif guess == name:
+        lines.append(f"  {described}, the architecture of '{name}': check the overrides passed to create_backbone")
+    else:
+        lines.append(f"  {described}; no registered name matches: build it with create_backbone('vit_...', "
+                     "embed_dim=..., depth=..., patch_size=...) to match")
+    return "\n".join(lines)
+
+
+@dataclass
+class LoadReport:
+    source: str
+    notes: List[str] = field(default_factory=list)
+
+
+def load_pretrained(
+    model: torch.nn.Module,
+    checkpoint: Union[str, Path, Dict[str, Any]],
+    checkpoint_key: Optional[str] = None,
+) -> LoadReport:
+    """Load a checkpoint file (or an already loaded checkpoint dict) into `model`, strictly, after conversion."""
+    label = str(checkpoint) if isinstance(checkpoint, (str, Path)) else "the given state dict"
+    obj = read_checkpoint(checkpoint) if isinstance(checkpoint, (str, Path)) else checkpoint
+    state, where = extract_state_dict(obj, checkpoint_key)
+    state, notes = adapt_to_model(state, model)
+    problem = mismatch_report(state, model, f"{label} ({where})")
+    if problem:
+        raise CheckpointError(problem)
+    model.load_state_dict(state, strict=True)
+    report = LoadReport(source=f"{label} ({where})", notes=notes)
+    logger.info("loaded %s%s", report.source, "".join(f"; {n}" for n in notes))
+    return report

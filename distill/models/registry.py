@@ -1,0 +1,133 @@
+"""Every backbone behind a name, in the manner of timm.create_model.
+
+Official names reproduce the released architectures exactly (so their checkpoints load strictly); the generic
+vit_* names are the same sizes with DINOv2-style defaults, at any patch size (`vit_small_patch8` or
+`create_backbone("vit_small", patch_size=8)`).
+"""
+
+import difflib
+import fnmatch
+import inspect
+import re
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from distill.errors import InputError
+from distill.models.vit import VisionTransformer
+
+# name: (embed_dim, depth, num_heads), as in REFERENCE.md
+SIZES = {
+    "tiny": (192, 12, 3),
+    "small": (384, 12, 6),
+    "base": (768, 12, 12),
+    "large": (1024, 24, 16),
+    "giant2": (1536, 40, 24),
+}
+SIZE_LETTERS = {"t": "tiny", "s": "small", "b": "base", "l": "large", "g": "giant2"}
+
+# The two official ways of resizing position embeddings (see layers/pos_embed.py).
+OFFSET_RESIZE = dict(interpolate_offset=0.1, interpolate_antialias=False)
+EXACT_RESIZE = dict(interpolate_offset=0.0, interpolate_antialias=True)
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    family: str  # dino | deit | dinov2 | vit
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def img_size(self) -> int:
+        return self.kwargs.get("img_size", 224)
+
+
+_REGISTRY: Dict[str, BackboneSpec] = {}
+
+
+def _register(name: str, family: str, size: str, **kwargs: Any) -> None:
+    embed_dim, depth, num_heads = SIZES[size]
+    if size == "giant2":
+        kwargs.setdefault("ffn_layer", "swiglu")
+    _REGISTRY[name] = BackboneSpec(name, family, dict(embed_dim=embed_dim, depth=depth, num_heads=num_heads, **kwargs))
+
+
+def _register_all() -> None:
+    for letter, patch in (("s", 16), ("s", 8), ("b", 16), ("b", 8)):
+        # DINO's released backbones: no head, no mask token, +0.1-offset resizing.
+        _register(f"dino_vit{letter}{patch}", "dino", SIZE_LETTERS[letter], patch_size=patch, mask_token=False,
+                  **OFFSET_RESIZE)
+    for size in ("tiny", "small", "base"):
+        for distilled in (False, True):
+            infix = "distilled_" if distilled else ""
+            resolutions = (224, 384) if size == "base" else (224,)
+            for res in resolutions:
+                # DeiT classifiers (1000 ImageNet classes). On-the-fly resizing follows timm, the usual way of
+                # running DeiT at other sizes; the official repository only interpolates once, when fine-tuning.
+                _register(f"deit_{size}_{infix}patch16_{res}", "deit", size, img_size=res, patch_size=16,
+                          distilled=distilled, num_classes=1000, mask_token=False, **EXACT_RESIZE)
+    for letter, size in SIZE_LETTERS.items():
+        if letter == "t":
+            continue
+        common = dict(img_size=518, patch_size=14, layerscale_init=1e-5)
+        _register(f"dinov2_vit{letter}14", "dinov2", size, **common, **OFFSET_RESIZE)
+        _register(f"dinov2_vit{letter}14_reg", "dinov2", size, **common, num_register_tokens=4, **EXACT_RESIZE)
+    for size in SIZES:
+        extra = {"layerscale_init": 1e-5} if size == "giant2" else {}
+        _register(f"vit_{size}", "vit", size, img_size=224, patch_size=16, **EXACT_RESIZE, **extra)
+
+
+_register_all()
+_GENERIC_WITH_PATCH = re.compile(r"^vit_(tiny|small|base|large|giant2)_patch(\d+)$")
+_ALLOWED_OVERRIDES = sorted(set(inspect.signature(VisionTransformer.__init__).parameters) - {"self"})
+
+
+def list_backbones(pattern: Optional[str] = None) -> List[str]:
+    """Registered names, sorted; `pattern` filters with shell wildcards (e.g. "dinov2_*")."""
+    names = sorted(_REGISTRY)
+    return [n for n in names if fnmatch.fnmatch(n, pattern)] if pattern else names
+
+
+def get_spec(name: str) -> BackboneSpec:
+    """The registered spec of `name`; vit_<size>_patch<P> names resolve to the generic size at patch P."""
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    match = _GENERIC_WITH_PATCH.match(name)
+    if match:
+        base = _REGISTRY[f"vit_{match.group(1)}"]
+        return BackboneSpec(name, base.family, {**base.kwargs, "patch_size": int(match.group(2))})
+    close = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; `distill models` lists them"
+    raise InputError(f"unknown backbone {name!r}{hint}")
+
+
+def backbone_kwargs(name: str, **overrides: Any) -> Dict[str, Any]:
+    """Constructor arguments of `name` with `overrides` applied; unknown override keys are an error."""
+    unknown = sorted(set(overrides) - set(_ALLOWED_OVERRIDES))
+    if unknown:
+        raise InputError(
+            f"unknown backbone option(s) {', '.join(unknown)}; allowed: {', '.join(_ALLOWED_OVERRIDES)}"
+        )
+    return {**get_spec(name).kwargs, **overrides}
+
+
+def create_backbone(
+    name: str,
+    pretrained: Optional[str] = None,
+    checkpoint_key: Optional[str] = None,
+    **overrides: Any,
+) -> VisionTransformer:
+    """Build a registered backbone, optionally loading weights from a checkpoint file.
+
+    name: a registered name (`list_backbones()`), e.g. "dinov2_vits14_reg" or "vit_small_patch8".
+    pretrained: path to any official checkpoint layout (DINO, DeiT, DINOv2, timm) or one written by distill.
+    checkpoint_key: which network of a training checkpoint to load ("teacher" by default, or "student",
+        "model_ema", ...).
+    overrides: constructor arguments that replace the registered defaults (img_size, patch_size, depth, ...).
+    """
+    model = VisionTransformer(**backbone_kwargs(name, **overrides))
+    model.registry_name = name
+    if pretrained is not None:
+        from distill.models.checkpoint import load_pretrained
+
+        load_pretrained(model, pretrained, checkpoint_key=checkpoint_key)
+    return model
