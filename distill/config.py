@@ -1,0 +1,78 @@
+"""Configuration: dataclass defaults <- YAML recipe <- command-line `key=value` overrides, validated.
+
+Validation is OmegaConf's structured-config typing, with its errors rewritten as one line that names the key,
+what was wrong, and what is allowed.
+"""
+
+from dataclasses import fields, is_dataclass
+from pathlib import Path
+from typing import Any, List, Optional, Sequence, Type, TypeVar, Union
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from distill.errors import InputError
+
+T = TypeVar("T")
+
+
+def _allowed_keys(schema: Type, dotted: str) -> List[str]:
+    """The keys allowed next to `dotted` in the schema (for the error message of an unknown key)."""
+    node = schema
+    for part in dotted.split(".")[:-1]:
+        match = {f.name: f for f in fields(node)}.get(part) if is_dataclass(node) else None
+        if match is None or not is_dataclass(match.type):
+            break
+        node = match.type
+    return [f.name for f in fields(node)] if is_dataclass(node) else []
+
+
+def _explain(error: OmegaConfBaseException, schema: Type, source: str) -> InputError:
+    key = getattr(error, "full_key", None) or getattr(error, "key", None) or "?"
+    if isinstance(error, (ConfigKeyError, ConfigAttributeError)):
+        allowed = ", ".join(_allowed_keys(schema, str(key)))
+        return InputError(f"unknown config key '{key}' in {source}; allowed keys here: {allowed}")
+    if isinstance(error, ValidationError):
+        message = str(error).splitlines()[0]
+        return InputError(f"config key '{key}' in {source}: {message}")
+    return InputError(f"invalid config in {source}: {str(error).splitlines()[0]}")
+
+
+def load_config(
+    schema: Type[T],
+    path: Optional[Union[str, Path]] = None,
+    overrides: Sequence[str] = (),
+) -> T:
+    """Merge schema defaults, the YAML file at `path` and `overrides` ("a.b=1"), and return a typed object."""
+    config: DictConfig = OmegaConf.structured(schema)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"config file {path} does not exist")
+        try:
+            loaded = OmegaConf.load(path)
+        except Exception as error:
+            raise InputError(f"cannot parse {path} as YAML: {str(error).splitlines()[0]}") from None
+        try:
+            config = OmegaConf.merge(config, loaded)
+        except OmegaConfBaseException as error:
+            raise _explain(error, schema, str(path)) from None
+    bad = [item for item in overrides if "=" not in item]
+    if bad:
+        raise InputError(f"overrides must look like key=value, got {', '.join(bad)}")
+    try:
+        config = OmegaConf.merge(config, OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as error:
+        raise _explain(error, schema, "the command line") from None
+    result = OmegaConf.to_object(config)
+    validate = getattr(result, "validate", None)
+    if callable(validate):
+        validate()
+    return result
+
+
+def save_config(config: Any, path: Union[str, Path]) -> None:
+    """Write the resolved config as YAML, so a run's folder says exactly what it ran."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(OmegaConf.to_yaml(OmegaConf.structured(config)))

@@ -1,0 +1,1 @@
+"""Evaluation: weighted kNN, FLOP counts, and the baseline study."""

@@ -1,0 +1,35 @@
+"""Feature extraction over an image array, in batches, with a progress bar."""
+
+from typing import Callable
+
+import numpy as np
+import torch
+
+from distill.precision import autocast, resolve_precision
+from distill.progress import progress
+
+
+@torch.inference_mode()
+def extract_features(
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    images: np.ndarray,
+    preprocess: Callable[[torch.Tensor], torch.Tensor],
+    batch_size: int = 256,
+    precision: str = "fp32",
+    device: str = "cpu",
+    desc: str = "features",
+) -> torch.Tensor:
+    """encode(preprocess(batch)) over uint8 images [N, ...]; returns float32 features [N, D] on the CPU.
+
+    precision: "fp32", "bf16" (autocast), or "auto" (bf16 where the hardware runs it natively).
+    """
+    device = torch.device(device)
+    precision = resolve_precision(precision, device)
+    outputs = []
+    with progress(total=len(images), desc=desc, unit="img", leave=False) as bar:
+        for start in range(0, len(images), batch_size):
+            batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).to(device)
+            with autocast(precision, device):
+                outputs.append(encode(preprocess(batch)).float().cpu())
+            bar.update(len(batch))
+    return torch.cat(outputs)

@@ -1,0 +1,54 @@
+"""The `distill` command as a user runs it."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from distill.cli import main
+
+DISTILL = Path(sys.executable).parent / "distill"
+
+
+def test_console_script_is_installed_and_lists_models():
+    result = subprocess.run([str(DISTILL), "models", "--filter", "dino_vits*"], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].split()[:2] == ["name", "family"]
+    row = next(line for line in lines if line.startswith("dino_vits16 "))
+    assert row.split()[1:] == ["dino", "21.67", "224", "4.61"]
+    assert any(line.startswith("dino_vits8 ") for line in lines)
+
+
+def test_models_without_flops_covers_the_whole_registry(capsys):
+    assert main(["models", "--no-flops"]) == 0
+    out = capsys.readouterr().out
+    assert "dinov2_vitg14_reg" in out and "1136.49" in out and "deit_base_distilled_patch16_384" in out
+
+
+def test_bad_input_is_one_line_and_exit_status_2(capsys, tmp_path):
+    assert main(["models", "--filter", "resnet*"]) == 2
+    assert "no backbone matches 'resnet*'" in capsys.readouterr().err
+    assert main(["baseline", "configs/demo/baseline.yaml", "seeds=[0]", "learning_rate=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("distill baseline: error: unknown config key 'learning_rate'") and "\n" not in err
+    assert main(["baseline", "backbone=vit_smal", f"output_dir={tmp_path}"]) == 2
+    assert "did you mean vit_small" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_baseline_study_on_a_slice_of_fashion_mnist(tmp_path, capsys):
+    code = main(["baseline", "configs/demo/baseline.yaml", "seeds=[0]", "train_limit=3000", "test_limit=500",
+                 "ks=[5,20]", f"output_dir={tmp_path}"])
+    assert code == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    pixels, vit = results["rows"]
+    assert pixels["features"] == "raw pixels" and pixels["dim"] == 784 and vit["dim"] == 192
+    assert pixels["knn"]["20"]["top1"] > 70  # raw pixels are a strong baseline even on 3,000 images
+    assert 10 < vit["knn"]["20"]["top1"] < pixels["knn"]["20"]["top1"]  # random features: above chance, below pixels
+    assert (tmp_path / "knn_baseline.png").stat().st_size > 10_000
+    assert "seeds:\n- 0" in (tmp_path / "config.yaml").read_text()
+    assert "raw pixels" in capsys.readouterr().out

@@ -1,0 +1,56 @@
+from dataclasses import dataclass, field
+from typing import List
+
+import pytest
+
+from distill.config import load_config, save_config
+from distill.errors import InputError
+
+
+@dataclass
+class Optim:
+    lr: float = 1e-3
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+
+
+@dataclass
+class Recipe:
+    name: str = "demo"
+    epochs: int = 10
+    optim: Optim = field(default_factory=Optim)
+
+    def validate(self):
+        if self.epochs < 1:
+            raise InputError(f"epochs must be >= 1, got {self.epochs}")
+
+
+def test_defaults_file_then_command_line(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("epochs: 20\noptim:\n  lr: 0.5\n")
+    config = load_config(Recipe, path, ["optim.lr=0.25", "name=x"])
+    assert (config.epochs, config.optim.lr, config.name, config.optim.betas) == (20, 0.25, "x", [0.9, 0.999])
+    save_config(config, tmp_path / "out" / "config.yaml")
+    assert load_config(Recipe, tmp_path / "out" / "config.yaml") == config
+
+
+def test_unknown_key_names_the_key_and_the_allowed_ones(tmp_path):
+    with pytest.raises(InputError, match=r"unknown config key 'optim.learning_rate'.*allowed keys here: lr, betas"):
+        load_config(Recipe, None, ["optim.learning_rate=1"])
+    path = tmp_path / "r.yaml"
+    path.write_text("epoch: 3\n")
+    with pytest.raises(InputError, match=rf"unknown config key 'epoch' in {path}; allowed keys here: name, epochs"):
+        load_config(Recipe, path)
+
+
+def test_wrong_type_impossible_value_and_malformed_input(tmp_path):
+    with pytest.raises(InputError, match="config key 'epochs'.*could not be converted"):
+        load_config(Recipe, None, ["epochs=many"])
+    with pytest.raises(InputError, match="epochs must be >= 1"):
+        load_config(Recipe, None, ["epochs=0"])
+    with pytest.raises(InputError, match="key=value"):
+        load_config(Recipe, None, ["epochs"])
+    with pytest.raises(InputError, match="does not exist"):
+        load_config(Recipe, tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("epochs: [1,\n")
+    with pytest.raises(InputError, match="cannot parse"):
+        load_config(Recipe, tmp_path / "bad.yaml")
