@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-system_dir=/usr/share/datasets/fashion-mnist
+package_dir=usr/share/datasets/fashion-mnist   # where the package puts the files
+system_dir=/$package_dir
 project_dir=.data/fashion-mnist
 files=(train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz t10k-images-idx3-ubyte.gz t10k-labels-idx1-ubyte.gz)
 
@@ -28,5 +29,5 @@ trap 'rm -rf "$work"' EXIT
 (cd "$work" && apt-get download dataset-fashion-mnist >/dev/null)
 dpkg-deb -x "$work"/dataset-fashion-mnist_*.deb "$work/root"
 mkdir -p "$project_dir"
-cp "$work/root$system_dir"/*.gz "$project_dir"/
+cp "$work/root/$package_dir"/*.gz "$project_dir"/
 have_all "$project_dir" || { echo "Fashion-MNIST files missing after unpacking" >&2; exit 1; }
