@@ -41,14 +41,16 @@ def test_bad_input_is_one_line_and_exit_status_2(capsys, tmp_path):
 
 @pytest.mark.slow
 def test_baseline_study_on_a_slice_of_fashion_mnist(tmp_path, capsys):
-    code = main(["baseline", "configs/demo/baseline.yaml", "seeds=[0]", "train_limit=3000", "test_limit=500",
+    code = main(["baseline", "configs/demo/baseline.yaml", "seeds=[0,1]", "train_limit=3000", "test_limit=500",
                  "ks=[5,20]", f"output_dir={tmp_path}"])
     assert code == 0
     results = json.loads((tmp_path / "results.json").read_text())
-    pixels, vit = results["rows"]
+    pixels, vit, vit_other_seed = results["rows"]
     assert pixels["features"] == "raw pixels" and pixels["dim"] == 784 and vit["dim"] == 192
+    assert vit["knn"]["20"] != vit_other_seed["knn"]["20"]  # two different random initialisations
     assert pixels["knn"]["20"]["top1"] > 70  # raw pixels are a strong baseline even on 3,000 images
     assert 10 < vit["knn"]["20"]["top1"] < pixels["knn"]["20"]["top1"]  # random features: above chance, below pixels
     assert (tmp_path / "knn_baseline.png").stat().st_size > 10_000
-    assert "seeds:\n- 0" in (tmp_path / "config.yaml").read_text()
-    assert "raw pixels" in capsys.readouterr().out
+    assert "seeds:\n- 0\n- 1" in (tmp_path / "config.yaml").read_text()
+    out = capsys.readouterr().out
+    assert "raw pixels" in out and "random-init, 2 seeds: k=20 top-1" in out

@@ -99,6 +99,10 @@ def format_table(rows: List[Dict[str, Any]], config: BaselineConfig) -> str:
     for row in rows:
         accs = " ".join(f"{row['knn'][k]['top1']:7.2f}" for k in ks)
         lines.append(f"{row['features']:<34} {row['dim']:>5} {accs} {row['seconds']:6.1f}s")
+    seeded = [row["knn"][str(config.headline_k)]["top1"] for row in rows if "seed" in row]
+    if len(seeded) > 1:
+        mean, std = float(np.mean(seeded)), float(np.std(seeded, ddof=1))
+        lines.append(f"random-init, {len(seeded)} seeds: k={config.headline_k} top-1 {mean:.2f} +- {std:.2f}")
     return "\n".join(lines)
 
 

@@ -84,7 +84,9 @@ def read_checkpoint(path: Union[str, Path]) -> Any:
 
 
 def _is_state_dict(obj: Any) -> bool:
-    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+    """Tensors at the top level and no nested dicts (a stray number or string beside them is tolerated)."""
+    values = obj.values() if isinstance(obj, dict) else ()
+    return any(isinstance(v, torch.Tensor) for v in values) and not any(isinstance(v, dict) for v in values)
 
 
 def _strip_wrappers(key: str) -> str:

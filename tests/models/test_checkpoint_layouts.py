@@ -37,7 +37,7 @@ def test_dino_released_backbone(tmp_path):
     source = create_backbone("dino_vits16", **SMALL)
     state = source.state_dict()
     assert "mask_token" not in state and state["pos_embed"].shape == (1, 197, 384)
-    path = _save(state, tmp_path)
+    path = _save({**state, "version": 1}, tmp_path)  # a stray non-tensor entry beside the weights
     loaded = create_backbone("dino_vits16", pretrained=str(path), **SMALL)
     x = torch.randn(2, 3, 224, 224)
     assert torch.equal(_outputs(loaded, x), _outputs(source, x))

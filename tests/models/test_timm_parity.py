@@ -41,7 +41,7 @@ def test_deit_distilled_tiny_eval(size):
     _same(features["x_norm_patchtokens"], tokens[:, 2:])
 
 
-@pytest.mark.parametrize("size", [(224, 224), (192, 256)])
+@pytest.mark.parametrize("size", [(224, 224), (160, 160), (192, 256)])
 def test_deit_distilled_tiny_train_mode_with_drop_path(size):
     ours, reference = _pair(
         "deit_tiny_distilled_patch16_224", "deit_tiny_distilled_patch16_224",
@@ -84,17 +84,21 @@ def test_dinov2_small_reduced_depth(registers, size):
         _same(features["x_norm_regtokens"], tokens[:, 1:5])
 
 
-def test_dinov2_registers_train_mode_with_drop_path():
-    ours, reference = _pair("dinov2_vits14_reg", "vit_small_patch14_reg4_dinov2",
-                            {"depth": 4, "drop_path_rate": 0.3}, {"depth": 4, "drop_path_rate": 0.3})
+@pytest.mark.parametrize("registers", [False, True])
+def test_dinov2_train_mode_with_drop_path(registers):
+    name, timm_name = ("dinov2_vits14_reg", "vit_small_patch14_reg4_dinov2") if registers else (
+        "dinov2_vits14", "vit_small_patch14_dinov2")
+    ours, reference = _pair(name, timm_name, {"depth": 4, "drop_path_rate": 0.3, "interpolate_offset": 0.0,
+                                              "interpolate_antialias": True}, {"depth": 4, "drop_path_rate": 0.3})
     ours.train(), reference.train()
     x = torch.randn(4, 3, 224, 224)
     torch.manual_seed(3)
     tokens = reference.forward_features(x)
     torch.manual_seed(3)
     features = ours.forward_features(x)
+    prefix = 5 if registers else 1
     _same(features["x_norm_clstoken"], tokens[:, 0])
-    _same(features["x_norm_patchtokens"], tokens[:, 5:])
+    _same(features["x_norm_patchtokens"], tokens[:, prefix:])
     torch.manual_seed(4)
     other = ours.forward_features(x)["x_norm_clstoken"]
     assert not torch.allclose(other, features["x_norm_clstoken"])  # drop path is really active
