@@ -1,0 +1,243 @@
+"""Batched image augmentation on tensors: every random parameter is drawn per sample, every operation runs on
+the whole batch at once. Definitions follow torchvision (RandomResizedCrop, ColorJitter, RandomGrayscale) and
+PIL (solarize at 128), so a batch augmented here is distributed like one augmented image by image.
+
+Images are float tensors [B, C, H, W] in [0, 1] with C = 1 (grey) or 3 (RGB).
+"""
+
+import math
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+GREY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601-2, as torchvision and PIL
+
+
+def _uniform(n: int, low: float, high: float, generator: Optional[torch.Generator]) -> torch.Tensor:
+    return torch.rand(n, generator=generator) * (high - low) + low
+
+
+def _bernoulli(n: int, p: float, generator: Optional[torch.Generator]) -> torch.Tensor:
+    return torch.rand(n, generator=generator) < p
+
+
+# ------------------------------------------------------------------------------------------------ geometry
+
+
+def sample_crop_boxes(
+    n: int,
+    height: int,
+    width: int,
+    scale: Sequence[float],
+    ratio: Sequence[float] = (3 / 4, 4 / 3),
+    generator: Optional[torch.Generator] = None,
+    attempts: int = 10,
+) -> torch.Tensor:
+    """RandomResizedCrop boxes [n, 4] as (top, left, height, width), torchvision's algorithm vectorised:
+    up to 10 tries of (area fraction in scale, log-uniform aspect ratio), else the central crop."""
+    area = height * width
+    log_ratio = torch.log(torch.tensor(ratio, dtype=torch.float64))
+    target = area * (torch.rand(n, attempts, generator=generator, dtype=torch.float64) * (scale[1] - scale[0]) + scale[0])
+    aspect = torch.exp(torch.rand(n, attempts, generator=generator, dtype=torch.float64)
+                       * (log_ratio[1] - log_ratio[0]) + log_ratio[0])
+    w = torch.round(torch.sqrt(target * aspect))
+    h = torch.round(torch.sqrt(target / aspect))
+    valid = (w > 0) & (h > 0) & (w <= width) & (h <= height)
+    first = valid.float().argmax(dim=1)
+    rows = torch.arange(n)
+    w, h, found = w[rows, first], h[rows, first], valid.any(dim=1)
+
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        fallback_w, fallback_h = width, round(width / min(ratio))
+    elif in_ratio > max(ratio):
+        fallback_w, fallback_h = round(height * max(ratio)), height
+    else:
+        fallback_w, fallback_h = width, height
+    w = torch.where(found, w, torch.full_like(w, fallback_w))
+    h = torch.where(found, h, torch.full_like(h, fallback_h))
+    u = torch.rand(n, 2, generator=generator, dtype=torch.float64)
+    top = torch.where(found, torch.floor(u[:, 0] * (height - h + 1)), torch.div(height - h, 2, rounding_mode="floor"))
+    left = torch.where(found, torch.floor(u[:, 1] * (width - w + 1)), torch.div(width - w, 2, rounding_mode="floor"))
+    return torch.stack([top, left, h, w], dim=1).long()
+
+
+def resized_crops(images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, size: int) -> torch.Tensor:
+    """Crop boxes [B, 4] out of float images [B, C, H, W], resize each to size x size (bilinear) and mirror
+    where flips [B] is True, all in one grid_sample."""
+    batch, _, height, width = images.shape
+    top, left, h, w = boxes.to(images.dtype).unbind(1)
+    theta = torch.zeros(batch, 2, 3, dtype=images.dtype)
+    sign = 1.0 - 2.0 * flips.to(images.dtype)
+    theta[:, 0, 0] = sign * w / width
+    theta[:, 0, 2] = (2 * left + w) / width - 1
+    theta[:, 1, 1] = h / height
+    theta[:, 1, 2] = (2 * top + h) / height - 1
+    grid = F.affine_grid(theta, [batch, images.shape[1], size, size], align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+# ------------------------------------------------------------------------------------------------ colour
+
+
+def sample_color_params(
+    n: int,
+    jitter_prob: float,
+    brightness: float,
+    contrast: float,
+    saturation: float,
+    hue: float,
+    grayscale_prob: float,
+    blur_prob: float,
+    blur_sigma: Sequence[float],
+    solarize_prob: float,
+    generator: Optional[torch.Generator] = None,
+) -> Dict[str, torch.Tensor]:
+    """Per-sample photometric parameters; ColorJitter's order of the four operations is random per sample."""
+    return {
+        "jitter": _bernoulli(n, jitter_prob, generator),
+        "order": torch.stack([torch.randperm(4, generator=generator) for _ in range(n)]) if n else torch.zeros(0, 4),
+        "brightness": _uniform(n, max(0.0, 1 - brightness), 1 + brightness, generator),
+        "contrast": _uniform(n, max(0.0, 1 - contrast), 1 + contrast, generator),
+        "saturation": _uniform(n, max(0.0, 1 - saturation), 1 + saturation, generator),
+        "hue": _uniform(n, -hue, hue, generator),
+        "grayscale": _bernoulli(n, grayscale_prob, generator),
+        "blur": _bernoulli(n, blur_prob, generator),
+        "sigma": _uniform(n, blur_sigma[0], blur_sigma[1], generator),
+        "solarize": _bernoulli(n, solarize_prob, generator),
+    }
+
+
+def to_grey(images: torch.Tensor) -> torch.Tensor:
+    """[B, 3, H, W] -> [B, 1, H, W] luma; grey images pass through."""
+    if images.shape[1] == 1:
+        return images
+    r, g, b = images.unbind(1)
+    return (GREY_WEIGHTS[0] * r + GREY_WEIGHTS[1] * g + GREY_WEIGHTS[2] * b).unsqueeze(1)
+
+
+def _per_sample(values: torch.Tensor) -> torch.Tensor:
+    return values.view(-1, 1, 1, 1)
+
+
+def _rgb_to_hsv(rgb: torch.Tensor) -> torch.Tensor:
+    r, g, b = rgb.unbind(1)
+    maxc, _ = rgb.max(dim=1)
+    minc, _ = rgb.min(dim=1)
+    delta = maxc - minc
+    s = delta / torch.where(maxc == 0, torch.ones_like(maxc), maxc)
+    safe = torch.where(delta == 0, torch.ones_like(delta), delta)
+    rc, gc, bc = (maxc - r) / safe, (maxc - g) / safe, (maxc - b) / safe
+    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    h = torch.where(delta == 0, torch.zeros_like(h), (h / 6.0) % 1.0)
+    return torch.stack([h, s, maxc], dim=1)
+
+
+def _hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
+    h, s, v = hsv.unbind(1)
+    i = torch.floor(h * 6.0)
+    f = h * 6.0 - i
+    i = i.long() % 6
+    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
+    choices = [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)]
+    out = torch.zeros_like(hsv)
+    for index, (r, g, b) in enumerate(choices):
+        mask = (i == index).unsqueeze(1)
+        out = torch.where(mask, torch.stack([r, g, b], dim=1), out)
+    return out
+
+
+def _jitter_op(images: torch.Tensor, op: int, params: Dict[str, torch.Tensor]) -> torch.Tensor:
+    if op == 0:  # brightness: blend with black
+        return (images * _per_sample(params["brightness"])).clamp_(0, 1)
+    if op == 1:  # contrast: blend with the image's mean grey level
+        mean = to_grey(images).mean(dim=(1, 2, 3), keepdim=True)
+        factor = _per_sample(params["contrast"])
+        return (factor * images + (1 - factor) * mean).clamp_(0, 1)
+    if images.shape[1] == 1:  # saturation and hue leave grey images unchanged
+        return images
+    if op == 2:  # saturation: blend with the grey version of each pixel
+        factor = _per_sample(params["saturation"])
+        return (factor * images + (1 - factor) * to_grey(images)).clamp_(0, 1)
+    hsv = _rgb_to_hsv(images)  # hue: rotate
+    hsv[:, 0] = (hsv[:, 0] + params["hue"].view(-1, 1, 1)) % 1.0
+    return _hsv_to_rgb(hsv)
+
+
+def color_jitter(images: torch.Tensor, params: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """ColorJitter applied to the samples whose `jitter` flag is set, each in its own random order."""
+    selected = params["jitter"].nonzero().flatten()
+    if not len(selected):
+        return images
+    sub = images[selected]
+    sub_params = {k: params[k][selected] for k in ("brightness", "contrast", "saturation", "hue", "order")}
+    for position in range(4):
+        for op in range(4):
+            rows = (sub_params["order"][:, position] == op).nonzero().flatten()
+            if len(rows):
+                sub[rows] = _jitter_op(sub[rows], op, {k: v[rows] for k, v in sub_params.items()})
+    images = images.clone()
+    images[selected] = sub
+    return images
+
+
+def random_grayscale(images: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
+    if images.shape[1] == 1 or not flags.any():
+        return images
+    return torch.where(_per_sample(flags), to_grey(images).expand_as(images), images)
+
+
+def gaussian_kernels(sigmas: torch.Tensor, radius: int) -> torch.Tensor:
+    """Normalised 1-D Gaussian kernels [B, 2 * radius + 1]."""
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    kernels = torch.exp(-(offsets[None] ** 2) / (2 * sigmas[:, None].float() ** 2))
+    return kernels / kernels.sum(dim=1, keepdim=True)
+
+
+def gaussian_blur(images: torch.Tensor, flags: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """Separable Gaussian blur with a per-sample sigma (pixels), on the samples whose flag is set."""
+    selected = flags.nonzero().flatten()
+    if not len(selected):
+        return images
+    sub = images[selected]
+    batch, channels, height, width = sub.shape
+    radius = max(1, min(int(math.ceil(3 * float(sigmas[selected].max()))), min(height, width) // 2 - 1 or 1))
+    kernels = gaussian_kernels(sigmas[selected], radius).to(sub.dtype).repeat_interleave(channels, dim=0)
+    flat = sub.reshape(1, batch * channels, height, width)
+    mode = "reflect" if radius < min(height, width) else "replicate"
+    flat = F.conv2d(F.pad(flat, (radius, radius, 0, 0), mode=mode), kernels[:, None, None, :], groups=batch * channels)
+    flat = F.conv2d(F.pad(flat, (0, 0, radius, radius), mode=mode), kernels[:, None, :, None], groups=batch * channels)
+    images = images.clone()
+    images[selected] = flat.reshape(batch, channels, height, width)
+    return images
+
+
+def solarize(images: torch.Tensor, flags: torch.Tensor, threshold: float = 128 / 255) -> torch.Tensor:
+    """PIL's ImageOps.solarize: pixels at or above the threshold are inverted, on the flagged samples."""
+    if not flags.any():
+        return images
+    inverted = torch.where(images >= threshold - 1e-6, 1.0 - images, images)
+    return torch.where(_per_sample(flags), inverted, images)
+
+
+def photometric(images: torch.Tensor, params: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """Colour jitter, grayscale, blur and solarize, in DINO's order."""
+    images = color_jitter(images, params)
+    images = random_grayscale(images, params["grayscale"])
+    images = gaussian_blur(images, params["blur"], params["sigma"])
+    return solarize(images, params["solarize"])
+
+
+def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float], channels: int) -> torch.Tensor:
+    """(x - mean) / std, giving `channels` channels (grey data is repeated for 3-channel models)."""
+    if images.shape[1] != channels:
+        images = images.expand(-1, channels, -1, -1) if images.shape[1] == 1 else to_grey(images)
+    mean_t = torch.tensor(list(mean), dtype=images.dtype).view(1, -1, 1, 1)
+    std_t = torch.tensor(list(std), dtype=images.dtype).view(1, -1, 1, 1)
+    return (images - mean_t) / std_t
+
+
+def crop_box_tuple(box: torch.Tensor) -> Tuple[int, int, int, int]:
+    top, left, height, width = (int(v) for v in box)
+    return top, left, height, width

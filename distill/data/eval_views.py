@@ -1,0 +1,42 @@
+"""The evaluation view: the whole image, resized and centre-cropped (DINO: 256 -> 224), normalised."""
+
+from typing import Any, Dict, List, Sequence
+
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
+from torchvision.transforms.v2 import InterpolationMode
+
+from distill.data import augment
+
+
+class EvalView:
+    """Makes the single, deterministic view of each image that features are extracted from."""
+
+    def __init__(self, size: int, mean: Sequence[float], std: Sequence[float], channels: int,
+                 resize_ratio: float = 256 / 224) -> None:
+        self.size, self.channels, self.resize_ratio = size, channels, resize_ratio
+        mean, std = list(mean), list(std)
+        if len(mean) != channels:
+            mean, std = (mean * 3, std * 3) if len(mean) == 1 else ([sum(mean) / 3], [sum(std) / 3])
+        self.mean, self.std = mean, std
+        self.min_image_size = size
+
+    def _normalize(self, floats: torch.Tensor) -> torch.Tensor:
+        return augment.normalize(floats, self.mean, self.std, self.channels)
+
+    def array_batch(self, images: torch.Tensor, generator=None) -> List[torch.Tensor]:
+        """uint8 [B, C, H, W]; images already at the evaluation size are used whole (e.g. Fashion-MNIST)."""
+        floats = images.float().div_(255.0)
+        if floats.shape[-2:] != (self.size, self.size):
+            floats = F.interpolate(floats, size=(self.size, self.size), mode="bilinear", align_corners=False,
+                                   antialias=True)
+        return [self._normalize(floats)]
+
+    def image_sample(self, image: torch.Tensor, generator=None) -> Dict[str, Any]:
+        short = int(round(self.size * self.resize_ratio))
+        image = TF.resize(image, [short], interpolation=InterpolationMode.BICUBIC, antialias=True)
+        return {"crops": [TF.center_crop(image, [self.size, self.size])], "params": [{}]}
+
+    def collate(self, samples: List[Dict[str, Any]]) -> List[torch.Tensor]:
+        return [self._normalize(torch.stack([s["crops"][0] for s in samples]).float().div_(255.0))]

@@ -1,0 +1,160 @@
+"""Deterministic, resumable loading: batches are a function of (seed, epoch, position), so a resumed run
+sees exactly the batches and views the uninterrupted run would have seen, with any number of workers."""
+
+import logging
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from distill.data.datasets import ArrayImages, FileImages
+
+logger = logging.getLogger(__name__)
+
+
+def derived_generator(*keys: int) -> torch.Generator:
+    """A torch generator seeded from a tuple of integers (seed, epoch, index, ...), well mixed."""
+    state = np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in keys]).generate_state(2, dtype=np.uint64)
+    return torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
+
+
+class EpochBatchSampler(Sampler):
+    """Batches of indices for one epoch: a permutation of (seed, epoch), split across ranks, from `start`.
+
+    Yields (epoch, batch number, indices). drop_last keeps every batch full (and every rank in step).
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int, shuffle: bool = True, rank: int = 0,
+                 world_size: int = 1, drop_last: bool = True) -> None:
+        self.size, self.batch_size, self.seed, self.shuffle = size, batch_size, seed, shuffle
+        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
+        self.epoch, self.start = 0, 0
+
+    def __len__(self) -> int:
+        per_rank = self.size // self.world_size
+        full, rest = divmod(per_rank, self.batch_size)
+        return max(0, full + (0 if self.drop_last or not rest else 1) - self.start)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        per_rank = self.size // self.world_size
+        return per_rank // self.batch_size if self.drop_last else -(-per_rank // self.batch_size)
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def epoch_indices(self, epoch: int) -> torch.Tensor:
+        if self.shuffle:
+            order = torch.randperm(self.size, generator=derived_generator(self.seed, epoch))
+        else:
+            order = torch.arange(self.size)
+        per_rank = self.size // self.world_size
+        return order[self.rank * per_rank : (self.rank + 1) * per_rank]
+
+    def __iter__(self) -> Iterator[Tuple[int, int, List[int]]]:
+        indices = self.epoch_indices(self.epoch)
+        for number in range(self.start, self.batches_per_epoch):
+            batch = indices[number * self.batch_size : (number + 1) * self.batch_size]
+            yield self.epoch, number, batch.tolist()
+
+
+class _ArrayBatches(Dataset):
+    """Whole batches of in-memory images, augmented in one go."""
+
+    def __init__(self, source: ArrayImages, views, seed: int, rank: int) -> None:
+        self.source, self.views, self.seed, self.rank = source, views, seed, rank
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, key: Tuple[int, int, List[int]]) -> Dict[str, Any]:
+        epoch, number, indices = key
+        index = torch.as_tensor(indices, dtype=torch.long)
+        generator = derived_generator(self.seed, epoch, number, self.rank, 1)
+        batch = {"crops": self.views.array_batch(self.source.images[index], generator), "indices": index}
+        batch["labels"] = self.source.labels[index] if self.source.labels is not None else None
+        return batch
+
+
+class _FileSamples(Dataset):
+    """One decoded, cropped file per item; a file that fails to decode is replaced by the next readable one."""
+
+    def __init__(self, source: FileImages, views, seed: int, channels: int) -> None:
+        self.source, self.views, self.seed = source, views, seed
+        self.mode = "L" if channels == 1 else "RGB"
+        self._warned: set = set()
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def _decode(self, index: int) -> Tuple[int, torch.Tensor]:
+        for attempt in range(len(self.source)):
+            candidate = (index + attempt) % len(self.source)
+            try:
+                image = self.source.load(candidate, self.mode, self.views.min_image_size)
+            except Exception as error:  # a file damaged or removed after the start-up check
+                path = self.source.paths[candidate]
+                if path not in self._warned:
+                    self._warned.add(path)
+                    logger.warning("skipping unreadable image %s (%s)", path, error)
+                continue
+            array = np.asarray(image)
+            tensor = torch.from_numpy(array.copy()).permute(2, 0, 1) if array.ndim == 3 else torch.from_numpy(array.copy())[None]
+            return candidate, tensor
+        raise RuntimeError("no readable image left in the data source")
+
+    def __getitem__(self, key: Tuple[int, int]) -> Dict[str, Any]:
+        epoch, index = key
+        used, image = self._decode(index)
+        sample = self.views.image_sample(image, derived_generator(self.seed, epoch, index, 2))
+        sample["index"] = used
+        sample["label"] = int(self.source.labels[used]) if self.source.labels is not None else -1
+        return sample
+
+
+class _PerSampleKeys(Sampler):
+    """Turns the epoch batch sampler's batches into lists of (epoch, index) for per-sample decoding."""
+
+    def __init__(self, batches: EpochBatchSampler) -> None:
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        for epoch, _, indices in self.batches:
+            yield [(epoch, index) for index in indices]
+
+
+class _Collate:
+    def __init__(self, views, labelled: bool) -> None:
+        self.views, self.labelled = views, labelled
+
+    def __call__(self, samples: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+        return {
+            "crops": self.views.collate(list(samples)),
+            "indices": torch.tensor([s["index"] for s in samples]),
+            "labels": torch.tensor([s["label"] for s in samples]) if self.labelled else None,
+        }
+
+
+def build_loader(
+    source, views, batch_size: int, seed: int, num_workers: int = 0, rank: int = 0, world_size: int = 1,
+    shuffle: bool = True, drop_last: bool = True,
+) -> Tuple[DataLoader, EpochBatchSampler]:
+    """A DataLoader of batch dicts {"crops", "labels", "indices"} and its sampler (set_epoch before iterating)."""
+    sampler = EpochBatchSampler(len(source), batch_size, seed, shuffle, rank, world_size, drop_last)
+    # Its own generator: a DataLoader iterator otherwise draws its base seed from the global RNG, and a resumed
+    # run (which starts an iterator mid-epoch) would see different drop-path noise from then on.
+    common = dict(num_workers=num_workers, persistent_workers=False, pin_memory=torch.cuda.is_available(),
+                  generator=torch.Generator().manual_seed(seed))
+    if num_workers:
+        common["prefetch_factor"] = 4
+    if isinstance(source, ArrayImages):
+        loader = DataLoader(_ArrayBatches(source, views, seed, rank), sampler=sampler, batch_size=None, **common)
+    else:
+        channels = views.channels
+        loader = DataLoader(_FileSamples(source, views, seed, channels), batch_sampler=_PerSampleKeys(sampler),
+                            collate_fn=_Collate(views, source.labels is not None), **common)
+    return loader, sampler

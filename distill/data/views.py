@@ -1,0 +1,149 @@
+"""DINO's multi-crop views: global crops for teacher and student, local crops for the student only.
+
+Every random choice of a view (crop box, flip, colour jitter, grey, blur, solarize) is drawn from a generator
+the loader seeds per sample (file images) or per batch (in-memory images), so the same data order gives the
+same views after a resume, whatever the number of workers. The geometry of file images runs image by image
+in the loader workers (bicubic, antialiased, on uint8); everything photometric runs batched.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+import torchvision.transforms.v2.functional as TF
+from torchvision.transforms.v2 import InterpolationMode
+
+from distill.data import augment
+from distill.errors import InputError
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+@dataclass
+class MultiCropConfig:
+    global_crops_number: int = 2
+    global_crops_size: int = 224
+    global_crops_scale: List[float] = field(default_factory=lambda: [0.4, 1.0])
+    local_crops_number: int = 8
+    local_crops_size: int = 96
+    local_crops_scale: List[float] = field(default_factory=lambda: [0.05, 0.4])
+    ratio: List[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
+    flip_prob: float = 0.5
+    color_jitter_prob: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1
+    grayscale_prob: float = 0.2
+    global_blur_probs: List[float] = field(default_factory=lambda: [1.0, 0.1])  # per global crop, last repeats
+    local_blur_prob: float = 0.5
+    blur_sigma: List[float] = field(default_factory=lambda: [0.1, 2.0])  # pixels of the output crop
+    global_solarize_probs: List[float] = field(default_factory=lambda: [0.0, 0.2])
+    local_solarize_prob: float = 0.0
+    mean: List[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: List[float] = field(default_factory=lambda: list(IMAGENET_STD))
+
+    def validate(self) -> None:
+        if self.global_crops_number < 1 or self.local_crops_number < 0:
+            raise InputError("views: global_crops_number must be >= 1 and local_crops_number >= 0")
+        if self.global_crops_size < 1 or (self.local_crops_number and self.local_crops_size < 1):
+            raise InputError("views: crop sizes must be positive")
+        for name in ("global_crops_scale", "local_crops_scale", "ratio", "blur_sigma"):
+            low, high = getattr(self, name)
+            if not 0 < low <= high or (name.endswith("scale") and high > 1):
+                raise InputError(f"views.{name} must be [low, high] with 0 < low <= high (<= 1 for scales)")
+        probabilities = [self.flip_prob, self.color_jitter_prob, self.grayscale_prob, self.local_blur_prob,
+                         self.local_solarize_prob, *self.global_blur_probs, *self.global_solarize_probs]
+        if any(not 0 <= p <= 1 for p in probabilities) or not self.global_blur_probs or not self.global_solarize_probs:
+            raise InputError("views: probabilities must lie in [0, 1] (blur/solarize lists need one value or more)")
+        if len(self.mean) != len(self.std) or len(self.mean) not in (1, 3) or min(self.std) <= 0:
+            raise InputError("views.mean and views.std need 1 or 3 values each, std positive")
+
+
+@dataclass(frozen=True)
+class CropSpec:
+    size: int
+    scale: Sequence[float]
+    blur_prob: float
+    solarize_prob: float
+
+
+class MultiCrop:
+    """Makes the crops of a batch: a list of float tensors [B, channels, S, S], global crops first."""
+
+    def __init__(self, config: MultiCropConfig, channels: int) -> None:
+        config.validate()
+        self.config = config
+        self.channels = channels
+        pick = lambda values, i: values[min(i, len(values) - 1)]  # noqa: E731
+        self.specs = [
+            CropSpec(config.global_crops_size, config.global_crops_scale, pick(config.global_blur_probs, i),
+                     pick(config.global_solarize_probs, i))
+            for i in range(config.global_crops_number)
+        ] + [
+            CropSpec(config.local_crops_size, config.local_crops_scale, config.local_blur_prob,
+                     config.local_solarize_prob)
+        ] * config.local_crops_number
+        mean, std = list(config.mean), list(config.std)
+        if len(mean) != channels:
+            mean, std = (mean * 3, std * 3) if len(mean) == 1 else ([sum(mean) / 3], [sum(std) / 3])
+        self.mean, self.std = mean, std
+
+    @property
+    def num_global(self) -> int:
+        return self.config.global_crops_number
+
+    @property
+    def min_image_size(self) -> int:
+        """Decoded images are upscaled to at least this short side, so no crop is cut from a few pixels."""
+        return self.config.global_crops_size
+
+    def _params(self, spec: CropSpec, n: int, height: int, width: int, generator) -> Dict[str, torch.Tensor]:
+        c = self.config
+        params = augment.sample_color_params(
+            n, c.color_jitter_prob, c.brightness, c.contrast, c.saturation, c.hue, c.grayscale_prob,
+            spec.blur_prob, c.blur_sigma, spec.solarize_prob, generator,
+        )
+        params["boxes"] = augment.sample_crop_boxes(n, height, width, spec.scale, c.ratio, generator)
+        params["flip"] = torch.rand(n, generator=generator) < c.flip_prob
+        return params
+
+    def _finish(self, crops: List[torch.Tensor], params: List[Dict[str, torch.Tensor]]) -> List[torch.Tensor]:
+        """Float crops in [0, 1] -> photometric augmentation -> normalised model input."""
+        return [
+            augment.normalize(augment.photometric(crop, p), self.mean, self.std, self.channels)
+            for crop, p in zip(crops, params)
+        ]
+
+    # ---------------------------------------------------------------- whole batches of in-memory images
+
+    def array_batch(self, images: torch.Tensor, generator: Optional[torch.Generator]) -> List[torch.Tensor]:
+        """uint8 images [B, C, H, W] -> crops, geometry by one grid_sample per crop."""
+        floats = images.float().div_(255.0)
+        params = [self._params(spec, len(images), images.shape[-2], images.shape[-1], generator) for spec in self.specs]
+        crops = [augment.resized_crops(floats, p["boxes"], p["flip"], spec.size) for spec, p in zip(self.specs, params)]
+        return self._finish(crops, params)
+
+    # ---------------------------------------------------------------- image by image (files), then collate
+
+    def image_sample(self, image: torch.Tensor, generator: Optional[torch.Generator]) -> Dict[str, Any]:
+        """uint8 image [C, H, W] -> its uint8 crops (bicubic, antialiased) and their photometric parameters."""
+        height, width = image.shape[-2:]
+        crops, params = [], []
+        for spec in self.specs:
+            p = self._params(spec, 1, height, width, generator)
+            top, left, h, w = augment.crop_box_tuple(p["boxes"][0])
+            crop = TF.resized_crop(image, top, left, h, w, [spec.size, spec.size],
+                                   interpolation=InterpolationMode.BICUBIC, antialias=True)
+            crops.append(TF.horizontal_flip(crop) if p["flip"][0] else crop)
+            params.append(p)
+        return {"crops": crops, "params": params}
+
+    def collate(self, samples: List[Dict[str, Any]]) -> List[torch.Tensor]:
+        crops = [torch.stack([s["crops"][i] for s in samples]).float().div_(255.0) for i in range(len(self.specs))]
+        params = [
+            {key: torch.cat([s["params"][i][key] for s in samples]) for key in samples[0]["params"][i]}
+            for i in range(len(self.specs))
+        ]
+        return self._finish(crops, params)

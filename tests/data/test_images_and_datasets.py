@@ -1,0 +1,96 @@
+"""Decoding odd image files, and the dataset kinds: ImageFolder, flat folder, file list."""
+
+import logging
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from distill.data.datasets import DatasetConfig, build_image_source
+from distill.data.images import load_image
+from distill.errors import InputError
+
+
+def _save(path, image):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    return path
+
+
+def test_every_mode_becomes_rgb_or_grey(tmp_path):
+    transparent = _save(tmp_path / "rgba.png", Image.new("RGBA", (6, 5), (255, 0, 0, 0)))
+    half = _save(tmp_path / "la.png", Image.new("LA", (6, 5), (0, 128)))
+    cmyk = _save(tmp_path / "cmyk.jpg", Image.new("CMYK", (6, 5), (0, 255, 0, 0)))
+    palette = Image.new("P", (6, 5))
+    palette.putpalette([0, 0, 255] * 256)
+    palette = _save(tmp_path / "p.png", palette)
+    deep = _save(tmp_path / "deep.png", Image.fromarray(np.full((5, 6), 65535, np.uint16)))
+    bilevel = _save(tmp_path / "one.png", Image.new("1", (6, 5), 1))
+    assert np.asarray(load_image(transparent))[0, 0].tolist() == [255, 255, 255]  # transparent -> white
+    assert np.asarray(load_image(half))[0, 0].tolist() == [127, 127, 127]  # black at alpha 128/255 over white
+    assert np.asarray(load_image(cmyk))[0, 0].tolist() == [255, 0, 255]
+    assert np.asarray(load_image(palette))[0, 0].tolist() == [0, 0, 255]
+    assert np.asarray(load_image(deep))[0, 0].tolist() == [255, 255, 255]  # 16-bit full scale -> 8-bit full
+    assert np.asarray(load_image(bilevel, mode="L"))[0, 0] == 255
+    for path in (transparent, cmyk, palette, deep, bilevel):
+        assert load_image(path).mode == "RGB" and load_image(path, mode="L").mode == "L"
+
+
+def test_small_images_are_upscaled_to_the_crop_size(tmp_path):
+    path = _save(tmp_path / "tiny.png", Image.new("RGB", (10, 20)))
+    assert load_image(path, min_size=64).size == (64, 128)
+    assert load_image(path, min_size=8).size == (10, 20)
+
+
+def _tree(tmp_path):
+    for cls, count in (("cat", 3), ("dog", 2)):
+        for i in range(count):
+            _save(tmp_path / "train" / cls / f"{i}.png", Image.new("RGB", (8, 8), (i * 40, 0, 0)))
+    return tmp_path
+
+
+def test_imagefolder_flat_folder_and_file_list(tmp_path):
+    root = _tree(tmp_path / "tree")
+    source = build_image_source(DatasetConfig(kind="auto", path=str(root)), "train")
+    assert source.classes == ["cat", "dog"] and source.labels.tolist() == [0, 0, 0, 1, 1]
+    flat = build_image_source(DatasetConfig(kind="folder", path=str(root)), "train")
+    assert len(flat) == 5 and flat.labels is None
+    listing = tmp_path / "list.txt"
+    listing.write_text("# images\ntree/train/cat/0.png cat\ntree/train/dog/1.png dog\n\ntree/train/cat/2.png, cat\n")
+    from_list = build_image_source(DatasetConfig(kind="auto", path=str(listing)))
+    assert from_list.classes == ["cat", "dog"] and from_list.labels.tolist() == [0, 1, 0]
+    assert from_list.paths[0] == str(tmp_path / "tree/train/cat/0.png")
+    unlabelled = tmp_path / "plain.txt"
+    unlabelled.write_text(f"{root}/train/cat/0.png\n")
+    assert build_image_source(DatasetConfig(kind="filelist", path=str(unlabelled))).labels is None
+
+
+def test_unreadable_files_are_skipped_counted_and_named(tmp_path, caplog):
+    root = _tree(tmp_path)
+    (root / "train" / "cat" / "broken.png").write_bytes(b"\x89PNG not really")
+    truncated = root / "train" / "dog" / "cut.png"
+    _save(truncated, Image.new("RGB", (64, 64), (1, 2, 3)))
+    truncated.write_bytes(truncated.read_bytes()[:60])
+    with caplog.at_level(logging.WARNING):
+        source = build_image_source(DatasetConfig(kind="imagefolder", path=str(root)), "train")
+    assert len(source) == 5 and len(source.unreadable) == 2
+    assert "skipping 2 unreadable image(s) of 7" in caplog.text and "broken.png" in caplog.text
+    assert "cut.png" in caplog.text
+
+
+def test_empty_or_unreadable_sources_fail_before_training(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="no image files"):
+        build_image_source(DatasetConfig(kind="folder", path=str(tmp_path / "empty")))
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "a.jpg").write_bytes(b"nope")
+    with pytest.raises(InputError, match="none of the 1 image files"):
+        build_image_source(DatasetConfig(kind="folder", path=str(tmp_path / "bad")))
+    with pytest.raises(InputError, match="does not exist"):
+        build_image_source(DatasetConfig(kind="folder", path=str(tmp_path / "nowhere")))
+    mixed = tmp_path / "mixed.txt"
+    mixed.write_text("a.png 1\nb.png\n")
+    with pytest.raises(InputError, match="label every line or none"):
+        build_image_source(DatasetConfig(kind="filelist", path=str(mixed)))
+    with pytest.raises(InputError, match="needs data.path"):
+        DatasetConfig(kind="folder").validate()

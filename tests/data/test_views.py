@@ -1,0 +1,144 @@
+"""Multi-crop views: counts and sizes, torchvision's definitions, determinism, and the resumable loader."""
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.v2.functional as TF
+from PIL import Image, ImageOps
+
+from distill.data import augment
+from distill.data.datasets import ArrayImages, FileImages
+from distill.data.loader import build_loader, derived_generator
+from distill.data.views import MultiCrop, MultiCropConfig
+from distill.errors import InputError
+
+
+def _config(**kwargs):
+    base = dict(global_crops_size=16, local_crops_size=8, local_crops_number=3, mean=[0.5], std=[0.25])
+    return MultiCropConfig(**{**base, **kwargs})
+
+
+def test_crop_counts_sizes_and_channels():
+    images = torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8)
+    crops = MultiCrop(_config(), channels=1).array_batch(images, derived_generator(0))
+    assert [tuple(c.shape) for c in crops] == [(4, 1, 16, 16)] * 2 + [(4, 1, 8, 8)] * 3
+    rgb_model = MultiCrop(_config(), channels=3).array_batch(images, derived_generator(0))
+    assert rgb_model[0].shape == (4, 3, 16, 16) and torch.equal(rgb_model[0][:, 0], rgb_model[0][:, 2])
+
+
+def test_crop_boxes_follow_random_resized_crop():
+    boxes = augment.sample_crop_boxes(20000, 50, 80, (0.2, 0.5), generator=derived_generator(1))
+    top, left, height, width = boxes.T
+    assert (top >= 0).all() and (left >= 0).all() and (top + height <= 50).all() and (left + width <= 80).all()
+    area = (height * width).float() / (50 * 80)
+    assert area.min() > 0.17 and area.max() < 0.53  # the scale range, up to rounding
+    ratio = width.float() / height.float()
+    assert ratio.min() > 0.7 and ratio.max() < 1.45
+    impossible = augment.sample_crop_boxes(5, 10, 100, (0.9, 1.0), ratio=(1.0, 1.0))  # falls back to the centre
+    assert impossible.tolist() == [[0, 45, 10, 10]] * 5
+
+
+def test_resized_crop_of_the_whole_image_is_the_image_and_flips_mirror():
+    images = torch.rand(2, 1, 8, 8)
+    whole = torch.tensor([[0, 0, 8, 8], [0, 0, 8, 8]])
+    same = augment.resized_crops(images, whole, torch.tensor([False, True]), 8)
+    assert torch.allclose(same[0], images[0], atol=1e-6)
+    assert torch.allclose(same[1], images[1].flip(-1), atol=1e-6)
+    half = augment.resized_crops(images, torch.tensor([[0, 4, 8, 4]] * 2), torch.tensor([False, False]), 4)
+    assert half.shape == (2, 1, 8 // 2, 4)[:2] + (4, 4)
+
+
+@pytest.mark.parametrize("op,name", [(0, "brightness"), (1, "contrast"), (2, "saturation"), (3, "hue")])
+def test_colour_operations_equal_torchvision(op, name):
+    images = torch.rand(5, 3, 6, 7)
+    factors = torch.tensor([0.6, 1.4, 1.0, 0.9, 1.1]) if name != "hue" else torch.tensor([0.1, -0.1, 0, 0.05, -0.02])
+    reference = getattr(TF, f"adjust_{name}")
+    expected = torch.stack([reference(img, float(f)) for img, f in zip(images, factors)])
+    assert torch.allclose(augment._jitter_op(images.clone(), op, {name: factors}), expected, atol=1e-5)
+
+
+def test_grey_images_stay_grey_and_solarize_matches_pil():
+    grey = torch.rand(3, 1, 5, 5)
+    params = augment.sample_color_params(3, 1.0, 0.4, 0.4, 0.2, 0.1, 1.0, 0.0, (0.1, 1.0), 0.0, derived_generator(2))
+    assert augment.photometric(grey, params).shape == (3, 1, 5, 5)
+    pixels = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 16, 16)
+    ours = augment.solarize(pixels.float() / 255, torch.tensor([True])) * 255
+    pil = np.asarray(ImageOps.solarize(Image.fromarray(pixels[0, 0].numpy()), threshold=128))
+    assert torch.allclose(ours[0, 0].round(), torch.from_numpy(pil.copy()).float())
+
+
+def test_blur_kernels_are_normalised_and_tiny_sigma_is_identity():
+    kernels = augment.gaussian_kernels(torch.tensor([0.5, 2.0]), 6)
+    assert torch.allclose(kernels.sum(1), torch.ones(2))
+    images = torch.rand(2, 1, 16, 16)
+    assert torch.allclose(augment.gaussian_blur(images, torch.tensor([True, True]), torch.tensor([1e-3, 1e-3])), images)
+    blurred = augment.gaussian_blur(images, torch.tensor([True, False]), torch.tensor([2.0, 2.0]))
+    assert blurred[0].std() < images[0].std() and torch.equal(blurred[1], images[1])
+
+
+def test_views_are_a_function_of_the_seed():
+    images = torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8)
+    views = MultiCrop(_config(), channels=1)
+    first = views.array_batch(images, derived_generator(7, 0, 3))
+    again = views.array_batch(images, derived_generator(7, 0, 3))
+    other = views.array_batch(images, derived_generator(7, 0, 4))
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not torch.equal(first[0], other[0])
+
+
+def test_bad_view_config():
+    with pytest.raises(InputError, match="global_crops_scale"):
+        MultiCrop(_config(global_crops_scale=[0.5, 0.2]), 1)
+    with pytest.raises(InputError, match="probabilities"):
+        MultiCrop(_config(flip_prob=1.5), 1)
+
+
+def _array_source(n=40):
+    images = np.random.default_rng(0).integers(0, 256, (n, 28, 28), dtype=np.uint8)
+    return ArrayImages(images, np.arange(n) % 4, list("abcd"), "toy")
+
+
+def _batches(loader, sampler, epoch, start=0):
+    sampler.set_epoch(epoch, start)
+    return [b for b in loader]
+
+
+def test_loader_resumes_mid_epoch_with_the_same_batches():
+    source = _array_source()
+    views = MultiCrop(_config(), channels=1)
+    loader, sampler = build_loader(source, views, batch_size=8, seed=3)
+    full = _batches(loader, sampler, epoch=2)
+    tail = _batches(loader, sampler, epoch=2, start=3)
+    assert len(full) == 5 and len(tail) == 2
+    for a, b in zip(full[3:], tail):
+        assert torch.equal(a["indices"], b["indices"]) and torch.equal(a["crops"][2], b["crops"][2])
+    other_epoch = _batches(loader, sampler, epoch=3)
+    assert not torch.equal(full[0]["indices"], other_epoch[0]["indices"])
+
+
+def test_file_views_do_not_depend_on_the_number_of_workers(tmp_path):
+    paths = []
+    for i in range(12):
+        path = tmp_path / f"{i}.png"
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(path)
+        paths.append(str(path))
+    source = FileImages(paths, list(range(12)), [], "files")
+    views = MultiCrop(_config(mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25]), channels=3)
+    inline, sampler0 = build_loader(source, views, batch_size=4, seed=1, num_workers=0)
+    workers, sampler2 = build_loader(source, views, batch_size=4, seed=1, num_workers=2)
+    a, b = _batches(inline, sampler0, 0), _batches(workers, sampler2, 0)
+    assert len(a) == 3
+    for x, y in zip(a, b):
+        assert torch.equal(x["labels"], y["labels"])
+        assert all(torch.equal(c1, c2) for c1, c2 in zip(x["crops"], y["crops"]))
+    assert a[0]["crops"][0].shape == (4, 3, 16, 16) and a[0]["crops"][-1].shape == (4, 3, 8, 8)
+
+
+def test_distributed_ranks_get_disjoint_shares():
+    source = _array_source(48)
+    views = MultiCrop(_config(), channels=1)
+    seen = []
+    for rank in range(2):
+        loader, sampler = build_loader(source, views, batch_size=4, seed=0, rank=rank, world_size=2)
+        seen.append(torch.cat([b["indices"] for b in _batches(loader, sampler, 0)]))
+    assert len(seen[0]) == len(seen[1]) == 24 and not set(seen[0].tolist()) & set(seen[1].tolist())
