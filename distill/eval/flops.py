@@ -46,9 +46,14 @@ def backbone_flops(name: str, img_size: Optional[Sequence[int]] = None, **overri
     All blocks of a ViT cost the same, so a one-block copy is traced and its block counted `depth` times:
     the same total as tracing the whole model, without building a billion parameters to count ViT-g.
     """
-    from distill.models import backbone_kwargs, create_backbone
+    from distill.models import backbone_kwargs, create_backbone, get_spec
 
     kwargs = backbone_kwargs(name, **overrides)
+    if get_spec(name).family == "resnet":  # blocks differ from stage to stage: trace the whole network
+        model = create_backbone(name, **overrides).eval()
+        height, width = model.config["img_size"] if img_size is None else img_size
+        with torch.no_grad():
+            return count_flops(model, (torch.zeros(1, model.config["in_chans"], height, width),))
     depth = kwargs["depth"]
     model = create_backbone(name, **{**overrides, "depth": 1, "drop_path_rate": 0.0}).eval()
     height, width = (model.config["img_size"] if img_size is None else img_size)

@@ -107,6 +107,8 @@ def extract_state_dict(obj: Any, checkpoint_key: Optional[str] = None) -> Tuple[
     """
     if not isinstance(obj, dict):
         raise CheckpointError(f"the file holds a {type(obj).__name__}, not a state dict or a checkpoint dict")
+    if obj.get("format") == "distill-train-1":  # this package's own training checkpoints
+        return _from_training_checkpoint(obj, checkpoint_key)
     role = checkpoint_key if checkpoint_key in ("teacher", "student") else "teacher"
     if _is_state_dict(obj) and checkpoint_key is None:
         state, where = obj, "bare state dict"
@@ -135,6 +137,18 @@ def extract_state_dict(obj: Any, checkpoint_key: Optional[str] = None) -> Tuple[
     if not state:
         raise CheckpointError(f"the {where} entry of the file holds no tensors")
     return state, where
+
+
+def _from_training_checkpoint(obj: Dict[str, Any], checkpoint_key: Optional[str]) -> Tuple[StateDict, str]:
+    """The evaluated backbone of a distill training checkpoint (e.g. DINO's teacher), or the network named
+    by checkpoint_key ("teacher", "student", ...)."""
+    networks = obj["objective"]
+    prefix = f"{checkpoint_key}.backbone." if checkpoint_key else obj.get("eval_network", "teacher.backbone.")
+    state = _select_prefix(networks, prefix)
+    if not state:
+        roots = sorted({k.split(".")[0] for k in networks})
+        raise CheckpointError(f"checkpoint_key {checkpoint_key!r}: this training checkpoint holds {', '.join(roots)}")
+    return state, f"training checkpoint -> {prefix.rstrip('.')}"
 
 
 # ---------------------------------------------------------------------------------------------- conversion
@@ -233,6 +247,8 @@ def guess_backbone_name(state: StateDict) -> Optional[str]:
     matches = []
     for name in list_backbones():
         spec = get_spec(name)
+        if "embed_dim" not in spec.kwargs:  # not a ViT
+            continue
         if all(_spec_architecture(spec.kwargs).get(k) == arch.get(k) for k in keys):
             same_grid = side is not None and side * spec.kwargs.get("patch_size", 16) == spec.img_size
             matches.append((spec.family == "vit", not same_grid, name))
@@ -308,9 +324,10 @@ def load_pretrained(
     model: torch.nn.Module,
     checkpoint: Union[str, Path, Dict[str, Any]],
     checkpoint_key: Optional[str] = None,
+    label: Optional[str] = None,
 ) -> LoadReport:
     """Load a checkpoint file (or an already loaded checkpoint dict) into `model`, strictly, after conversion."""
-    label = str(checkpoint) if isinstance(checkpoint, (str, Path)) else "the given state dict"
+    label = label or (str(checkpoint) if isinstance(checkpoint, (str, Path)) else "the given state dict")
     obj = read_checkpoint(checkpoint) if isinstance(checkpoint, (str, Path)) else checkpoint
     state, where = extract_state_dict(obj, checkpoint_key)
     state, notes = adapt_to_model(state, model)

@@ -10,9 +10,12 @@ import fnmatch
 import inspect
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
+
+from torch import nn
 
 from distill.errors import InputError
+from distill.models.resnet import ResNetBackbone
 from distill.models.vit import VisionTransformer
 
 # name: (embed_dim, depth, num_heads), as in REFERENCE.md
@@ -33,8 +36,9 @@ EXACT_RESIZE = dict(interpolate_offset=0.0, interpolate_antialias=True)
 @dataclass(frozen=True)
 class BackboneSpec:
     name: str
-    family: str  # dino | deit | dinov2 | vit
+    family: str  # dino | deit | dinov2 | vit | resnet
     kwargs: Dict[str, Any] = field(default_factory=dict)
+    factory: Callable[..., nn.Module] = VisionTransformer
 
     @property
     def img_size(self) -> int:
@@ -74,11 +78,16 @@ def _register_all() -> None:
     for size in SIZES:
         extra = {"layerscale_init": 1e-5} if size == "giant2" else {}
         _register(f"vit_{size}", "vit", size, img_size=224, patch_size=16, **EXACT_RESIZE, **extra)
+    for depth in (18, 34, 50, 101):
+        _REGISTRY[f"resnet{depth}"] = BackboneSpec(f"resnet{depth}", "resnet", {"depth": depth}, ResNetBackbone)
 
 
 _register_all()
 _GENERIC_WITH_PATCH = re.compile(r"^vit_(tiny|small|base|large|giant2)_patch(\d+)$")
-_ALLOWED_OVERRIDES = sorted(set(inspect.signature(VisionTransformer.__init__).parameters) - {"self"})
+
+
+def _allowed_overrides(factory: Callable[..., nn.Module]) -> List[str]:
+    return sorted(set(inspect.signature(factory.__init__).parameters) - {"self"})
 
 
 def list_backbones(pattern: Optional[str] = None) -> List[str]:
@@ -102,12 +111,12 @@ def get_spec(name: str) -> BackboneSpec:
 
 def backbone_kwargs(name: str, **overrides: Any) -> Dict[str, Any]:
     """Constructor arguments of `name` with `overrides` applied; unknown override keys are an error."""
-    unknown = sorted(set(overrides) - set(_ALLOWED_OVERRIDES))
+    spec = get_spec(name)
+    allowed = _allowed_overrides(spec.factory)
+    unknown = sorted(set(overrides) - set(allowed))
     if unknown:
-        raise InputError(
-            f"unknown backbone option(s) {', '.join(unknown)}; allowed: {', '.join(_ALLOWED_OVERRIDES)}"
-        )
-    return {**get_spec(name).kwargs, **overrides}
+        raise InputError(f"unknown backbone option(s) {', '.join(unknown)} for {name}; allowed: {', '.join(allowed)}")
+    return {**spec.kwargs, **overrides}
 
 
 def create_backbone(
@@ -124,7 +133,7 @@ def create_backbone(
         "model_ema", ...).
     overrides: constructor arguments that replace the registered defaults (img_size, patch_size, depth, ...).
     """
-    model = VisionTransformer(**backbone_kwargs(name, **overrides))
+    model = get_spec(name).factory(**backbone_kwargs(name, **overrides))
     model.registry_name = name
     if pretrained is not None:
         from distill.models.checkpoint import load_pretrained

@@ -72,5 +72,5 @@ def test_overrides_change_defaults():
 def test_unknown_name_and_unknown_override_are_clear_errors():
     with pytest.raises(InputError, match="unknown backbone 'dinov2_vits16'.*did you mean.*dinov2_vits14"):
         create_backbone("dinov2_vits16")
-    with pytest.raises(InputError, match=r"unknown backbone option\(s\) num_registers; allowed: .*num_register_tokens"):
+    with pytest.raises(InputError, match=r"unknown backbone option\(s\) num_registers for vit_small; allowed: .*num_register_tokens"):
         create_backbone("vit_small", num_registers=4)

@@ -9,6 +9,20 @@ from torch import nn
 from distill.errors import InputError
 
 ATTENTION_BACKENDS = ("sdpa", "xformers")
+# Up to this many tokens, explicit attention beats PyTorch's CPU flash kernel in bf16/fp16. Measured on a
+# 2-core AVX-512 machine, forward + backward, bf16: 50 tokens 12 ms vs 70 ms, 197 tokens 25 ms vs 61 ms; at
+# 577 tokens both take 100 ms (the [N, N] matrix in fp32 no longer fits in cache). In fp32 the kernel wins.
+EXPLICIT_MAX_TOKENS = 256
+
+
+def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v with the softmax in float32; q, k, v: [B, heads, N, d]."""
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    return scores.softmax(dim=-1, dtype=torch.float32).to(v.dtype) @ v
+
+
+def prefers_explicit(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and x.shape[-2] <= EXPLICIT_MAX_TOKENS
 
 
 @functools.lru_cache(maxsize=None)
@@ -49,7 +63,8 @@ class Attention(nn.Module):
             out = memory_efficient_attention(q, k, v)
         else:
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-            out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+            attend = explicit_attention if prefers_explicit(qkv) else F.scaled_dot_product_attention
+            out = attend(q, k, v).transpose(1, 2)
         return self.proj(out.reshape(B, N, D))
 
     def attention_probs(self, x: torch.Tensor) -> torch.Tensor:
