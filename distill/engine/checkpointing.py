@@ -1,0 +1,84 @@
+"""Checkpoints written atomically (a killed save never damages the previous file) and read back safely."""
+
+import os
+import random
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+import numpy as np
+import torch
+
+from distill.models.checkpoint import read_checkpoint
+
+LATEST = "checkpoint.pth"
+
+
+def save_atomic(obj: Any, path: Union[str, Path]) -> Path:
+    """torch.save to a temporary file in the same folder, fsync, then rename over `path`.
+
+    The rename is atomic on POSIX file systems: at any instant `path` holds either the old or the new
+    checkpoint, complete, whenever the process is killed.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temporary, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+    return path
+
+
+def remove_stale_temporaries(folder: Union[str, Path]) -> None:
+    """Leftovers of saves that were killed mid-way (never read: the previous checkpoint is intact)."""
+    for leftover in Path(folder).glob(".*.pth.*.tmp"):
+        leftover.unlink(missing_ok=True)
+
+
+def rng_state() -> Dict[str, Any]:
+    """Every random state a step consumes, in a form weights_only loading accepts."""
+    numpy_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(numpy_state[1].astype(np.int64)), "pos": int(numpy_state[2]),
+                  "has_gauss": int(numpy_state[3]), "gauss": float(numpy_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    numpy_state = state["numpy"]
+    np.random.set_state(("MT19937", numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
+                         numpy_state["has_gauss"], numpy_state["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def find_resume_checkpoint(output_dir: Union[str, Path], resume: str) -> Optional[Path]:
+    """resume = auto (the folder's latest checkpoint if any), never, or a path."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        latest = Path(output_dir) / LATEST
+        return latest if latest.is_file() else None
+    return Path(resume)
+
+
+def load_training_checkpoint(path: Union[str, Path]) -> Dict[str, Any]:
+    return read_checkpoint(path)

@@ -1,0 +1,56 @@
+"""Optimisers: AdamW for ViTs, SGD and LARS for ResNets (DINO's choices)."""
+
+from typing import Dict, List, Sequence
+
+import torch
+
+from distill.errors import InputError
+
+OPTIMIZERS = ("adamw", "sgd", "lars")
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and layer-wise trust ratios (You et al. 2017) as DINO uses it: 1-D parameters get
+    neither weight decay nor adaptation."""
+
+    def __init__(self, params, lr: float = 0.0, weight_decay: float = 0.0, momentum: float = 0.9, eta: float = 0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                update = p.grad
+                if p.ndim != 1:
+                    update = update.add(p, alpha=group["weight_decay"])
+                    param_norm, update_norm = torch.norm(p), torch.norm(update)
+                    one = torch.ones_like(param_norm)
+                    trust = torch.where(param_norm > 0,
+                                        torch.where(update_norm > 0, group["eta"] * param_norm / update_norm, one), one)
+                    update = update.mul(trust)
+                state = self.state[p]
+                if "mu" not in state:
+                    state["mu"] = torch.zeros_like(p)
+                state["mu"].mul_(group["momentum"]).add_(update)
+                p.add_(state["mu"], alpha=-group["lr"])
+        return loss
+
+
+def build_optimizer(name: str, groups: List[Dict], betas: Sequence[float] = (0.9, 0.999), momentum: float = 0.9):
+    """Learning rate and weight decay are set every step from the schedules; they start at 0 here."""
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=0.0, weight_decay=0.0, betas=tuple(betas))
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=0.0, weight_decay=0.0, momentum=momentum)
+    if name == "lars":
+        return LARS(groups, lr=0.0, weight_decay=0.0, momentum=momentum)
+    raise InputError(f"unknown optimizer {name!r}: choose one of {', '.join(OPTIMIZERS)}")
+
+
+def set_lr_and_wd(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_multiplier", 1.0)
+        group["weight_decay"] = weight_decay * group.get("wd_multiplier", 1.0) if group.get("apply_wd", True) else 0.0

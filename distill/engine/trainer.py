@@ -1,0 +1,427 @@
+"""One training loop for every objective.
+
+The trainer owns what every paradigm shares: devices and precision, the data loader, the optimiser and its
+parameter groups, the schedules of learning rate and weight decay, gradient accumulation and clipping,
+non-finite losses, checkpoints and resuming, logs, progress, time budgets and evaluation. What is trained,
+and how, belongs to the objective (distill/objectives).
+"""
+
+import json
+import logging
+import math
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from distill.config import save_config
+from distill.data.datasets import build_image_source
+from distill.data.eval_views import EvalView
+from distill.data.loader import build_loader
+from distill.engine import checkpointing, distributed
+from distill.engine.logs import MetricsWriter, plot_loss_curve, read_metrics
+from distill.engine.optim import build_optimizer, set_lr_and_wd
+from distill.engine.param_groups import param_groups
+from distill.engine.runtime import configure_runtime, resolve_device
+from distill.engine.schedules import cosine_schedule, epochs_to_steps
+from distill.engine.train_config import TrainConfig
+from distill.errors import CheckpointError, DistillError, InputError
+from distill.models import backbone_kwargs, create_backbone
+from distill.objectives import Objective, StepInfo, build_objective
+from distill.objectives.base import scalar
+from distill.precision import autocast, resolve_precision
+from distill.progress import progress
+
+logger = logging.getLogger(__name__)
+
+BUDGET_WARMUP_STEPS = 3  # first steps pay one-time costs (allocations, compilation): not timed
+BUDGET_PROBE_STEPS = 10  # steps timed to fit the schedule into a time budget
+
+
+class TrainingDiverged(DistillError):
+    """The loss or the gradients stopped being finite."""
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+        self.output_dir = Path(config.train.output_dir)
+        self.step = 0
+        self.train_seconds = 0.0
+        self.stop_reason: Optional[str] = None
+        self.results: Dict[str, Any] = {}
+        self.losses: List[float] = []
+
+    # ------------------------------------------------------------------------------------------- set-up
+
+    def _make_backbone(self, role: str) -> torch.nn.Module:
+        model = self.config.model
+        overrides = dict(model.overrides)
+        if role == "teacher" and "drop_path_rate" in backbone_kwargs(model.backbone):
+            overrides["drop_path_rate"] = 0.0
+        pretrained = model.pretrained if role in ("student", "teacher") else None
+        return create_backbone(model.backbone, pretrained=pretrained, checkpoint_key=model.checkpoint_key, **overrides)
+
+    def _setup(self) -> None:
+        c = self.config
+        self.is_main = distributed.is_main_process()
+        self.device = resolve_device(c.train.device)
+        self.precision = resolve_precision(c.train.precision, self.device)
+        configure_runtime(c.train.threads, self.device)
+        if self.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            checkpointing.remove_stale_temporaries(self.output_dir)
+            save_config(c, self.output_dir / "config.yaml")
+            handler = logging.FileHandler(self.output_dir / "train.log")
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+            logging.getLogger("distill").addHandler(handler)
+            self._log_handler = handler
+        torch.manual_seed(c.train.seed + distributed.rank())
+
+        self.source = build_image_source(c.data.dataset)
+        if self.source.unreadable and self.is_main:
+            (self.output_dir / "unreadable_images.txt").write_text("\n".join(self.source.unreadable) + "\n")
+        self.objective: Objective = build_objective(c, self._make_backbone).to(self.device)
+        backbone = self.objective.eval_backbone()
+        self.channels = backbone.config["in_chans"]
+        views = self.objective.views(self.channels)
+        self.loader, self.sampler = build_loader(
+            self.source, views, c.data.batch_size, c.train.seed, c.data.num_workers,
+            distributed.rank(), distributed.world_size())
+        self.steps_per_epoch = self.sampler.batches_per_epoch // c.optim.accumulate_steps
+        if self.steps_per_epoch < 1:
+            raise InputError(
+                f"one optimizer step needs {c.data.batch_size * c.optim.accumulate_steps * distributed.world_size()} "
+                f"images but {self.source.name} has {len(self.source)}: lower data.batch_size or optim.accumulate_steps")
+        self.global_batch = c.data.batch_size * c.optim.accumulate_steps * distributed.world_size()
+
+        groups = param_groups(self.objective.trainable_module(), exclude_tokens=c.optim.exclude_tokens_from_wd)
+        self.optimizer = build_optimizer(c.optim.name, groups, c.optim.betas, c.optim.momentum)
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
+        if c.train.compile:
+            self.objective.compile_backbones()
+        self._plan(math.ceil(c.train.epochs * self.steps_per_epoch))
+        self.metrics = MetricsWriter(self.output_dir, enabled=self.is_main)
+
+    def _scaled_lr(self) -> float:
+        o = self.config.optim
+        ratio = self.global_batch / o.lr_reference_batch
+        return o.lr * {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[o.lr_scaling]
+
+    def _plan(self, total_steps: int) -> None:
+        """Schedules for a run of total_steps optimizer steps; lengths in epochs keep their share of the run."""
+        o, epochs = self.config.optim, self.config.train.epochs
+        self.total_steps = max(1, total_steps)
+        warmup = epochs_to_steps(o.warmup_epochs, epochs, self.total_steps)
+        self.lr_schedule = cosine_schedule(self._scaled_lr(), o.min_lr, self.total_steps, warmup)
+        self.wd_schedule = cosine_schedule(o.weight_decay, o.weight_decay_end, self.total_steps)
+        self.objective.plan(self.total_steps, self.steps_per_epoch, epochs)
+
+    # ------------------------------------------------------------------------------------------- checkpoints
+
+    def _state(self) -> Dict[str, Any]:
+        from omegaconf import OmegaConf
+
+        return {
+            "format": "distill-train-1",
+            "objective": self.objective.state_dict(),
+            "eval_network": self.objective.eval_backbone_prefix(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "steps_per_epoch": self.steps_per_epoch,
+            "train_seconds": self.train_seconds,
+            "rng": checkpointing.rng_state(),
+            "config": OmegaConf.to_container(OmegaConf.structured(self.config)),
+        }
+
+    def save_checkpoint(self, keep_epoch: Optional[int] = None) -> Optional[Path]:
+        if not self.is_main:
+            return None
+        state = self._state()
+        path = checkpointing.save_atomic(state, self.output_dir / checkpointing.LATEST)
+        if keep_epoch is not None:
+            checkpointing.save_atomic(state, self.output_dir / f"checkpoint_{keep_epoch:04d}.pth")
+        self.last_save_time = time.monotonic()
+        self._write_loss_curve()
+        return path
+
+    def _resume(self) -> None:
+        path = checkpointing.find_resume_checkpoint(self.output_dir, self.config.train.resume)
+        if path is None:
+            return
+        if not path.is_file():
+            raise InputError(f"train.resume={self.config.train.resume}: no checkpoint at {path}")
+        state = checkpointing.load_training_checkpoint(path)
+        if not isinstance(state, dict) or state.get("format") != "distill-train-1":
+            raise CheckpointError(f"{path} is not a distill training checkpoint; to start from weights, use "
+                                  "model.pretrained instead of train.resume")
+        if state["steps_per_epoch"] != self.steps_per_epoch:
+            raise CheckpointError(
+                f"{path} was written with {state['steps_per_epoch']} steps per epoch, this run has "
+                f"{self.steps_per_epoch}: resume with the same data and batch size (or train.resume=never)")
+        try:
+            self.objective.load_state_dict(state["objective"])
+        except RuntimeError as error:
+            raise CheckpointError(f"{path} does not fit this run's networks: {str(error).splitlines()[0]}") from None
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.step, self.train_seconds = state["step"], state["train_seconds"]
+        self._plan(state["total_steps"])
+        self.budget_planned = True  # a budgeted run keeps the plan it made when it started
+        checkpointing.set_rng_state(state["rng"])
+        logger.info("resumed from %s at step %d of %d (epoch %.2f)", path, self.step, self.total_steps,
+                    self.step / self.steps_per_epoch)
+
+    # ------------------------------------------------------------------------------------------- the loop
+
+    def _install_signal_handlers(self) -> None:
+        """SIGTERM / SIGUSR1 (preemption, time limits): finish the step, checkpoint, and stop."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def request_stop(signum, frame):
+            self.stop_reason = f"signal {signal.Signals(signum).name}"
+
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, request_stop)
+
+    def _clip(self, parameters: List[torch.nn.Parameter]) -> float:
+        """Gradient clipping; returns the total gradient norm before clipping."""
+        grads = [p.grad for p in parameters if p.grad is not None]
+        if not grads:
+            return 0.0
+        norms = torch._foreach_norm(grads)
+        total = torch.linalg.vector_norm(torch.stack(norms)).item()
+        clip = self.config.optim.clip_grad
+        if clip > 0 and math.isfinite(total):
+            if self.config.optim.clip_mode == "per_param":  # DINO: each tensor to norm <= clip
+                factors = [torch.clamp(clip / (n + 1e-6), max=1.0) for n in norms]
+                torch._foreach_mul_(grads, factors)
+            elif total > clip:
+                torch._foreach_mul_(grads, clip / (total + 1e-6))
+        return total
+
+    def _diverged(self, what: str, value: float, info: StepInfo) -> None:
+        latest = self.output_dir / checkpointing.LATEST
+        saved = f"the last good checkpoint ({latest}) is untouched" if latest.is_file() else "no checkpoint was written"
+        message = (
+            f"{what} is {value} at step {info.step} (epoch {info.epoch:.2f}); stopped without saving, so {saved}. "
+            f"Likely causes: a learning rate too high for the batch (lr now {self.lr_schedule[info.step]:.3g}), "
+            "fp16 overflow (use train.precision=bf16), too little warm-up, or a broken batch. Resume with a lower "
+            "optim.lr or more optim.warmup_epochs, or set train.nan_policy=skip to skip such steps")
+        if self.config.train.nan_policy == "stop":
+            raise TrainingDiverged(message)
+        self.skipped_in_a_row += 1
+        self.skipped_total += 1
+        logger.warning("skipping step %d: %s is %s (%d in a row)", info.step, what, value, self.skipped_in_a_row)
+        if self.skipped_in_a_row > self.config.train.max_skipped_steps:
+            raise TrainingDiverged(f"{self.skipped_in_a_row} non-finite steps in a row. " + message)
+
+    def _train_step(self, micro_batches: List[Dict[str, Any]]) -> Optional[Dict[str, float]]:
+        info = StepInfo(self.step, self.total_steps, self.steps_per_epoch)
+        set_lr_and_wd(self.optimizer, float(self.lr_schedule[self.step]), float(self.wd_schedule[self.step]))
+        trainable = [p for g in self.optimizer.param_groups for p in g["params"]]
+        logged: Dict[str, float] = {}
+        for batch in micro_batches:
+            batch = _to_device(batch, self.device)
+            with autocast(self.precision, self.device):
+                outputs = self.objective(batch, info)
+            loss = outputs["loss"]
+            if not torch.isfinite(loss.detach()):
+                self.optimizer.zero_grad(set_to_none=True)
+                self._diverged("the loss", loss.item(), info)
+                return None
+            scaled = loss / len(micro_batches)
+            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            for key, value in outputs.items():
+                logged[key] = logged.get(key, 0.0) + scalar(value) / len(micro_batches)
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = self._clip(trainable)
+        if not math.isfinite(grad_norm) and not self.scaler:  # fp16's scaler skips such steps by itself
+            self.optimizer.zero_grad(set_to_none=True)
+            self._diverged("the gradient norm", grad_norm, info)
+            return None
+        self.objective.before_optimizer_step(info)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.objective.after_optimizer_step(info)
+        self.skipped_in_a_row = 0
+        logged["grad_norm"] = grad_norm
+        return logged
+
+    def _maybe_fit_budget(self, timed_steps: int, timed_seconds: float) -> None:
+        """Once the probe steps are timed, shorten the plan so that it ends within train.time_limit_minutes."""
+        limit = self.config.train.time_limit_minutes * 60
+        if limit <= 0 or self.budget_planned or timed_steps < BUDGET_PROBE_STEPS:
+            return
+        self.budget_planned = True
+        per_step = timed_seconds / timed_steps
+        fits = self.step + int((limit - self.train_seconds) / per_step)
+        if fits < self.total_steps:
+            logger.info("time budget %.1f min at %.2f s/step: %d steps instead of %d (%.2f epochs)",
+                        limit / 60, per_step, fits, self.total_steps, fits / self.steps_per_epoch)
+            self._plan(max(fits, self.step + 1))
+
+    def _write_loss_curve(self) -> None:
+        if self.is_main:
+            plot_loss_curve(read_metrics(self.metrics.path), self.output_dir / "loss_curve.png",
+                            f"{self.config.objective.name} on {self.source.name}")
+
+    def train(self) -> None:
+        c = self.config
+        self.budget_planned = c.train.time_limit_minutes <= 0
+        self.skipped_in_a_row = self.skipped_total = 0
+        self._resume()
+        self._install_signal_handlers()
+        self.last_save_time = time.monotonic()
+        limit = c.train.time_limit_minutes * 60
+        max_steps = c.train.max_steps or None
+        timed_steps, timed_seconds = 0, 0.0
+        data = None
+        start_step = self.step
+        bar = progress(total=self.total_steps, initial=self.step, desc=f"{c.objective.name}", unit="step",
+                       disable=not self.is_main)
+        smoothed_rate = None
+        self.objective.train()
+        while self.step < self.total_steps and self.stop_reason is None:
+            epoch, position = divmod(self.step, self.steps_per_epoch)
+            if data is None:
+                self.sampler.set_epoch(epoch, start=position * c.optim.accumulate_steps)
+                data = iter(self.loader)
+            tick = time.perf_counter()
+            micro_batches = [next(data) for _ in range(c.optim.accumulate_steps)]
+            logged = self._train_step(micro_batches)
+            seconds = time.perf_counter() - tick
+            self.train_seconds += seconds
+            if self.step - start_step >= BUDGET_WARMUP_STEPS:
+                timed_steps, timed_seconds = timed_steps + 1, timed_seconds + seconds
+            self.step += 1
+            rate = self.global_batch / seconds
+            smoothed_rate = rate if smoothed_rate is None else 0.9 * smoothed_rate + 0.1 * rate
+            if logged is not None:
+                self.losses.append(logged["loss"])
+                bar.set_postfix(loss=f"{logged['loss']:.4f}", img_s=f"{smoothed_rate:.0f}", refresh=False)
+                if self.step % c.train.log_every_steps == 0 or self.step == 1:
+                    self.metrics.write({
+                        "step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4), **logged,
+                        "lr": float(self.lr_schedule[self.step - 1]), "wd": float(self.wd_schedule[self.step - 1]),
+                        **self.objective.scheduled_values(self.step - 1), "images_per_second": round(smoothed_rate, 1),
+                        "train_seconds": round(self.train_seconds, 2)})
+            bar.total = self.total_steps
+            bar.update(1)
+            self._maybe_fit_budget(timed_steps, timed_seconds)
+            if self.step % self.steps_per_epoch == 0:
+                data = None
+                self._end_of_epoch(self.step // self.steps_per_epoch)
+            elif time.monotonic() - self.last_save_time > c.train.checkpoint_every_minutes * 60:
+                self.save_checkpoint()
+            if max_steps and self.step >= max_steps:
+                self.stop_reason = f"train.max_steps={max_steps}"
+            if limit > 0 and self.train_seconds >= limit and self.step < self.total_steps:
+                self.stop_reason = f"time budget of {c.train.time_limit_minutes} min"
+        bar.close()
+        if self.stop_reason:
+            logger.info("stopped at step %d of %d: %s", self.step, self.total_steps, self.stop_reason)
+        if self.step % self.steps_per_epoch or self.stop_reason:  # the epoch-end save covered the rest
+            self.save_checkpoint()
+        self.results["steps"] = self.step
+        self.results["total_steps"] = self.total_steps
+        self.results["epochs"] = round(self.step / self.steps_per_epoch, 3)
+        self.results["train_minutes"] = round(self.train_seconds / 60, 2)
+        self.results["skipped_steps"] = self.skipped_total
+        if self.train_seconds > 0:
+            done = self.step - start_step
+            self.results["images_per_second"] = round(done * self.global_batch / max(self.train_seconds, 1e-9), 1)
+
+    def _end_of_epoch(self, epoch: int) -> None:
+        every = self.config.train.save_every_epochs
+        self.save_checkpoint(keep_epoch=epoch if every and epoch % every == 0 else None)
+        knn_every = self.config.eval.knn_every_epochs
+        if knn_every and epoch % knn_every == 0 and self.monitor is not None and self.step < self.total_steps:
+            result = self.monitor.evaluate(self.objective.eval_backbone())
+            self.metrics.write({"step": self.step, "epoch": epoch, **_flatten_knn(result)})
+
+    # ------------------------------------------------------------------------------------------- evaluation
+
+    def _build_monitor(self):
+        e, c = self.config.eval, self.config
+        if not (e.knn or e.knn_at_start or e.knn_every_epochs) or not self.is_main:
+            return None
+        from distill.eval.monitor import KnnMonitor
+
+        views_config = getattr(c.objective, "views", None)
+        size = e.image_size or (views_config.global_crops_size if views_config else 224)
+        mean = views_config.mean if views_config else [0.485, 0.456, 0.406]
+        std = views_config.std if views_config else [0.229, 0.224, 0.225]
+        dataset = e.dataset or c.data.dataset
+        return KnnMonitor(dataset, e.train_split, e.val_split, EvalView(size, mean, std, self.channels), e.knn_k,
+                          e.knn_temperature, e.batch_size, self.precision, self.device, c.data.num_workers,
+                          e.train_limit, e.val_limit)
+
+    def run(self) -> Dict[str, Any]:
+        """Set up, train (or resume), evaluate, export; returns the results also written to results.json."""
+        self._setup()
+        e = self.config.eval
+        self.monitor = self._build_monitor()
+        try:
+            fresh = checkpointing.find_resume_checkpoint(self.output_dir, self.config.train.resume) is None
+            if self.monitor is not None and e.raw_pixels:
+                pixels = self.monitor.raw_pixels()
+                if pixels:
+                    self.results["knn_raw_pixels"] = pixels
+            if self.monitor is not None and e.knn_at_start and fresh:
+                self.results["knn_start"] = self.monitor.evaluate(self.objective.eval_backbone())
+            self.train()
+            if self.is_main:
+                self.results["exported"] = [str(p) for p in self.objective.export(self.output_dir)]
+                if self.monitor is not None and e.knn:
+                    self.results["knn_end"] = self.monitor.evaluate(self.objective.eval_backbone())
+                if e.attention_images:
+                    self.results["attention_figure"] = str(self._attention_figure(e.attention_images))
+                self._write_loss_curve()
+                (self.output_dir / "results.json").write_text(json.dumps(self.results, indent=2))
+        finally:
+            self.metrics.close()
+            handler = getattr(self, "_log_handler", None)
+            if handler is not None:
+                logging.getLogger("distill").removeHandler(handler)
+                handler.close()
+        return self.results
+
+    def _attention_figure(self, count: int) -> Path:
+        from distill.eval.attention import attention_figure
+
+        source = self.monitor.val_source if self.monitor is not None else self.source
+        view = self.monitor.view if self.monitor is not None else None
+        return attention_figure(self.objective.eval_backbone(), source, view, count,
+                                self.output_dir / "attention.png", self.device)
+
+
+def _to_device(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
+    if device.type == "cpu":
+        return batch
+    moved = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            moved[key] = value.to(device, non_blocking=True)
+        elif isinstance(value, list):
+            moved[key] = [v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for v in value]
+        else:
+            moved[key] = value
+    return moved
+
+
+def _flatten_knn(result: Dict[int, Dict[str, float]], prefix: str = "knn") -> Dict[str, float]:
+    return {f"{prefix}_top1_k{k}": v["top1"] for k, v in result.items()}
+

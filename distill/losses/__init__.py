@@ -1,0 +1,5 @@
+"""Losses, one per file, each checkable against its paper on its own."""
+
+from distill.losses.dino import DINOLoss
+
+__all__ = ["DINOLoss"]

@@ -1,0 +1,90 @@
+"""The contract between the trainer and a training paradigm.
+
+The trainer runs the loop (precision, accumulation, clipping, schedules of lr and weight decay, checkpoints,
+logs) and knows nothing else; an objective owns its networks, heads, losses and what happens around each
+optimizer step. Adding a paradigm is one file here and one recipe.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List
+
+import torch
+from torch import nn
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = "dino"
+
+    def validate(self) -> None:
+        pass
+
+
+@dataclass
+class StepInfo:
+    step: int  # optimizer steps done before this one
+    total_steps: int
+    steps_per_epoch: int
+
+    @property
+    def epoch(self) -> float:
+        return self.step / self.steps_per_epoch
+
+
+class Objective(nn.Module):
+    """Subclasses implement the methods below; `forward(batch, info)` returns {"loss": tensor, ...} where the
+    other entries are floats or 0-d tensors to log."""
+
+    def plan(self, total_steps: int, steps_per_epoch: int, epochs: float) -> None:
+        """(Re)build the objective's own schedules for a run of total_steps optimizer steps."""
+
+    def views(self, channels: int):
+        """The training views the loader makes for this objective."""
+        raise NotImplementedError
+
+    def trainable_module(self) -> nn.Module:
+        """The network the optimizer updates (and DDP wraps)."""
+        raise NotImplementedError
+
+    def before_optimizer_step(self, info: StepInfo) -> None:
+        """After backward and gradient clipping, before the optimizer step."""
+
+    def after_optimizer_step(self, info: StepInfo) -> None:
+        """After the optimizer step (EMA teachers, ...)."""
+
+    def scheduled_values(self, step: int) -> Dict[str, float]:
+        """Values of the objective's schedules at a step, for the logs."""
+        return {}
+
+    def eval_backbone(self) -> nn.Module:
+        """The backbone to evaluate (kNN, linear probe, attention maps)."""
+        raise NotImplementedError
+
+    def eval_backbone_prefix(self) -> str:
+        """Where eval_backbone() sits in this module's state dict, e.g. "teacher.backbone."."""
+        target = self.eval_backbone()
+        for name, module in self.named_modules():
+            if module is target:
+                return f"{name}."
+        raise RuntimeError("eval_backbone() is not a submodule of the objective")
+
+    def export(self, folder: Path) -> List[Path]:
+        """Write the trained networks in official layouts; returns the files written."""
+        return []
+
+    def forward(self, batch: Dict[str, Any], info: StepInfo) -> Dict[str, Any]:
+        raise NotImplementedError
+
+    def compile_backbones(self) -> None:
+        """torch.compile every backbone in place (parameter names, hence checkpoints, stay the same)."""
+        from distill.models.resnet import ResNetBackbone
+        from distill.models.vit import VisionTransformer
+
+        for module in self.modules():
+            if isinstance(module, (VisionTransformer, ResNetBackbone)):
+                module.compile()
+
+
+def scalar(value: Any) -> float:
+    return float(value.detach()) if isinstance(value, torch.Tensor) else float(value)

@@ -1,0 +1,210 @@
+"""The trainer: resume equality (also after a real kill), atomic saves, non-finite losses, bad input."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from distill.cli import main
+from distill.engine.checkpointing import LATEST, save_atomic
+from distill.engine.trainer import Trainer, TrainingDiverged
+from distill.errors import InputError
+from distill.models import create_backbone, read_checkpoint
+
+
+def _losses(folder):
+    """Loss per step from metrics.jsonl; a step redone after a resume keeps its last record."""
+    records = {}
+    for line in (folder / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            records[record["step"]] = record["loss"]
+    return records
+
+
+def _weights(folder):
+    return read_checkpoint(folder / LATEST)["objective"]
+
+
+def _assert_same_run(a, b):
+    losses_a, losses_b = _losses(a), _losses(b)
+    assert sorted(losses_a) == sorted(losses_b) == list(range(1, 13))
+    for step in losses_a:
+        assert losses_a[step] == pytest.approx(losses_b[step], rel=1e-6, abs=1e-6), step
+    weights_a, weights_b = _weights(a), _weights(b)
+    assert weights_a.keys() == weights_b.keys()
+    for key in weights_a:
+        assert torch.allclose(weights_a[key], weights_b[key], rtol=1e-5, atol=1e-6), key
+
+
+def test_resume_continues_exactly(tiny_config, tmp_path):
+    Trainer(tiny_config(tmp_path / "once", "train.max_steps=12")).run()
+    Trainer(tiny_config(tmp_path / "twice", "train.max_steps=6")).run()
+    assert read_checkpoint(tmp_path / "twice" / LATEST)["step"] == 6
+    Trainer(tiny_config(tmp_path / "twice", "train.max_steps=12")).run()  # resume=auto finds the checkpoint
+    _assert_same_run(tmp_path / "once", tmp_path / "twice")
+    # the teacher moved away from the student, and both from their start
+    weights = _weights(tmp_path / "once")
+    assert not torch.equal(weights["teacher.backbone.pos_embed"], weights["student.backbone.pos_embed"])
+
+
+def test_resume_after_a_real_kill(tiny_config, tiny_overrides, tmp_path):
+    Trainer(tiny_config(tmp_path / "once", "train.max_steps=12")).run()
+    killed = tmp_path / "killed"
+    command = [sys.executable, "-m", "distill.cli", "train",
+               *tiny_overrides(killed, "train.max_steps=12", "train.checkpoint_every_minutes=0")]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (killed / LATEST).exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    time.sleep(random.uniform(0.0, 0.5))  # land the kill anywhere: in a step, in a save
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert (killed / LATEST).exists()
+    interrupted_at = read_checkpoint(killed / LATEST)["step"]
+    Trainer(tiny_config(killed, "train.max_steps=12")).run()
+    _assert_same_run(tmp_path / "once", killed)
+    assert interrupted_at <= 12
+
+
+_SAVER = """
+import sys, torch
+from distill.engine.checkpointing import save_atomic
+i = 0
+while True:
+    i += 1
+    save_atomic({"version": i, "weights": torch.full((2_000_000,), float(i))}, sys.argv[1])
+    print(i, flush=True)
+"""
+
+
+def test_a_save_killed_midway_leaves_the_previous_checkpoint_loadable(tmp_path):
+    path = tmp_path / "checkpoint.pth"
+    process = subprocess.Popen([sys.executable, "-c", _SAVER, str(path)], stdout=subprocess.PIPE, text=True)
+    for _ in range(3):  # let a few complete saves happen, then kill during the next ones
+        process.stdout.readline()
+    time.sleep(random.uniform(0.0, 0.1))
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    state = read_checkpoint(path)
+    assert state["version"] >= 3 and torch.all(state["weights"] == state["version"])
+
+
+def test_a_failing_save_keeps_the_old_file_and_no_leftovers(tmp_path, monkeypatch):
+    path = save_atomic({"version": 1}, tmp_path / "checkpoint.pth")
+
+    def broken_save(obj, handle):
+        handle.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_atomic({"version": 2}, path)
+    monkeypatch.undo()
+    assert read_checkpoint(path) == {"version": 1}
+    assert os.listdir(tmp_path) == ["checkpoint.pth"]
+
+
+def _inject_nan_at(trainer, step):
+    forward = trainer.objective.forward
+
+    def poisoned(batch, info):
+        if info.step == step:
+            batch["crops"][0][0, 0, 0, 0] = float("nan")
+            trainer.saved_before_nan = (trainer.output_dir / LATEST).read_bytes()
+        return forward(batch, info)
+
+    trainer.objective.forward = poisoned
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tiny_config, tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, "train.checkpoint_every_minutes=0", "train.max_steps=8"))
+    trainer._setup()
+    trainer._build_monitor = lambda: None
+    _inject_nan_at(trainer, 4)
+    trainer._setup = lambda: None
+    with pytest.raises(TrainingDiverged, match=r"the loss is nan at step 4 .*last good checkpoint .* untouched"):
+        trainer.run()
+    assert (tmp_path / LATEST).read_bytes() == trainer.saved_before_nan
+    assert read_checkpoint(tmp_path / LATEST)["step"] == 4
+
+
+def test_nan_policy_skip_skips_the_step_and_training_goes_on(tiny_config, tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, "train.nan_policy=skip", "train.max_steps=8",
+                                  "train.checkpoint_every_minutes=0"))
+    trainer._setup()
+    _inject_nan_at(trainer, 4)
+    trainer._setup = lambda: None
+    results = trainer.run()
+    assert results["skipped_steps"] == 1 and results["steps"] == 8
+    state = read_checkpoint(tmp_path / LATEST)["objective"]
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())  # center included
+
+
+def test_bad_config_and_bad_data_fail_before_training(tmp_path, capsys, tiny_overrides):
+    assert main(["train", "configs/demo/dino_fashion_mnist.yaml", "objective.out_dimm=5"]) == 2
+    assert "unknown config key 'objective.out_dimm'" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["train", *tiny_overrides(tmp_path / "run", "data.dataset.kind=folder",
+                                          f"data.dataset.path={tmp_path / 'empty'}")]) == 2
+    assert "no image files" in capsys.readouterr().err
+    assert not (tmp_path / "run" / LATEST).exists()
+    with pytest.raises(InputError, match="one optimizer step needs 512 images"):
+        Trainer(load_cfg(tiny_overrides, tmp_path / "big", "data.batch_size=512"))._setup()
+
+
+def load_cfg(tiny_overrides, folder, *extra):
+    from distill.engine.train_config import load_train_config
+
+    return load_train_config(None, tiny_overrides(folder, *extra))
+
+
+def test_corrupt_files_are_skipped_and_listed(tmp_path, tiny_overrides):
+    import numpy as np
+    from PIL import Image
+
+    for i in range(40):
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (20, 20), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    (tmp_path / "bad.png").write_bytes(b"definitely not a png")
+    run = tmp_path / "run"
+    results = Trainer(load_cfg(tiny_overrides, run, "data.dataset.kind=folder", f"data.dataset.path={tmp_path}",
+                               "train.max_steps=2")).run()
+    assert results["steps"] == 2
+    assert (run / "unreadable_images.txt").read_text().strip() == str(tmp_path / "bad.png")
+
+
+def test_export_is_the_official_dino_layout(tiny_config, tmp_path):
+    Trainer(tiny_config(tmp_path, "train.max_steps=3")).run()
+    exported = torch.load(tmp_path / "teacher_backbone.pth", weights_only=True)
+    assert "mask_token" not in exported and "pos_embed" in exported and "blocks.0.attn.qkv.weight" in exported
+    dims = dict(depth=2, embed_dim=32, num_heads=2, patch_size=4, img_size=16, in_chans=1)
+    official_like = create_backbone("dino_vits16", pretrained=str(tmp_path / "teacher_backbone.pth"), **dims).eval()
+    from distill.eval.loading import load_backbone
+
+    teacher, _ = load_backbone(str(tmp_path / LATEST))
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(official_like(x), teacher(x))
+
+
+def test_signal_checkpoints_and_stops(tiny_config, tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, "train.max_steps=12"))
+    trainer._setup()
+    forward = trainer.objective.forward
+
+    def signalled(batch, info):
+        if info.step == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return forward(batch, info)
+
+    trainer.objective.forward = signalled
+    trainer._setup = lambda: None
+    results = trainer.run()
+    assert results["steps"] == 6 and read_checkpoint(tmp_path / LATEST)["step"] == 6
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
