@@ -37,6 +37,136 @@ def _cmd_baseline(args: argparse.Namespace) -> None:
     main(load_config(BaselineConfig, args.config, args.overrides))
 
 
+def _knn_line(name: str, result, k: int) -> str:
+    entry = result.get(k) or result.get(str(k))
+    return f"  {name:<34} {entry['top1']:6.2f}" if entry else ""
+
+
+def print_training_summary(results, ks) -> None:
+    k = 20 if 20 in ks else ks[0]
+    print(f"done: {results.get('steps')} steps ({results.get('epochs')} epochs) in {results.get('train_minutes')} "
+          f"min of training, {results.get('images_per_second', 0)} images/s")
+    rows = [("raw pixels", results.get("knn_raw_pixels")), ("backbone at start", results.get("knn_start")),
+            ("trained backbone", results.get("knn_end"))]
+    lines = [_knn_line(name, result, k) for name, result in rows if result]
+    if lines:
+        print(f"weighted kNN top-1 (%), k={k}:")
+        print("\n".join(line for line in lines if line))
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    from distill.engine.train_config import load_train_config
+    from distill.engine.trainer import Trainer
+
+    config = load_train_config(args.config, args.overrides)
+    results = Trainer(config).run()
+    print_training_summary(results, config.eval.knn_k)
+    print(f"run folder: {config.train.output_dir}/")
+
+
+def _parse_sets(items: List[str]) -> dict:
+    """--set key=value pairs for the backbone, values parsed as YAML (4 -> int, true -> bool)."""
+    import yaml
+
+    bad = [item for item in items if "=" not in item]
+    if bad:
+        raise DistillError(f"--set takes key=value, got {', '.join(bad)}")
+    return {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in items)}
+
+
+def _model_and_view(args: argparse.Namespace):
+    """The backbone of --checkpoint and the evaluation view (size and normalisation) that goes with it."""
+    from distill.data.eval_views import EvalView
+    from distill.eval.loading import load_backbone
+
+    fashion = args.data == "fashion_mnist"
+    model, setup = load_backbone(args.checkpoint, args.backbone, _parse_sets(args.set), args.checkpoint_key, fashion)
+    size = args.image_size or setup.image_size
+    mean, std = args.mean or setup.mean, args.std or setup.std
+    print(f"backbone from {setup.source}; {size} px views, mean {mean}, std {std}")
+    return model, EvalView(size, mean, std, model.config["in_chans"])
+
+
+def _source(args: argparse.Namespace, split: str, limit: int):
+    """Fashion-MNIST, or the folder / file list of --data, at a split (a sub-folder when it exists)."""
+    from distill.data.datasets import DatasetConfig, build_image_source
+
+    if args.data == "fashion_mnist":
+        return build_image_source(DatasetConfig(kind="fashion_mnist", limit=limit), split)
+    return build_image_source(DatasetConfig(kind="auto", path=args.data, limit=limit), split)
+
+
+def _features(args, encode, view, source, desc):
+    from distill.eval.features import extract_source_features
+
+    return extract_source_features(encode, source, view, args.batch_size, args.precision, args.device,
+                                   args.num_workers, desc)
+
+
+def _write_json(path, payload) -> None:
+    if path:
+        import json
+        from pathlib import Path
+
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(payload, indent=2))
+        print(f"written to {path}")
+
+
+def _cmd_eval_knn(args: argparse.Namespace) -> None:
+    from distill.eval.knn import knn_classify
+
+    model, view = _model_and_view(args)
+    train, val = _source(args, args.train_split, args.train_limit), _source(args, args.val_split, args.val_limit)
+    bank, bank_labels = _features(args, model, view, train, "kNN bank")
+    queries, query_labels = _features(args, model, view, val, "kNN queries")
+    if bank_labels is None or query_labels is None:
+        raise DistillError("kNN evaluation needs labelled data: an ImageFolder tree or a file list with labels")
+    results = knn_classify(bank, bank_labels, queries, query_labels, args.k, args.temperature)
+    print(f"weighted kNN on {val.name} ({len(val)} queries, {len(train)} in the bank, T={args.temperature}):")
+    for k, scores in results.items():
+        print(f"  k={k:<4} top-1 {scores['top1']:6.2f}  top-5 {scores['top5']:6.2f}")
+    _write_json(args.output, {"knn": results})
+
+
+def _cmd_eval_linear(args: argparse.Namespace) -> None:
+    from distill.eval.linear import linear_features, linear_probe
+
+    model, view = _model_and_view(args)
+    train, val = _source(args, args.train_split, args.train_limit), _source(args, args.val_split, args.val_limit)
+    encode = lambda x: linear_features(model, x, args.n_last_blocks, args.avgpool)  # noqa: E731
+    train_features, train_labels = _features(args, encode, view, train, "train features")
+    val_features, val_labels = _features(args, encode, view, val, "val features")
+    if train_labels is None or val_labels is None:
+        raise DistillError("a linear probe needs labelled data: an ImageFolder tree or a file list with labels")
+    result = linear_probe(train_features, train_labels, val_features, val_labels, epochs=args.epochs)
+    print(f"linear probe on {val.name} ({result['feature_dim']}-d features, lr {result['lr']:g}): "
+          f"top-1 {result['top1']:.2f}  top-5 {result['top5']:.2f}")
+    _write_json(args.output, {"linear": result})
+
+
+def _cmd_attention(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    import torch
+
+    from distill.data.datasets import FileImages
+    from distill.eval.attention import attention_figure
+
+    model, view = _model_and_view(args)
+    if args.images:
+        missing = [p for p in args.images if not Path(p).is_file()]
+        if missing:
+            raise DistillError(f"image file(s) not found: {', '.join(missing)}")
+        source = FileImages([str(p) for p in args.images], None, [], "images")
+    else:
+        source = _source(args, args.val_split, args.count)
+    device = torch.device("cuda" if args.device == "cuda" else "cpu")
+    path = attention_figure(model, source, view, min(args.count, len(source)), Path(args.output), device,
+                            args.threshold)
+    print(f"attention maps of {min(args.count, len(source))} image(s): {path}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distill", description="Teach Vision Transformers: DINO, DeiT, DINOv2.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
@@ -47,6 +177,52 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--no-flops", action="store_true", help="skip the FLOP count (faster)")
     models.set_defaults(run=_cmd_models)
 
+    def add_checkpoint_arguments(sub: argparse.ArgumentParser, data_required: bool = True) -> None:
+        sub.add_argument("--checkpoint", required=True, help="any checkpoint `create_backbone` loads, or a run's")
+        sub.add_argument("--backbone", help="registry name (default: the run's, or recognised from the weights)")
+        sub.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="backbone overrides, e.g. depth=4")
+        sub.add_argument("--checkpoint-key", help="network in a training checkpoint: teacher (default), student")
+        sub.add_argument("--data", default="fashion_mnist" if not data_required else None, required=data_required,
+                         help="fashion_mnist, an ImageFolder tree (with train/ and val/), or a labelled file list")
+        sub.add_argument("--train-split", default="train")
+        sub.add_argument("--val-split", default="val", help="sub-folder of --data (Fashion-MNIST: test)")
+        sub.add_argument("--train-limit", type=int, default=0, help="use only the first N training images")
+        sub.add_argument("--val-limit", type=int, default=0)
+        sub.add_argument("--image-size", type=int, default=0, help="default: the run's global crop size")
+        sub.add_argument("--mean", type=float, nargs="+")
+        sub.add_argument("--std", type=float, nargs="+")
+        sub.add_argument("--batch-size", type=int, default=256)
+        sub.add_argument("--num-workers", type=int, default=2)
+        sub.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+        sub.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+        sub.add_argument("--output", help="also write the results as JSON to this file")
+
+    evaluate = commands.add_parser("eval", help="evaluate a backbone: kNN or linear probe")
+    kinds = evaluate.add_subparsers(dest="eval_kind", required=True, metavar="KIND")
+    knn = kinds.add_parser("knn", help="weighted kNN (cosine, T=0.07) for several k at once")
+    add_checkpoint_arguments(knn)
+    knn.add_argument("--k", type=int, nargs="+", default=[10, 20, 100, 200])
+    knn.add_argument("--temperature", type=float, default=0.07)
+    knn.set_defaults(run=_cmd_eval_knn)
+    linear = kinds.add_parser("linear", help="linear probe on frozen class tokens of the last blocks")
+    add_checkpoint_arguments(linear)
+    linear.add_argument("--n-last-blocks", type=int, default=4, help="concatenate the class tokens of these")
+    linear.add_argument("--avgpool", action="store_true", help="also the average of the last block's patch tokens")
+    linear.add_argument("--epochs", type=int, default=30)
+    linear.set_defaults(run=_cmd_eval_linear)
+
+    attention = commands.add_parser("attention", help="class-token self-attention maps of the last block, as PNG")
+    add_checkpoint_arguments(attention, data_required=False)
+    attention.add_argument("--images", nargs="*", help="image files (default: the first --count images of --data)")
+    attention.add_argument("--count", type=int, default=8)
+    attention.add_argument("--threshold", type=float, default=0.6, help="attention mass kept by each head's mask")
+    attention.set_defaults(run=_cmd_attention, output="attention.png")
+
+    train = commands.add_parser("train", help="train with a YAML recipe and key=value overrides (resumes by itself)")
+    train.add_argument("config", nargs="?", help="YAML recipe, e.g. configs/demo/dino_fashion_mnist.yaml")
+    train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=10 data.batch_size=128")
+    train.set_defaults(run=_cmd_train)
+
     baseline = commands.add_parser("baseline", help="kNN baselines on Fashion-MNIST: raw pixels and a random ViT")
     baseline.add_argument("config", nargs="?", help="YAML recipe (e.g. configs/demo/baseline.yaml)")
     baseline.add_argument("overrides", nargs="*", help="key=value overrides, e.g. seeds=[0,1]")
@@ -56,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "baseline" and args.config and "=" in args.config:  # overrides without a recipe
+    if args.command in ("baseline", "train") and args.config and "=" in args.config:  # overrides, no recipe
         args.overrides, args.config = [args.config, *args.overrides], None
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s",

@@ -4,6 +4,7 @@ Validation is OmegaConf's structured-config typing, with its errors rewritten as
 what was wrong, and what is allowed.
 """
 
+import difflib
 from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any, List, Optional, Sequence, Type, TypeVar, Union
@@ -16,22 +17,30 @@ from distill.errors import InputError
 T = TypeVar("T")
 
 
-def _allowed_keys(schema: Type, dotted: str) -> List[str]:
-    """The keys allowed next to `dotted` in the schema (for the error message of an unknown key)."""
+def _allowed_keys(schema: Any, dotted: str) -> List[str]:
+    """The keys allowed next to `dotted` in the schema (for the error message of an unknown key).
+
+    schema is a dataclass or an instance; instances are followed through their values, so a field that
+    holds a subclass of its declared type lists the subclass's keys."""
     node = schema
     for part in dotted.split(".")[:-1]:
         match = {f.name: f for f in fields(node)}.get(part) if is_dataclass(node) else None
-        if match is None or not is_dataclass(match.type):
+        if match is None:
             break
-        node = match.type
+        value = getattr(node, part, None) if not isinstance(node, type) else None
+        node = value if is_dataclass(value) else match.type
+        if not is_dataclass(node):
+            break
     return [f.name for f in fields(node)] if is_dataclass(node) else []
 
 
-def _explain(error: OmegaConfBaseException, schema: Type, source: str) -> InputError:
+def _explain(error: OmegaConfBaseException, schema: Any, source: str) -> InputError:
     key = getattr(error, "full_key", None) or getattr(error, "key", None) or "?"
     if isinstance(error, (ConfigKeyError, ConfigAttributeError)):
-        allowed = ", ".join(_allowed_keys(schema, str(key)))
-        return InputError(f"unknown config key '{key}' in {source}; allowed keys here: {allowed}")
+        allowed = _allowed_keys(schema, str(key))
+        close = difflib.get_close_matches(str(key).split(".")[-1], allowed, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return InputError(f"unknown config key '{key}' in {source}{hint}; allowed keys here: {', '.join(allowed)}")
     if isinstance(error, ValidationError):
         message = str(error).splitlines()[0]
         return InputError(f"config key '{key}' in {source}: {message}")
@@ -39,11 +48,15 @@ def _explain(error: OmegaConfBaseException, schema: Type, source: str) -> InputE
 
 
 def load_config(
-    schema: Type[T],
+    schema: Union[Type[T], T],
     path: Optional[Union[str, Path]] = None,
     overrides: Sequence[str] = (),
 ) -> T:
-    """Merge schema defaults, the YAML file at `path` and `overrides` ("a.b=1"), and return a typed object."""
+    """Merge schema defaults, the YAML file at `path` and `overrides` ("a.b=1"), and return a typed object.
+
+    schema is a dataclass, or an instance of one whose fields may hold subclasses of their declared types
+    (their own keys are then the ones validated).
+    """
     config: DictConfig = OmegaConf.structured(schema)
     if path is not None:
         path = Path(path)

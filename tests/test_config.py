@@ -38,7 +38,8 @@ def test_unknown_key_names_the_key_and_the_allowed_ones(tmp_path):
         load_config(Recipe, None, ["optim.learning_rate=1"])
     path = tmp_path / "r.yaml"
     path.write_text("epoch: 3\n")
-    with pytest.raises(InputError, match=rf"unknown config key 'epoch' in {path}; allowed keys here: name, epochs"):
+    with pytest.raises(InputError, match=rf"unknown config key 'epoch' in {path} \(did you mean 'epochs'\?\); "
+                                         "allowed keys here: name, epochs, optim"):
         load_config(Recipe, path)
 
 

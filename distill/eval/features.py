@@ -33,3 +33,33 @@ def extract_features(
                 outputs.append(encode(preprocess(batch)).float().cpu())
             bar.update(len(batch))
     return torch.cat(outputs)
+
+
+@torch.inference_mode()
+def extract_source_features(
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    source,
+    view,
+    batch_size: int = 256,
+    precision: str = "fp32",
+    device: str = "cpu",
+    num_workers: int = 0,
+    desc: str = "features",
+):
+    """Features [N, D] and labels [N] of an image source (in-memory or files) through an evaluation view."""
+    from distill.data.loader import build_loader
+
+    device = torch.device(device)
+    precision = resolve_precision(precision, device)
+    loader, _ = build_loader(source, view, batch_size, seed=0, num_workers=num_workers, shuffle=False,
+                             drop_last=False)
+    features, labels = [], []
+    with progress(total=len(source), desc=desc, unit="img", leave=False) as bar:
+        for batch in loader:
+            images = batch["crops"][0].to(device, non_blocking=True)
+            with autocast(precision, device):
+                features.append(encode(images).float().cpu())
+            if batch["labels"] is not None:
+                labels.append(batch["labels"])
+            bar.update(len(images))
+    return torch.cat(features), (torch.cat(labels) if labels else None)

@@ -1,0 +1,91 @@
+"""`distill eval knn`, `distill eval linear` and `distill attention` on a trained run and on official layouts."""
+
+import json
+
+import pytest
+import torch
+
+from distill.cli import main
+from distill.engine.checkpointing import LATEST
+from distill.engine.trainer import Trainer
+from distill.eval.attention import class_token_attention, threshold_masks
+from distill.eval.linear import linear_features, linear_probe
+from distill.models import create_backbone
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    from tests.engine.conftest import TINY
+    from distill.engine.train_config import load_train_config
+
+    folder = tmp_path_factory.mktemp("run")
+    Trainer(load_train_config(None, TINY + [f"train.output_dir={folder}", "train.max_steps=4"])).run()
+    return folder
+
+
+def test_knn_on_a_run_rebuilds_its_backbone(trained_run, tmp_path, capsys):
+    out = tmp_path / "knn.json"
+    code = main(["eval", "knn", "--checkpoint", str(trained_run / LATEST), "--data", "fashion_mnist",
+                 "--train-limit", "600", "--val-limit", "200", "--k", "5", "20", "--output", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "training checkpoint -> teacher.backbone" in printed and "16 px views" in printed
+    results = json.loads(out.read_text())["knn"]
+    assert set(results) == {"5", "20"} and 10.0 < results["20"]["top1"] <= 100.0
+
+
+def test_linear_probe_on_an_exported_backbone(trained_run, tmp_path, capsys):
+    dims = ["--set", "depth=2", "embed_dim=32", "num_heads=2", "patch_size=4", "img_size=16", "in_chans=1"]
+    code = main(["eval", "linear", "--checkpoint", str(trained_run / "teacher_backbone.pth"), "--backbone",
+                 "dino_vits16", *dims, "--data", "fashion_mnist", "--train-limit", "600", "--val-limit", "200",
+                 "--n-last-blocks", "2", "--avgpool", "--epochs", "5"])
+    assert code == 0
+    assert "(96-d features" in capsys.readouterr().out  # 2 class tokens + pooled patches, 32 each
+
+
+def test_attention_figure_from_image_files(trained_run, tmp_path, capsys):
+    from PIL import Image
+
+    paths = []
+    for i in range(2):
+        paths.append(tmp_path / f"{i}.png")
+        Image.new("L", (40, 30), 50 * i).save(paths[-1])
+    figure = tmp_path / "attention.png"
+    assert main(["attention", "--checkpoint", str(trained_run / LATEST), "--images", *map(str, paths),
+                 "--output", str(figure)]) == 0
+    assert figure.stat().st_size > 5000 and "attention maps of 2 image(s)" in capsys.readouterr().out
+    assert main(["attention", "--checkpoint", str(trained_run / LATEST), "--images", str(tmp_path / "no.png")]) == 2
+
+
+def test_unknown_architecture_asks_for_a_name(tmp_path, capsys):
+    weights = create_backbone("vit_tiny", depth=3, embed_dim=48, num_heads=3).state_dict()
+    torch.save(weights, tmp_path / "w.pth")
+    assert main(["eval", "knn", "--checkpoint", str(tmp_path / "w.pth"), "--data", "fashion_mnist"]) == 2
+    assert "pass --backbone NAME" in capsys.readouterr().err
+
+
+def test_class_token_attention_skips_registers_and_masks_hold_the_mass():
+    model = create_backbone("vit_tiny", depth=2, img_size=32, patch_size=8, num_register_tokens=3).eval()
+    attention = class_token_attention(model, torch.randn(2, 3, 32, 48))
+    assert attention.shape == (2, 3, 4, 6)
+    full = model.get_last_self_attention(torch.randn(1, 3, 32, 32))
+    assert full.shape[-1] == 1 + 3 + 16
+    masks = threshold_masks(attention, 0.6)
+    flat, kept = attention.flatten(2), masks.flatten(2)
+    share = (flat * kept).sum(-1) / flat.sum(-1)
+    assert (share >= 0.6 - 1e-6).all()
+    # minimal: dropping the weakest kept patch falls below the threshold
+    weakest = torch.where(kept, flat, torch.full_like(flat, float("inf"))).min(-1).values
+    assert (((flat * kept).sum(-1) - weakest) / flat.sum(-1) < 0.6 + 1e-6).all()
+
+
+def test_linear_probe_learns_separable_features_and_features_concatenate_blocks():
+    generator = torch.Generator().manual_seed(0)
+    centers = torch.randn(4, 8, generator=generator) * 3
+    labels = torch.randint(0, 4, (400,), generator=generator)
+    features = centers[labels] + torch.randn(400, 8, generator=generator)
+    result = linear_probe(features[:300], labels[:300], features[300:], labels[300:], epochs=20)
+    assert result["top1"] > 90
+    model = create_backbone("vit_tiny", depth=3, img_size=16, patch_size=4).eval()
+    with torch.no_grad():
+        assert linear_features(model, torch.randn(2, 3, 16, 16), 3, avgpool=True).shape == (2, 4 * 192)
