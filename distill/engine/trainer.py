@@ -152,7 +152,14 @@ class Trainer:
 
     def _resume(self) -> None:
         path = checkpointing.find_resume_checkpoint(self.output_dir, self.config.train.resume)
+        existing = self.output_dir / checkpointing.LATEST
+        if path is None and existing.is_file():
+            raise InputError(
+                f"{self.output_dir} already holds a checkpoint that a fresh run would overwrite: continue it with "
+                "train.resume=auto, or choose another train.output_dir")
         if path is None:
+            if self.is_main and self.metrics.path.exists():  # a fresh run starts its own metrics
+                self.metrics.path.unlink()
             return
         if not path.is_file():
             raise InputError(f"train.resume={self.config.train.resume}: no checkpoint at {path}")

@@ -77,13 +77,17 @@ class Objective(nn.Module):
         raise NotImplementedError
 
     def compile_backbones(self) -> None:
-        """torch.compile every backbone in place (parameter names, hence checkpoints, stay the same)."""
+        """torch.compile every backbone in place (parameter names, hence checkpoints, stay the same).
+
+        Static shapes: one graph per crop resolution (two for DINO). Dynamic shapes send the position-embedding
+        interpolation through a symbolic-size path that PyTorch 2.15's inductor rejects (an internal assert).
+        """
         from distill.models.resnet import ResNetBackbone
         from distill.models.vit import VisionTransformer
 
         for module in self.modules():
             if isinstance(module, (VisionTransformer, ResNetBackbone)):
-                module.compile()
+                module.compile(dynamic=False)
 
 
 def scalar(value: Any) -> float:

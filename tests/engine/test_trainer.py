@@ -208,3 +208,29 @@ def test_signal_checkpoints_and_stops(tiny_config, tmp_path):
     results = trainer.run()
     assert results["steps"] == 6 and read_checkpoint(tmp_path / LATEST)["step"] == 6
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def test_a_fresh_run_never_overwrites_an_existing_checkpoint(tiny_config, tmp_path):
+    Trainer(tiny_config(tmp_path, "train.max_steps=2")).run()
+    before = (tmp_path / LATEST).read_bytes()
+    with pytest.raises(InputError, match="already holds a checkpoint .* train.resume=auto"):
+        Trainer(tiny_config(tmp_path, "train.max_steps=4", "train.resume=never")).run()
+    assert (tmp_path / LATEST).read_bytes() == before
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_runs_and_stays_finite(tiny_config, tmp_path, precision):
+    trainer = Trainer(tiny_config(tmp_path, f"train.precision={precision}", "train.max_steps=3"))
+    results = trainer.run()
+    assert results["steps"] == 3 and (trainer.scaler is not None) == (precision == "fp16")
+    state = read_checkpoint(tmp_path / LATEST)
+    assert all(torch.isfinite(v).all() for v in state["objective"].values() if v.is_floating_point())
+    assert (state["scaler"] is not None) == (precision == "fp16")
+
+
+def test_gradient_accumulation_steps_over_several_batches(tiny_config, tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, "optim.accumulate_steps=2", "train.max_steps=3"))
+    results = trainer.run()
+    assert trainer.steps_per_epoch == 8 and trainer.global_batch == 32 and results["steps"] == 3
+    # the learning rate scales with the accumulated batch: 1e-3 * 32 / 256 at the end of warm-up
+    assert trainer._scaled_lr() == pytest.approx(1e-3 * 32 / 256)
