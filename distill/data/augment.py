@@ -97,7 +97,7 @@ def sample_color_params(
     """Per-sample photometric parameters; ColorJitter's order of the four operations is random per sample."""
     return {
         "jitter": _bernoulli(n, jitter_prob, generator),
-        "order": torch.stack([torch.randperm(4, generator=generator) for _ in range(n)]) if n else torch.zeros(0, 4),
+        "order": torch.rand(n, 4, generator=generator).argsort(dim=1),  # a uniform permutation per sample
         "brightness": _uniform(n, max(0.0, 1 - brightness), 1 + brightness, generator),
         "contrast": _uniform(n, max(0.0, 1 - contrast), 1 + contrast, generator),
         "saturation": _uniform(n, max(0.0, 1 - saturation), 1 + saturation, generator),
@@ -149,6 +149,7 @@ def _hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
 
 
 def _jitter_op(images: torch.Tensor, op: int, params: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """One ColorJitter operation with a per-sample factor; returns a new tensor."""
     if op == 0:  # brightness: blend with black
         return (images * _per_sample(params["brightness"])).clamp_(0, 1)
     if op == 1:  # contrast: blend with the image's mean grey level
@@ -166,19 +167,23 @@ def _jitter_op(images: torch.Tensor, op: int, params: Dict[str, torch.Tensor]) -
 
 
 def color_jitter(images: torch.Tensor, params: Dict[str, torch.Tensor]) -> torch.Tensor:
-    """ColorJitter applied to the samples whose `jitter` flag is set, each in its own random order."""
-    selected = params["jitter"].nonzero().flatten()
-    if not len(selected):
+    """ColorJitter applied to the samples whose `jitter` flag is set, each in its own random order.
+
+    At each of the four positions, each operation runs on the samples whose order puts it there. Grey images
+    skip saturation and hue, which cannot change them.
+    """
+    selected = params["jitter"]
+    if not selected.any():
         return images
-    sub = images[selected]
-    sub_params = {k: params[k][selected] for k in ("brightness", "contrast", "saturation", "hue", "order")}
-    for position in range(4):
-        for op in range(4):
-            rows = (sub_params["order"][:, position] == op).nonzero().flatten()
-            if len(rows):
-                sub[rows] = _jitter_op(sub[rows], op, {k: v[rows] for k, v in sub_params.items()})
+    operations = (0, 1) if images.shape[1] == 1 else (0, 1, 2, 3)
     images = images.clone()
-    images[selected] = sub
+    for position in range(4):
+        chosen = params["order"][:, position]
+        for op in operations:
+            index = (selected & (chosen == op)).nonzero().flatten()
+            if len(index):
+                factors = {k: params[k][index] for k in ("brightness", "contrast", "saturation", "hue")}
+                images[index] = _jitter_op(images[index], op, factors)
     return images
 
 

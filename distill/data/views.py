@@ -85,6 +85,13 @@ class MultiCrop:
             CropSpec(config.local_crops_size, config.local_crops_scale, config.local_blur_prob,
                      config.local_solarize_prob)
         ] * config.local_crops_number
+        # Consecutive crops with the same spec (the local crops) are augmented together, as one batch.
+        self.groups: List[List[int]] = []
+        for index, spec in enumerate(self.specs):
+            if self.groups and self.specs[self.groups[-1][0]] == spec:
+                self.groups[-1].append(index)
+            else:
+                self.groups.append([index])
         mean, std = list(config.mean), list(config.std)
         if len(mean) != channels:
             mean, std = (mean * 3, std * 3) if len(mean) == 1 else ([sum(mean) / 3], [sum(std) / 3])
@@ -109,21 +116,24 @@ class MultiCrop:
         params["flip"] = torch.rand(n, generator=generator) < c.flip_prob
         return params
 
-    def _finish(self, crops: List[torch.Tensor], params: List[Dict[str, torch.Tensor]]) -> List[torch.Tensor]:
-        """Float crops in [0, 1] -> photometric augmentation -> normalised model input."""
-        return [
-            augment.normalize(augment.photometric(crop, p), self.mean, self.std, self.channels)
-            for crop, p in zip(crops, params)
-        ]
+    def _finish(self, crops: torch.Tensor, params: Dict[str, torch.Tensor], count: int) -> List[torch.Tensor]:
+        """Float crops [count * B, C, S, S] in [0, 1] -> photometric augmentation -> `count` normalised batches."""
+        crops = augment.normalize(augment.photometric(crops, params), self.mean, self.std, self.channels)
+        return list(crops.chunk(count))
 
     # ---------------------------------------------------------------- whole batches of in-memory images
 
     def array_batch(self, images: torch.Tensor, generator: Optional[torch.Generator]) -> List[torch.Tensor]:
-        """uint8 images [B, C, H, W] -> crops, geometry by one grid_sample per crop."""
+        """uint8 images [B, C, H, W] -> crops; each group of same-spec crops takes one grid_sample."""
         floats = images.float().div_(255.0)
-        params = [self._params(spec, len(images), images.shape[-2], images.shape[-1], generator) for spec in self.specs]
-        crops = [augment.resized_crops(floats, p["boxes"], p["flip"], spec.size) for spec, p in zip(self.specs, params)]
-        return self._finish(crops, params)
+        outputs: List[torch.Tensor] = []
+        for group in self.groups:
+            spec, count = self.specs[group[0]], len(group)
+            params = self._params(spec, count * len(images), images.shape[-2], images.shape[-1], generator)
+            repeated = floats.repeat(count, 1, 1, 1) if count > 1 else floats
+            crops = augment.resized_crops(repeated, params["boxes"], params["flip"], spec.size)
+            outputs.extend(self._finish(crops, params, count))
+        return outputs
 
     # ---------------------------------------------------------------- image by image (files), then collate
 
@@ -141,9 +151,11 @@ class MultiCrop:
         return {"crops": crops, "params": params}
 
     def collate(self, samples: List[Dict[str, Any]]) -> List[torch.Tensor]:
-        crops = [torch.stack([s["crops"][i] for s in samples]).float().div_(255.0) for i in range(len(self.specs))]
-        params = [
-            {key: torch.cat([s["params"][i][key] for s in samples]) for key in samples[0]["params"][i]}
-            for i in range(len(self.specs))
-        ]
-        return self._finish(crops, params)
+        """Per-image uint8 crops -> batches; photometric augmentation once per group of same-spec crops."""
+        outputs: List[torch.Tensor] = []
+        for group in self.groups:
+            crops = torch.cat([torch.stack([s["crops"][i] for s in samples]) for i in group]).float().div_(255.0)
+            keys = samples[0]["params"][group[0]]
+            params = {key: torch.cat([s["params"][i][key] for i in group for s in samples]) for key in keys}
+            outputs.extend(self._finish(crops, params, len(group)))
+        return outputs

@@ -142,3 +142,17 @@ def test_distributed_ranks_get_disjoint_shares():
         loader, sampler = build_loader(source, views, batch_size=4, seed=0, rank=rank, world_size=2)
         seen.append(torch.cat([b["indices"] for b in _batches(loader, sampler, 0)]))
     assert len(seen[0]) == len(seen[1]) == 24 and not set(seen[0].tolist()) & set(seen[1].tolist())
+
+
+def test_colour_jitter_applies_each_samples_own_order_like_torchvision():
+    images = torch.rand(6, 3, 5, 5)
+    params = augment.sample_color_params(6, 0.7, 0.4, 0.4, 0.3, 0.1, 0.0, 0.0, (0.1, 1.0), 0.0, derived_generator(5))
+    expected = []
+    names = ("brightness", "contrast", "saturation", "hue")
+    for i, image in enumerate(images):
+        if params["jitter"][i]:
+            for op in params["order"][i].tolist():
+                image = getattr(TF, f"adjust_{names[op]}")(image, float(params[names[op]][i]))
+        expected.append(image)
+    assert torch.allclose(augment.color_jitter(images, params), torch.stack(expected), atol=1e-5)
+    assert params["jitter"].any() and not params["jitter"].all()
