@@ -23,28 +23,44 @@ class EpochBatchSampler(Sampler):
     """Batches of indices for one epoch: a permutation of (seed, epoch), split across ranks, from `start`.
 
     Yields (epoch, batch number, indices). drop_last keeps every batch full (and every rank in step).
+
+    With repeats > 1 (DeiT's repeated augmentation) the indices come from timm's RepeatAugSampler: each image
+    `repeats` times in a row, dealt round-robin to the ranks so that each rank augments its own copy, and an
+    epoch as long as the dataset (so it shows about 1 / repeats of the images, each `repeats` times).
     """
 
     def __init__(self, size: int, batch_size: int, seed: int, shuffle: bool = True, rank: int = 0,
-                 world_size: int = 1, drop_last: bool = True) -> None:
+                 world_size: int = 1, drop_last: bool = True, repeats: int = 0) -> None:
         self.size, self.batch_size, self.seed, self.shuffle = size, batch_size, seed, shuffle
-        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
+        self.rank, self.world_size, self.drop_last, self.repeats = rank, world_size, drop_last, repeats
         self.epoch, self.start = 0, 0
+        self._repeat_sampler = None
+        if repeats > 1:
+            from timm.data.distributed_sampler import RepeatAugSampler
+
+            self._repeat_sampler = RepeatAugSampler(range(size), num_replicas=world_size, rank=rank,
+                                                    shuffle=shuffle, num_repeats=repeats)
+            self.per_rank = len(self._repeat_sampler)
+        else:
+            self.per_rank = size // world_size
 
     def __len__(self) -> int:
-        per_rank = self.size // self.world_size
-        full, rest = divmod(per_rank, self.batch_size)
+        full, rest = divmod(self.per_rank, self.batch_size)
         return max(0, full + (0 if self.drop_last or not rest else 1) - self.start)
 
     @property
     def batches_per_epoch(self) -> int:
-        per_rank = self.size // self.world_size
-        return per_rank // self.batch_size if self.drop_last else -(-per_rank // self.batch_size)
+        return self.per_rank // self.batch_size if self.drop_last else -(-self.per_rank // self.batch_size)
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start = epoch, start
 
     def epoch_indices(self, epoch: int) -> torch.Tensor:
+        if self._repeat_sampler is not None:
+            # timm seeds its permutation with the epoch alone: fold the run's seed in (same on every rank).
+            mixed = int(derived_generator(self.seed, epoch).initial_seed())
+            self._repeat_sampler.set_epoch(mixed)
+            return torch.tensor(list(iter(self._repeat_sampler)), dtype=torch.long)
         if self.shuffle:
             order = torch.randperm(self.size, generator=derived_generator(self.seed, epoch))
         else:
@@ -141,10 +157,12 @@ class _Collate:
 
 def build_loader(
     source, views, batch_size: int, seed: int, num_workers: int = 0, rank: int = 0, world_size: int = 1,
-    shuffle: bool = True, drop_last: bool = True,
+    shuffle: bool = True, drop_last: bool = True, repeats: int = 0,
 ) -> Tuple[DataLoader, EpochBatchSampler]:
-    """A DataLoader of batch dicts {"crops", "labels", "indices"} and its sampler (set_epoch before iterating)."""
-    sampler = EpochBatchSampler(len(source), batch_size, seed, shuffle, rank, world_size, drop_last)
+    """A DataLoader of batch dicts {"crops", "labels", "indices"} and its sampler (set_epoch before iterating).
+
+    repeats > 1: DeiT's repeated augmentation (timm's RepeatAugSampler)."""
+    sampler = EpochBatchSampler(len(source), batch_size, seed, shuffle, rank, world_size, drop_last, repeats)
     # Its own generator: a DataLoader iterator otherwise draws its base seed from the global RNG, and a resumed
     # run (which starts an iterator mid-epoch) would see different drop-path noise from then on.
     common = dict(num_workers=num_workers, persistent_workers=False, pin_memory=torch.cuda.is_available(),

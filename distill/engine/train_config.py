@@ -75,6 +75,7 @@ class EvalConfig:
     knn: bool = True  # weighted kNN of the evaluated backbone at the end of training
     knn_at_start: bool = False  # also before training: the randomly initialised (or pretrained) backbone
     knn_every_epochs: float = 0.0
+    classify_every_epochs: float = 1.0  # top-1 / top-5 of classifiers (DeiT) on the validation split (0: only at the end)
     raw_pixels: bool = False  # also kNN on raw pixels (in-memory datasets)
     knn_k: List[int] = field(default_factory=lambda: [10, 20, 100, 200])
     knn_temperature: float = 0.07

@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 BUDGET_WARMUP_STEPS = 3  # first steps pay one-time costs (allocations, compilation): not timed
 BUDGET_PROBE_STEPS = 10  # steps timed to fit the schedule into a time budget
+BUDGET_REFIT_AT = (0.05, 0.15, 0.3, 0.6)  # shares of the budget after which the plan is fitted again to the recent pace
 
 
 class TrainingDiverged(DistillError):
@@ -54,6 +55,8 @@ class Trainer:
         self.stop_reason: Optional[str] = None
         self.results: Dict[str, Any] = {}
         self.losses: List[float] = []
+        self.monitor = None
+        self.validation = None
 
     # ------------------------------------------------------------------------------------------- set-up
 
@@ -84,13 +87,13 @@ class Trainer:
         self.source = build_image_source(c.data.dataset)
         if self.source.unreadable and self.is_main:
             (self.output_dir / "unreadable_images.txt").write_text("\n".join(self.source.unreadable) + "\n")
-        self.objective: Objective = build_objective(c, self._make_backbone).to(self.device)
+        self.objective: Objective = build_objective(c, self._make_backbone, self.source).to(self.device)
         backbone = self.objective.eval_backbone()
         self.channels = backbone.config["in_chans"]
         views = self.objective.views(self.channels)
         self.loader, self.sampler = build_loader(
             self.source, views, c.data.batch_size, c.train.seed, c.data.num_workers,
-            distributed.rank(), distributed.world_size())
+            distributed.rank(), distributed.world_size(), repeats=self.objective.sampler_repeats())
         self.steps_per_epoch = self.sampler.batches_per_epoch // c.optim.accumulate_steps
         if self.steps_per_epoch < 1:
             raise InputError(
@@ -103,7 +106,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
         if c.train.compile:
             self.objective.compile_backbones()
-        self._plan(math.ceil(c.train.epochs * self.steps_per_epoch))
+        self.configured_steps = math.ceil(c.train.epochs * self.steps_per_epoch)
+        self._plan(self.configured_steps)
         self.metrics = MetricsWriter(self.output_dir, enabled=self.is_main)
 
     def _scaled_lr(self) -> float:
@@ -180,7 +184,7 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.train_seconds = state["step"], state["train_seconds"]
         self._plan(state["total_steps"])
-        self.budget_planned = True  # a budgeted run keeps the plan it made when it started
+        self.budget_fits = len(BUDGET_REFIT_AT) + 1  # a budgeted run keeps the plan it made when it started
         checkpointing.set_rng_state(state["rng"])
         logger.info("resumed from %s at step %d of %d (epoch %.2f)", path, self.step, self.total_steps,
                     self.step / self.steps_per_epoch)
@@ -267,18 +271,28 @@ class Trainer:
         logged["grad_norm"] = grad_norm
         return logged
 
-    def _maybe_fit_budget(self, timed_steps: int, timed_seconds: float) -> None:
-        """Once the probe steps are timed, shorten the plan so that it ends within train.time_limit_minutes."""
+    def _maybe_fit_budget(self) -> None:
+        """Fit the plan to train.time_limit_minutes at the pace of the steps timed since the last fit.
+
+        The first fit comes after BUDGET_PROBE_STEPS timed steps; early steps are often slower (workers and
+        caches warming up), so the plan is fitted again after each share of the budget in BUDGET_REFIT_AT,
+        and may grow back up to the configured epochs. A resumed run keeps the plan it made when it started.
+        """
         limit = self.config.train.time_limit_minutes * 60
-        if limit <= 0 or self.budget_planned or timed_steps < BUDGET_PROBE_STEPS:
+        window_steps, window_seconds = self.budget_window
+        if limit <= 0 or self.budget_fits > len(BUDGET_REFIT_AT) or window_steps < BUDGET_PROBE_STEPS:
             return
-        self.budget_planned = True
-        per_step = timed_seconds / timed_steps
+        if self.budget_fits and self.train_seconds < BUDGET_REFIT_AT[self.budget_fits - 1] * limit:
+            return
+        self.budget_fits += 1
+        self.budget_window = [0, 0.0]
+        per_step = window_seconds / window_steps
         fits = self.step + int((limit - self.train_seconds) / per_step)
-        if fits < self.total_steps:
-            logger.info("time budget %.1f min at %.2f s/step: %d steps instead of %d (%.2f epochs)",
-                        limit / 60, per_step, fits, self.total_steps, fits / self.steps_per_epoch)
-            self._plan(max(fits, self.step + 1))
+        planned = min(max(fits, self.step + 1), self.configured_steps)
+        if planned != self.total_steps:
+            logger.info("time budget %.1f min at %.3f s/step: %d steps instead of %d (%.2f epochs)",
+                        limit / 60, per_step, planned, self.total_steps, planned / self.steps_per_epoch)
+            self._plan(planned)
 
     def _write_loss_curve(self) -> None:
         if self.is_main:
@@ -287,14 +301,13 @@ class Trainer:
 
     def train(self) -> None:
         c = self.config
-        self.budget_planned = c.train.time_limit_minutes <= 0
+        self.budget_fits, self.budget_window = 0, [0, 0.0]
         self.skipped_in_a_row = self.skipped_total = 0
         self._resume()
         self._install_signal_handlers()
         self.last_save_time = time.monotonic()
         limit = c.train.time_limit_minutes * 60
         max_steps = c.train.max_steps or None
-        timed_steps, timed_seconds = 0, 0.0
         data = None
         start_step = self.step
         bar = progress(total=self.total_steps, initial=self.step, desc=f"{c.objective.name}", unit="step",
@@ -312,7 +325,8 @@ class Trainer:
             seconds = time.perf_counter() - tick
             self.train_seconds += seconds
             if self.step - start_step >= BUDGET_WARMUP_STEPS:
-                timed_steps, timed_seconds = timed_steps + 1, timed_seconds + seconds
+                self.budget_window[0] += 1
+                self.budget_window[1] += seconds
             self.step += 1
             rate = self.global_batch / seconds
             smoothed_rate = rate if smoothed_rate is None else 0.9 * smoothed_rate + 0.1 * rate
@@ -327,7 +341,7 @@ class Trainer:
                         "train_seconds": round(self.train_seconds, 2)})
             bar.total = self.total_steps
             bar.update(1)
-            self._maybe_fit_budget(timed_steps, timed_seconds)
+            self._maybe_fit_budget()
             if self.step % self.steps_per_epoch == 0:
                 data = None
                 self._end_of_epoch(self.step // self.steps_per_epoch)
@@ -354,12 +368,41 @@ class Trainer:
     def _end_of_epoch(self, epoch: int) -> None:
         every = self.config.train.save_every_epochs
         self.save_checkpoint(keep_epoch=epoch if every and epoch % every == 0 else None)
+        classify_every = self.config.eval.classify_every_epochs
+        if self.validation is not None and classify_every and epoch % classify_every == 0:
+            networks = self.objective.classifiers()
+            row = {"step": self.step, "epoch": epoch}
+            for name in [n for n in networks if n != "teacher"]:
+                result = self._classify(networks[name], name)
+                row.update({f"{name}_val_top1": round(result["top1"], 3), f"{name}_val_top5": round(result["top5"], 3),
+                            f"{name}_val_loss": round(result["loss"], 4)})
+            self.metrics.write(row)
         knn_every = self.config.eval.knn_every_epochs
         if knn_every and epoch % knn_every == 0 and self.monitor is not None and self.step < self.total_steps:
             result = self.monitor.evaluate(self.objective.eval_backbone())
             self.metrics.write({"step": self.step, "epoch": epoch, **_flatten_knn(result)})
 
     # ------------------------------------------------------------------------------------------- evaluation
+
+    def _build_validation(self):
+        """The labelled validation images and their view, for objectives with classifiers (DeiT)."""
+        import dataclasses
+
+        e = self.config.eval
+        if not self.objective.classifiers() or not self.is_main:
+            return None
+        dataset = dataclasses.replace(e.dataset or self.config.data.dataset, limit=e.val_limit)
+        source = build_image_source(dataset, e.val_split)
+        view = self.objective.eval_view(self.channels)
+        return source, view
+
+    def _classify(self, network: torch.nn.Module, name: str) -> Dict[str, float]:
+        from distill.eval.classify import evaluate_classifier
+
+        source, view = self.validation
+        e = self.config.eval
+        return evaluate_classifier(network, source, view, e.batch_size, self.precision, str(self.device),
+                                   self.config.data.num_workers, desc=f"{name} validation")
 
     def _build_monitor(self):
         e, c = self.config.eval, self.config
@@ -368,7 +411,7 @@ class Trainer:
         from distill.eval.monitor import KnnMonitor
 
         views_config = getattr(c.objective, "views", None)
-        size = e.image_size or (views_config.global_crops_size if views_config else 224)
+        size = e.image_size or getattr(views_config, "global_crops_size", None) or getattr(views_config, "input_size", 224)
         mean = views_config.mean if views_config else [0.485, 0.456, 0.406]
         std = views_config.std if views_config else [0.229, 0.224, 0.225]
         dataset = e.dataset or c.data.dataset
@@ -381,6 +424,7 @@ class Trainer:
         self._setup()
         e = self.config.eval
         self.monitor = self._build_monitor()
+        self.validation = self._build_validation()
         try:
             fresh = checkpointing.find_resume_checkpoint(self.output_dir, self.config.train.resume) is None
             if self.monitor is not None and e.raw_pixels:
@@ -392,6 +436,9 @@ class Trainer:
             self.train()
             if self.is_main:
                 self.results["exported"] = [str(p) for p in self.objective.export(self.output_dir)]
+                if self.validation is not None:
+                    self.results["val"] = {name: self._classify(network, name)
+                                           for name, network in self.objective.classifiers().items()}
                 if self.monitor is not None and e.knn:
                     self.results["knn_end"] = self.monitor.evaluate(self.objective.eval_backbone())
                 if e.attention_images:

@@ -159,11 +159,23 @@ def _perfect_square(n: int) -> Optional[int]:
     return root if root * root == n else None
 
 
-def adapt_to_model(state: StateDict, model: torch.nn.Module) -> Tuple[StateDict, List[str]]:
-    """Convert a recognised foreign layout to the model's names; returns the new dict and what was changed."""
+HEAD_PREFIXES = ("head.", "head_dist.")
+
+
+def adapt_to_model(state: StateDict, model: torch.nn.Module, new_heads: bool = False) -> Tuple[StateDict, List[str]]:
+    """Convert a recognised foreign layout to the model's names; returns the new dict and what was changed.
+
+    new_heads: keep the model's own (freshly initialised) classifier heads instead of the file's, as when
+    fine-tuning on a dataset with other classes.
+    """
     state = dict(state)
     notes: List[str] = []
     own = model.state_dict()
+    if new_heads:
+        dropped = [k for k in state if k.startswith(HEAD_PREFIXES)]
+        state = {k: v for k, v in state.items() if not k.startswith(HEAD_PREFIXES)}
+        state.update({k: v.clone() for k, v in own.items() if k.startswith(HEAD_PREFIXES)})
+        notes.append(f"new classifier heads ({len(dropped)} tensors of the file left out)")
     n_pos = getattr(model, "num_pos_prefix_tokens", 1)
 
     if "reg_token" in state:  # timm: registers as reg_token, and no position embedding on the class token
@@ -184,6 +196,15 @@ def adapt_to_model(state: StateDict, model: torch.nn.Module) -> Tuple[StateDict,
     if "mask_token" in own and "mask_token" not in state:
         state["mask_token"] = own["mask_token"].clone()
         notes.append("kept the model's initial mask token (the file has none; it only matters for masked training)")
+
+    pos = state.get("pos_embed")
+    if "dist_token" in own and "dist_token" not in state and "cls_token" in state and pos is not None:
+        # A plain ViT (DINO, DINOv2, DeiT) starts a distilled student: the distillation token and its position
+        # embedding start as copies of the class token's.
+        state["dist_token"] = state["cls_token"].clone()
+        if _perfect_square(pos.shape[1] - 1) is not None:
+            state["pos_embed"] = torch.cat([pos[:, :1], pos[:, :1], pos[:, 1:]], dim=1)
+        notes.append("added a distillation token (copied from the class token)")
 
     proj = state.get("patch_embed.proj.weight")
     own_proj = own.get("patch_embed.proj.weight")
@@ -325,12 +346,13 @@ def load_pretrained(
     checkpoint: Union[str, Path, Dict[str, Any]],
     checkpoint_key: Optional[str] = None,
     label: Optional[str] = None,
+    new_heads: bool = False,
 ) -> LoadReport:
     """Load a checkpoint file (or an already loaded checkpoint dict) into `model`, strictly, after conversion."""
     label = label or (str(checkpoint) if isinstance(checkpoint, (str, Path)) else "the given state dict")
     obj = read_checkpoint(checkpoint) if isinstance(checkpoint, (str, Path)) else checkpoint
     state, where = extract_state_dict(obj, checkpoint_key)
-    state, notes = adapt_to_model(state, model)
+    state, notes = adapt_to_model(state, model, new_heads)
     problem = mismatch_report(state, model, f"{label} ({where})")
     if problem:
         raise CheckpointError(problem)

@@ -3,11 +3,12 @@
 from typing import Callable, Dict, Tuple, Type
 
 from distill.errors import InputError
-from distill.objectives import dino
+from distill.objectives import deit, dino
 from distill.objectives.base import Objective, ObjectiveConfig, StepInfo
 
 OBJECTIVES: Dict[str, Tuple[Type[ObjectiveConfig], Callable]] = {
     "dino": (dino.DINOConfig, dino.build),
+    "deit": (deit.DeiTConfig, deit.build),
 }
 
 
@@ -17,8 +18,9 @@ def objective_config_class(name: str) -> Type[ObjectiveConfig]:
     return OBJECTIVES[name][0]
 
 
-def build_objective(config, make_backbone) -> Objective:
-    return OBJECTIVES[config.objective.name][1](config, make_backbone)
+def build_objective(config, make_backbone, source=None) -> Objective:
+    """The configured objective; `source` (the training images) tells it what it needs of the data (classes)."""
+    return OBJECTIVES[config.objective.name][1](config, make_backbone, source)
 
 
 __all__ = ["OBJECTIVES", "Objective", "ObjectiveConfig", "StepInfo", "build_objective", "objective_config_class"]

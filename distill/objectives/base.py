@@ -43,6 +43,18 @@ class Objective(nn.Module):
         """The training views the loader makes for this objective."""
         raise NotImplementedError
 
+    def eval_view(self, channels: int):
+        """The evaluation view of classifiers(), or None (the kNN monitor's own view)."""
+        return None
+
+    def sampler_repeats(self) -> int:
+        """Repeated augmentation: each image this many times per batch (0: off)."""
+        return 0
+
+    def classifiers(self) -> Dict[str, nn.Module]:
+        """Networks that map images to class logits, evaluated (top-1 / top-5) every epoch and at the end."""
+        return {}
+
     def trainable_module(self) -> nn.Module:
         """The network the optimizer updates (and DDP wraps)."""
         raise NotImplementedError

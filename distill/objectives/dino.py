@@ -136,6 +136,6 @@ class DINOObjective(Objective):
         return [path]
 
 
-def build(config, make_backbone) -> DINOObjective:
+def build(config, make_backbone, source=None) -> DINOObjective:
     """make_backbone(role) builds the configured backbone; the teacher's has no stochastic depth."""
     return DINOObjective(config.objective, make_backbone("student"), make_backbone("teacher"))

@@ -234,3 +234,34 @@ def test_gradient_accumulation_steps_over_several_batches(tiny_config, tmp_path)
     assert trainer.steps_per_epoch == 8 and trainer.global_batch == 32 and results["steps"] == 3
     # the learning rate scales with the accumulated batch: 1e-3 * 32 / 256 at the end of warm-up
     assert trainer._scaled_lr() == pytest.approx(1e-3 * 32 / 256)
+
+
+def test_time_budget_is_fitted_again_to_the_recent_pace(tiny_config, tmp_path):
+    """The first fit sees slow early steps; later fits follow the faster pace, never past the configured epochs."""
+    trainer = Trainer(tiny_config(tmp_path, "train.time_limit_minutes=1", "train.epochs=100"))
+    trainer._setup()
+    assert trainer.configured_steps == trainer.total_steps == 1600
+    trainer.budget_fits, trainer.budget_window = 0, [0, 0.0]
+
+    def run_for(steps, seconds_per_step):
+        for _ in range(steps):
+            trainer.step += 1
+            trainer.train_seconds += seconds_per_step
+            trainer.budget_window[0] += 1
+            trainer.budget_window[1] += seconds_per_step
+            trainer._maybe_fit_budget()
+
+    run_for(10, 0.5)  # probe: 5 s spent at 0.5 s/step, 55 s left -> 110 more steps
+    assert trainer.total_steps == 120 and trainer.budget_fits == 1
+    run_for(10, 0.001)  # past 5% of the budget: this fast a pace would pass the configured 100 epochs, which cap it
+    assert trainer.budget_fits == 2 and trainer.total_steps == trainer.configured_steps
+    assert len(trainer.lr_schedule) == trainer.total_steps
+    run_for(10, 0.5)  # past 15%: slower again, the plan shrinks to 30 + 49.99 / 0.5 steps
+    assert trainer.budget_fits == 3 and abs(trainer.total_steps - 129) <= 1
+    run_for(20, 0.5)  # past 30% at step 46 (18.01 s): 46 + 41.99 / 0.5 steps
+    assert trainer.budget_fits == 4 and abs(trainer.total_steps - 129) <= 1
+    run_for(40, 0.5)  # past 60% at step 82 (36.01 s): 82 + 23.99 / 0.5 steps
+    assert trainer.budget_fits == 5 and abs(trainer.total_steps - 129) <= 1
+    planned = trainer.total_steps
+    run_for(20, 0.01)  # no fits after the last share
+    assert trainer.budget_fits == 5 and trainer.total_steps == planned
