@@ -49,6 +49,8 @@ class OptimConfig:
     clip_mode: str = "per_param"  # per_param (DINO: each tensor's norm) | global (one norm over all)
     accumulate_steps: int = 1
     exclude_tokens_from_wd: bool = False  # also spare position embedding and tokens (timm); DINO decays them
+    layer_decay: float = 1.0  # layer-wise lr decay (DINOv2 0.9): block i gets decay ** (depth - i)
+    patch_embed_lr_mult: float = 1.0  # DINOv2: 0.2
 
 
 @dataclass
@@ -119,6 +121,7 @@ class TrainConfig:
         nonnegative = {"optim.lr": o.lr, "optim.min_lr": o.min_lr, "optim.warmup_epochs": o.warmup_epochs,
                        "optim.weight_decay": o.weight_decay, "optim.clip_grad": o.clip_grad,
                        "train.time_limit_minutes": t.time_limit_minutes, "train.max_steps": t.max_steps,
+                       "optim.layer_decay": o.layer_decay, "optim.patch_embed_lr_mult": o.patch_embed_lr_mult,
                        "data.num_workers": self.data.num_workers}
         for key, value in nonnegative.items():
             if value < 0:

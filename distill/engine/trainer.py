@@ -101,7 +101,8 @@ class Trainer:
                 f"images but {self.source.name} has {len(self.source)}: lower data.batch_size or optim.accumulate_steps")
         self.global_batch = c.data.batch_size * c.optim.accumulate_steps * distributed.world_size()
 
-        groups = param_groups(self.objective.trainable_module(), exclude_tokens=c.optim.exclude_tokens_from_wd)
+        groups = param_groups(self.objective.trainable_module(), exclude_tokens=c.optim.exclude_tokens_from_wd,
+                              layer_decay=c.optim.layer_decay, patch_embed_lr_mult=c.optim.patch_embed_lr_mult)
         self.optimizer = build_optimizer(c.optim.name, groups, c.optim.betas, c.optim.momentum)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
         if c.train.compile:

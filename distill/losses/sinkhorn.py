@@ -12,8 +12,13 @@ def sinkhorn_knopp(teacher_output: torch.Tensor, teacher_temp: float, iterations
 
     Q = exp(t / tau)^T normalised to total 1, then `iterations` times: rows (prototypes) to 1/K, columns
     (samples) to 1/B, where B is the batch over all ranks; finally times B so that columns sum to 1.
+    The largest logit over all ranks is subtracted before exp (the normalisation to total 1 cancels it), so
+    large logits or a small tau give the same targets instead of inf / NaN.
     """
-    q = torch.exp(teacher_output.float() / teacher_temp).t()
+    logits = teacher_output.float() / teacher_temp
+    top = logits.max() if logits.numel() else logits.new_tensor(float("-inf"))
+    top = distributed.all_reduce_max(top.detach().clone())
+    q = torch.exp(logits - top).t()
     num_prototypes = q.shape[0]
     batch = torch.tensor(float(q.shape[1]), device=q.device)
     batch = distributed.all_reduce_sum(batch)

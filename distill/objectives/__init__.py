@@ -3,12 +3,13 @@
 from typing import Callable, Dict, Tuple, Type
 
 from distill.errors import InputError
-from distill.objectives import deit, dino
+from distill.objectives import deit, dino, dinov2
 from distill.objectives.base import Objective, ObjectiveConfig, StepInfo
 
 OBJECTIVES: Dict[str, Tuple[Type[ObjectiveConfig], Callable]] = {
     "dino": (dino.DINOConfig, dino.build),
     "deit": (deit.DeiTConfig, deit.build),
+    "dinov2": (dinov2.DINOv2Config, dinov2.build),
 }
 
 

@@ -7,7 +7,7 @@ optimizer step. Adding a paradigm is one file here and one recipe.
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 import torch
 from torch import nn
@@ -34,7 +34,37 @@ class StepInfo:
 
 class Objective(nn.Module):
     """Subclasses implement the methods below; `forward(batch, info)` returns {"loss": tensor, ...} where the
-    other entries are floats or 0-d tensors to log."""
+    other entries are floats or 0-d tensors to log.
+
+    `frozen` names submodules that never train (a teacher loaded from a file): they stay in eval mode and are
+    left out of checkpoints, which hold only what training changes; loading a checkpoint keeps their weights.
+    """
+
+    frozen: Tuple[str, ...] = ()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for name in self.frozen:
+            module = getattr(self, name, None)
+            if module is not None:
+                module.eval()
+        return self
+
+    def state_dict(self, *args, **kwargs):
+        state = super().state_dict(*args, **kwargs)
+        prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
+        for name in self.frozen:
+            for key in [k for k in state if k.startswith(f"{prefix}{name}.")]:
+                del state[key]
+        return state
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        state = dict(state_dict)
+        for name in self.frozen:
+            module = getattr(self, name, None)
+            if module is not None:
+                state.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
+        return super().load_state_dict(state, strict, assign)
 
     def plan(self, total_steps: int, steps_per_epoch: int, epochs: float) -> None:
         """(Re)build the objective's own schedules for a run of total_steps optimizer steps."""

@@ -102,6 +102,8 @@ class Renormalize(nn.Module):
 
 
 class DeiTObjective(Objective):
+    frozen = ("teacher",)  # eval mode, out of checkpoints: rebuilt from its file
+
     def __init__(self, config: DeiTConfig, student: nn.Module, teacher: Optional[nn.Module], num_classes: int,
                  seed: int = 0) -> None:
         super().__init__()
@@ -133,25 +135,6 @@ class DeiTObjective(Objective):
             chans = teacher.config["in_chans"]
             self.renormalize = Renormalize(mean, std, t.mean or _spread(mean, chans), t.std or _spread(std, chans),
                                            chans, t.img_size)
-
-    # The frozen teacher stays in eval mode and out of checkpoints (it is rebuilt from its file).
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self.teacher is not None:
-            self.teacher.eval()
-        return self
-
-    def state_dict(self, *args, **kwargs):
-        state = super().state_dict(*args, **kwargs)
-        for key in [k for k in state if k.startswith("teacher.")]:
-            del state[key]
-        return state
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        state = dict(state_dict)
-        if self.teacher is not None:
-            state.update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
-        return super().load_state_dict(state, strict, assign)
 
     def views(self, channels: int) -> ClassificationViews:
         return ClassificationViews(self.config.views, channels)

@@ -112,7 +112,8 @@ def test_the_teacher_sees_renormalised_images(teacher_file, tmp_path):
 
 
 def test_resume_gives_the_uninterrupted_run_with_mixup_and_randaugment(teacher_file, tmp_path):
-    extra = (*distilled(teacher_file, "soft"), "train.checkpoint_every_minutes=0")
+    extra = (*distilled(teacher_file, "soft"), "train.checkpoint_every_minutes=0", "objective.model_ema=true",
+             "objective.model_ema_decay=0.9")
     Trainer(deit_config(tmp_path / "once", "train.max_steps=10", *extra)).run()
     Trainer(deit_config(tmp_path / "twice", "train.max_steps=5", *extra)).run()
     Trainer(deit_config(tmp_path / "twice", "train.max_steps=10", *extra)).run()
@@ -121,7 +122,12 @@ def test_resume_gives_the_uninterrupted_run_with_mixup_and_randaugment(teacher_f
     once, twice = losses(tmp_path / "once"), losses(tmp_path / "twice")
     assert len(once) == 10 and once == twice
     results = json.loads((tmp_path / "once" / "results.json").read_text())
-    assert set(results["val"]) == {"student", "teacher"}
+    assert set(results["val"]) == {"student", "student_ema", "teacher"}
+    ema = lambda folder: torch.load(folder / "checkpoint.pth", weights_only=False)["objective"]  # noqa: E731
+    once_ema, twice_ema = ema(tmp_path / "once"), ema(tmp_path / "twice")
+    ema_keys = [k for k in once_ema if k.startswith("student_ema.")]
+    assert ema_keys and all(torch.allclose(once_ema[k], twice_ema[k], atol=1e-6) for k in ema_keys)
+    assert not torch.equal(once_ema["student_ema.module.head.weight"], once_ema["student.head.weight"])
     assert 0 <= results["val"]["student"]["top1"] <= results["val"]["student"]["top5"] <= 100
     epoch_rows = [r for r in rows(tmp_path / "once") if "student_val_top1" in r]
     assert [r["epoch"] for r in epoch_rows] == [1]  # 8 steps an epoch: one full epoch within 10 steps

@@ -1,0 +1,291 @@
+"""DINOv2 (Oquab et al. 2023): DINO on class tokens + iBOT on masked patch tokens + KoLeo on the student's class
+tokens, with an EMA teacher; and the paper's distillation recipe, where a frozen, already trained (larger)
+ViT teaches a smaller student.
+
+Self-distillation: half of the global images are block-masked for the student (ratios spread over
+mask_ratio); the teacher sees them whole; iBOT compares both at the masked tokens.
+Distillation (objective.distillation.enabled): the teacher is a checkpoint, frozen; as the paper describes,
+masking and stochastic depth are removed, iBOT runs on every patch token of the global crops, and an EMA of
+the student is kept and is the network evaluated and exported.
+"""
+
+import copy
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch import nn
+
+from distill.data.loader import derived_generator
+from distill.data.masking import batch_masks, mask_weights
+from distill.data.views import MultiCrop, MultiCropConfig
+from distill.engine.ema import ema_update
+from distill.engine.schedules import cosine_schedule, epochs_to_steps, warmup_then_constant
+from distill.errors import InputError
+from distill.losses.dino import DINOLoss
+from distill.losses.ibot import IBOTPatchLoss
+from distill.losses.koleo import KoLeoLoss
+from distill.models.heads import DINOHead
+from distill.objectives.base import Objective, ObjectiveConfig, StepInfo
+
+logger = logging.getLogger(__name__)
+
+
+def _dinov2_views() -> MultiCropConfig:
+    return MultiCropConfig(global_crops_scale=[0.32, 1.0], local_crops_scale=[0.05, 0.32])
+
+
+@dataclass
+class DistillationConfig:
+    enabled: bool = False
+    teacher_backbone: str = "dinov2_vitg14"  # registered name of the frozen teacher
+    teacher_overrides: Dict[str, Any] = field(default_factory=dict)
+    teacher_checkpoint: Optional[str] = None  # a DINOv2 teacher_checkpoint.pth, a distill run, or a backbone file
+    student_ema_momentum: float = 0.999  # the spare EMA of the student, evaluated and exported
+
+
+@dataclass
+class DINOv2Config(ObjectiveConfig):
+    name: str = "dinov2"
+    out_dim: int = 65536  # DINO head prototypes
+    ibot_out_dim: int = 65536  # iBOT head prototypes (the DINO head's when shared)
+    separate_heads: bool = False  # DINOv2's large configs: separate iBOT head (131072 prototypes, bottleneck 384)
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    ibot_bottleneck_dim: int = 256
+    head_layers: int = 3
+    dino_loss_weight: float = 1.0
+    ibot_loss_weight: float = 1.0
+    koleo_loss_weight: float = 0.1
+    student_temp: float = 0.1
+    warmup_teacher_temp: float = 0.04
+    teacher_temp: float = 0.07
+    warmup_teacher_temp_epochs: float = 30.0
+    centering: str = "center"  # center | sinkhorn_knopp
+    center_momentum: float = 0.9
+    momentum_teacher: float = 0.992
+    momentum_teacher_end: float = 1.0
+    freeze_last_layer_epochs: float = 1.0
+    mask_ratio: List[float] = field(default_factory=lambda: [0.1, 0.5])
+    mask_probability: float = 0.5
+    max_mask_ratio: float = 0.5  # largest share of an image one mask block may cover
+    distillation: DistillationConfig = field(default_factory=DistillationConfig)
+    views: MultiCropConfig = field(default_factory=_dinov2_views)
+
+    def validate(self) -> None:
+        self.views.validate()
+        if min(self.out_dim, self.ibot_out_dim, self.hidden_dim, self.bottleneck_dim, self.head_layers) < 1:
+            raise InputError("objective: head sizes must be positive")
+        if not self.separate_heads and self.ibot_out_dim != self.out_dim:
+            raise InputError("objective.ibot_out_dim differs from out_dim but the heads are shared: set "
+                             "objective.separate_heads=true or make them equal")
+        if not 0 <= self.momentum_teacher <= self.momentum_teacher_end <= 1:
+            raise InputError("objective: need 0 <= momentum_teacher <= momentum_teacher_end <= 1")
+        if min(self.student_temp, self.teacher_temp, self.warmup_teacher_temp) <= 0:
+            raise InputError("objective: temperatures must be positive")
+        if self.centering not in ("center", "sinkhorn_knopp"):
+            raise InputError(f"objective.centering {self.centering!r}: choose center or sinkhorn_knopp")
+        low, high = self.mask_ratio
+        if not 0 <= low <= high <= 1 or not 0 <= self.mask_probability <= 1 or not 0 < self.max_mask_ratio <= 1:
+            raise InputError("objective: mask_ratio [low, high] within [0, 1], mask_probability and max_mask_ratio "
+                             "in [0, 1]")
+        if min(self.dino_loss_weight, self.ibot_loss_weight, self.koleo_loss_weight) < 0:
+            raise InputError("objective: loss weights must be >= 0")
+        if self.views.global_crops_number != 2:
+            raise InputError("DINOv2 uses exactly 2 global crops (views.global_crops_number=2)")
+
+
+class DINOv2Network(nn.Module):
+    """Backbone with a DINO head on class tokens and an iBOT head on patch tokens (the same module if shared)."""
+
+    def __init__(self, backbone: nn.Module, config: DINOv2Config, norm_last_layer: bool = True) -> None:
+        super().__init__()
+        c, dim = config, backbone.embed_dim
+        self.backbone = backbone
+        self.dino_head = DINOHead(dim, c.out_dim, c.hidden_dim, c.bottleneck_dim, c.head_layers,
+                                  norm_last_layer=norm_last_layer)
+        self.ibot_head = (DINOHead(dim, c.ibot_out_dim, c.hidden_dim, c.ibot_bottleneck_dim, c.head_layers,
+                                   norm_last_layer=norm_last_layer) if c.separate_heads else None)
+
+    def patch_head(self) -> nn.Module:
+        return self.ibot_head if self.ibot_head is not None else self.dino_head
+
+
+class DINOv2Objective(Objective):
+    def __init__(self, config: DINOv2Config, student_backbone: nn.Module, teacher_backbone: nn.Module,
+                 seed: int = 0, teacher_state: Optional[Dict[str, torch.Tensor]] = None) -> None:
+        super().__init__()
+        self.config, self.seed = config, seed
+        self.distilling = config.distillation.enabled
+        # Distilling, the teacher is frozen: eval mode, out of checkpoints (rebuilt from its file).
+        self.frozen = ("teacher",) if self.distilling else ()
+        if getattr(student_backbone, "mask_token", None) is None and not self.distilling:
+            raise InputError("DINOv2 masks patches: the backbone needs a mask token (mask_token=True)")
+        self.student = DINOv2Network(student_backbone, config)
+        self.teacher = DINOv2Network(teacher_backbone, config)
+        if self.distilling:
+            self._load_frozen_teacher(teacher_state)
+            self.student_ema = copy.deepcopy(self.student)
+            for param in self.student_ema.parameters():
+                param.requires_grad = False
+        else:
+            self.teacher.load_state_dict(self.student.state_dict())
+            self.student_ema = None
+        for param in self.teacher.parameters():
+            param.requires_grad = False
+        self.dino_loss = DINOLoss(config.out_dim, 2, config.student_temp, config.center_momentum, config.centering)
+        self.ibot_loss = IBOTPatchLoss(config.ibot_out_dim, config.student_temp, config.center_momentum,
+                                       config.centering)
+        self.koleo_loss = KoLeoLoss()
+        self.plan(1, 1, 1.0)
+
+    def _load_frozen_teacher(self, teacher_state: Optional[Dict[str, torch.Tensor]]) -> None:
+        if teacher_state is None:
+            return
+        heads = {k: v for k, v in teacher_state.items() if not k.startswith("backbone.")}
+        own = self.teacher.state_dict()
+        fits = [k in heads and heads[k].shape == v.shape for k, v in own.items() if not k.startswith("backbone.")]
+        if heads and all(fits):
+            self.teacher.load_state_dict(teacher_state, strict=True)
+            return
+        logger.warning("the teacher checkpoint has no DINO/iBOT heads of this shape: the frozen teacher uses freshly "
+                       "initialised heads (a random projection of its features)")
+        self.teacher.backbone.load_state_dict({k[len("backbone."):]: v for k, v in teacher_state.items()
+                                               if k.startswith("backbone.")}, strict=True)
+
+    def plan(self, total_steps: int, steps_per_epoch: int, epochs: float) -> None:
+        c = self.config
+        warmup = epochs_to_steps(c.warmup_teacher_temp_epochs, epochs, total_steps)
+        self.teacher_temp_schedule = warmup_then_constant(c.warmup_teacher_temp, c.teacher_temp, warmup, total_steps)
+        momentum_end = c.momentum_teacher_end
+        self.momentum_schedule = cosine_schedule(c.momentum_teacher, momentum_end, total_steps)
+        self.freeze_last_layer_steps = epochs_to_steps(c.freeze_last_layer_epochs, epochs, total_steps)
+
+    def views(self, channels: int) -> MultiCrop:
+        return MultiCrop(self.config.views, channels)
+
+    def trainable_module(self) -> nn.Module:
+        return self.student
+
+    def eval_backbone(self) -> nn.Module:
+        return self.student_ema.backbone if self.distilling else self.teacher.backbone
+
+    def scheduled_values(self, step: int) -> Dict[str, float]:
+        step = min(step, len(self.momentum_schedule) - 1)
+        values = {"teacher_temp": float(self.teacher_temp_schedule[step])}
+        if not self.distilling:
+            values["momentum"] = float(self.momentum_schedule[step])
+        return values
+
+    def masks(self, n_images: int, grid, step: int, device) -> torch.Tensor:
+        c = self.config
+        if self.distilling:  # the paper's distillation: no masking, iBOT on every patch token
+            return torch.ones(n_images, grid[0] * grid[1], dtype=torch.bool, device=device)
+        generator = derived_generator(self.seed, step, 3)  # a function of (seed, step): resumes mask alike
+        masks = batch_masks(n_images, grid, c.mask_ratio, c.mask_probability, generator, c.max_mask_ratio)
+        return masks.to(device)
+
+    def forward(self, batch: Dict[str, Any], info: StepInfo) -> Dict[str, Any]:
+        c = self.config
+        crops = batch["crops"]
+        globals_, locals_ = torch.cat(crops[:2]), crops[2:]
+        n_images = globals_.shape[0]
+        patch = self.student.backbone.patch_size
+        grid = (globals_.shape[-2] // patch, globals_.shape[-1] // patch)
+        masks = self.masks(n_images, grid, info.step, globals_.device)
+        flat = masks.flatten()
+        weights = mask_weights(masks)
+        temperature = self.scheduled_values(info.step)["teacher_temp"]
+
+        with torch.no_grad():
+            teacher_tokens = self.teacher.backbone.forward_features(globals_)
+            teacher_cls = self.teacher.dino_head(teacher_tokens["x_norm_clstoken"])
+            teacher_patches = teacher_tokens["x_norm_patchtokens"].flatten(0, 1)[flat]
+            teacher_patches = self.teacher.patch_head()(teacher_patches)
+
+        student_globals = self.student.backbone.forward_features(globals_, masks=None if self.distilling else masks)
+        cls_tokens = [student_globals["x_norm_clstoken"]]
+        if locals_:
+            cls_tokens.append(self.student.backbone.forward_features(torch.cat(locals_))["x_norm_clstoken"])
+        student_cls = self.student.dino_head(torch.cat(cls_tokens))
+        student_patches = student_globals["x_norm_patchtokens"].flatten(0, 1)[flat]
+        student_patches = self.student.patch_head()(student_patches)
+
+        dino = self.dino_loss(student_cls, teacher_cls, temperature)
+        ibot = self.ibot_loss(student_patches, teacher_patches, weights, n_images, temperature)
+        global_cls = student_globals["x_norm_clstoken"]
+        koleo = sum(self.koleo_loss(chunk) for chunk in global_cls.chunk(2)) if c.koleo_loss_weight else dino * 0
+        loss = c.dino_loss_weight * dino + c.ibot_loss_weight * ibot + c.koleo_loss_weight * koleo
+        return {"loss": loss, "dino_loss": dino, "ibot_loss": ibot, "koleo_loss": koleo,
+                "masked_share": float(flat.float().mean())}
+
+    def before_optimizer_step(self, info: StepInfo) -> None:
+        if info.step < self.freeze_last_layer_steps:
+            heads = [self.student.dino_head] + ([self.student.ibot_head] if self.student.ibot_head is not None else [])
+            for head in heads:
+                for param in head.last_layer.parameters():
+                    param.grad = None
+
+    def after_optimizer_step(self, info: StepInfo) -> None:
+        if self.distilling:
+            ema_update(self.student_ema, self.student, self.config.distillation.student_ema_momentum)
+        else:
+            ema_update(self.teacher, self.student, self.scheduled_values(info.step)["momentum"])
+
+    def export(self, folder: Path) -> List[Path]:
+        """The evaluated backbone (teacher, or the student's EMA when distilling) in the DINOv2 hub layout."""
+        network = self.eval_backbone()
+        state = {k: v.detach().clone() for k, v in network.state_dict().items()}
+        name = "student_ema_backbone.pth" if self.distilling else "teacher_backbone.pth"
+        path = Path(folder) / name
+        torch.save(state, path)
+        return [path]
+
+
+def _teacher_state(path: str, key: Optional[str]) -> Dict[str, torch.Tensor]:
+    """backbone.* and head weights of a DINOv2 teacher_checkpoint.pth, a distill run, or a bare backbone file."""
+    from distill.models.checkpoint import WRAPPER_SEGMENTS, extract_state_dict, read_checkpoint
+
+    obj = read_checkpoint(path)
+    if isinstance(obj, dict) and obj.get("format") == "distill-train-1":
+        prefix = obj.get("eval_network", "teacher.backbone.").rsplit("backbone.", 1)[0]
+        state = {k[len(prefix):]: v for k, v in obj["objective"].items() if k.startswith(prefix)}
+        return state
+    if isinstance(obj, dict) and isinstance(obj.get("teacher"), dict):  # DINOv2 teacher_checkpoint.pth
+        state = {}
+        for key_name, value in obj["teacher"].items():
+            for segment in WRAPPER_SEGMENTS:
+                key_name = key_name.replace(segment, "")
+            state[key_name] = value
+        import re
+
+        return {re.sub(r"^backbone\.blocks\.\d+\.(\d+)\.", r"backbone.blocks.\1.", k): v for k, v in state.items()}
+    backbone, _ = extract_state_dict(obj, key)
+    return {f"backbone.{k}": v for k, v in backbone.items()}
+
+
+def build(config, make_backbone, source=None) -> DINOv2Objective:
+    c = config.objective
+    student = make_backbone("student")
+    if not c.distillation.enabled:
+        return DINOv2Objective(c, student, make_backbone("teacher"), config.train.seed)
+    d = c.distillation
+    if not d.teacher_checkpoint:
+        raise InputError("objective.distillation.teacher_checkpoint is not set: the frozen teacher's weights (a "
+                         "DINOv2 teacher_checkpoint.pth, a dinov2_*_pretrain.pth backbone, or a distill run)")
+    from distill.models import create_backbone
+    from distill.models.checkpoint import adapt_to_model, mismatch_report
+    from distill.errors import CheckpointError
+
+    teacher = create_backbone(d.teacher_backbone, **d.teacher_overrides)
+    state = _teacher_state(d.teacher_checkpoint, None)
+    backbone_state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    backbone_state, _ = adapt_to_model(backbone_state, teacher)
+    problem = mismatch_report(backbone_state, teacher, d.teacher_checkpoint)
+    if problem:
+        raise CheckpointError(problem)
+    state = {**{k: v for k, v in state.items() if not k.startswith("backbone.")},
+             **{f"backbone.{k}": v for k, v in backbone_state.items()}}
+    return DINOv2Objective(c, student, teacher, config.train.seed, teacher_state=state)
