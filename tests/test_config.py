@@ -55,3 +55,14 @@ def test_wrong_type_impossible_value_and_malformed_input(tmp_path):
     (tmp_path / "bad.yaml").write_text("epochs: [1,\n")
     with pytest.raises(InputError, match="cannot parse"):
         load_config(Recipe, tmp_path / "bad.yaml")
+
+
+def test_every_training_recipe_validates():
+    import glob
+
+    from distill.engine.train_config import load_train_config
+
+    recipes = sorted(p for p in glob.glob("configs/*/*.yaml") if not p.endswith("baseline.yaml"))
+    assert len(recipes) >= 30
+    names = {load_train_config(path).objective.name for path in recipes}
+    assert names == {"dino", "deit", "dinov2"}

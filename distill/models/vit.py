@@ -13,6 +13,7 @@ from torch import nn
 
 from distill.errors import InputError
 from distill.models.layers import Block, PatchEmbed, resize_pos_embed
+from distill.models.layers.attention import PackedLayout
 
 Tokens = Dict[str, Optional[torch.Tensor]]
 
@@ -39,6 +40,7 @@ class VisionTransformer(nn.Module):
         layerscale_init: Optional[float] = None,
         drop_path_rate: float = 0.0,
         drop_path_uniform: bool = False,
+        drop_path_mode: str = "mask",
         num_register_tokens: int = 0,
         distilled: bool = False,
         mask_token: bool = True,
@@ -58,7 +60,7 @@ class VisionTransformer(nn.Module):
             img_size=(img_h, img_w), patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, depth=depth,
             num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, ffn_layer=ffn_layer,
             layerscale_init=layerscale_init, drop_path_rate=drop_path_rate, drop_path_uniform=drop_path_uniform,
-            num_register_tokens=num_register_tokens, distilled=distilled, mask_token=mask_token,
+            drop_path_mode=drop_path_mode, num_register_tokens=num_register_tokens, distilled=distilled, mask_token=mask_token,
             num_classes=num_classes, interpolate_offset=interpolate_offset,
             interpolate_antialias=interpolate_antialias, attn_backend=attn_backend, norm_eps=norm_eps,
         )
@@ -92,6 +94,7 @@ class VisionTransformer(nn.Module):
             Block(
                 embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, ffn_layer=ffn_layer,
                 layerscale_init=layerscale_init, drop_path=rate, norm_eps=norm_eps, attn_backend=attn_backend,
+                drop_path_mode=drop_path_mode,
             )
             for rate in rates
         )
@@ -166,9 +169,9 @@ class VisionTransformer(nn.Module):
             tokens = torch.cat((tokens[:, :n], registers, tokens[:, n:]), dim=1)
         return tokens, masks
 
-    def _run_blocks(self, tokens: torch.Tensor) -> torch.Tensor:
+    def _run_blocks(self, tokens: torch.Tensor, packed: Optional[PackedLayout] = None) -> torch.Tensor:
         for block in self.blocks:
-            tokens = block(tokens)
+            tokens = block(tokens) if packed is None else block(tokens, packed)
         return tokens
 
     def _split(self, prenorm: torch.Tensor, masks: Optional[torch.Tensor]) -> Tokens:
@@ -204,6 +207,20 @@ class VisionTransformer(nn.Module):
             return [self.forward_features(xi, mi) for xi, mi in zip(x, masks_list)]
         tokens, masks = self.prepare_tokens(x, masks)
         return self._split(self._run_blocks(tokens), masks)
+
+    def forward_features_packed(
+        self, crops: Sequence[torch.Tensor], masks: Optional[Sequence[Optional[torch.Tensor]]] = None
+    ) -> List[Tokens]:
+        """forward_features over a list of crop batches in one pass: row b holds the token sequences of image b's
+        crops one after another, attending only within each crop. Same outputs as separate calls (the crops
+        must share the batch size); fewer, larger matrix products."""
+        if not crops or len({c.shape[0] for c in crops}) != 1:
+            raise InputError("packed crops must be a non-empty list of batches of the same size")
+        masks = list(masks) if masks is not None else [None] * len(crops)
+        prepared = [self.prepare_tokens(x, m) for x, m in zip(crops, masks)]
+        lengths = [tokens.shape[1] for tokens, _ in prepared]
+        packed = self._run_blocks(torch.cat([tokens for tokens, _ in prepared], dim=1), PackedLayout(lengths))
+        return [self._split(chunk, m) for chunk, (_, m) in zip(packed.split(lengths, dim=1), prepared)]
 
     def forward_head(self, features: Tokens) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
         """Class-token embedding for a backbone; logits for a classifier.

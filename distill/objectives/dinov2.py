@@ -71,6 +71,7 @@ class DINOv2Config(ObjectiveConfig):
     mask_ratio: List[float] = field(default_factory=lambda: [0.1, 0.5])
     mask_probability: float = 0.5
     max_mask_ratio: float = 0.5  # largest share of an image one mask block may cover
+    pack_crops: bool = False  # student: global and local crops in one backbone pass (block-diagonal attention)
     distillation: DistillationConfig = field(default_factory=DistillationConfig)
     views: MultiCropConfig = field(default_factory=_dinov2_views)
 
@@ -205,21 +206,33 @@ class DINOv2Objective(Objective):
             teacher_patches = teacher_tokens["x_norm_patchtokens"].flatten(0, 1)[flat]
             teacher_patches = self.teacher.patch_head()(teacher_patches)
 
-        student_globals = self.student.backbone.forward_features(globals_, masks=None if self.distilling else masks)
-        cls_tokens = [student_globals["x_norm_clstoken"]]
-        if locals_:
-            cls_tokens.append(self.student.backbone.forward_features(torch.cat(locals_))["x_norm_clstoken"])
-        student_cls = self.student.dino_head(torch.cat(cls_tokens))
-        student_patches = student_globals["x_norm_patchtokens"].flatten(0, 1)[flat]
+        student_masks = None if self.distilling else masks
+        global_tokens, local_cls = self._student_tokens(list(crops[:2]), list(locals_), student_masks)
+        student_cls = self.student.dino_head(torch.cat([global_tokens["x_norm_clstoken"], *local_cls]))
+        student_patches = global_tokens["x_norm_patchtokens"].flatten(0, 1)[flat]
         student_patches = self.student.patch_head()(student_patches)
 
         dino = self.dino_loss(student_cls, teacher_cls, temperature)
         ibot = self.ibot_loss(student_patches, teacher_patches, weights, n_images, temperature)
-        global_cls = student_globals["x_norm_clstoken"]
+        global_cls = global_tokens["x_norm_clstoken"]
         koleo = sum(self.koleo_loss(chunk) for chunk in global_cls.chunk(2)) if c.koleo_loss_weight else dino * 0
         loss = c.dino_loss_weight * dino + c.ibot_loss_weight * ibot + c.koleo_loss_weight * koleo
         return {"loss": loss, "dino_loss": dino, "ibot_loss": ibot, "koleo_loss": koleo,
                 "masked_share": float(flat.float().mean())}
+
+    def _student_tokens(self, globals_: List[torch.Tensor], locals_: List[torch.Tensor],
+                        masks: Optional[torch.Tensor]):
+        """Student tokens of the (masked) global crops, concatenated, and the class tokens of the local crops."""
+        backbone = self.student.backbone
+        if self.config.pack_crops:
+            split = list(masks.chunk(len(globals_))) if masks is not None else [None] * len(globals_)
+            outs = backbone.forward_features_packed(globals_ + locals_, split + [None] * len(locals_))
+            glob = {key: torch.cat([o[key] for o in outs[: len(globals_)]])
+                    for key in ("x_norm_clstoken", "x_norm_patchtokens")}
+            return glob, [o["x_norm_clstoken"] for o in outs[len(globals_):]]
+        glob = backbone.forward_features(torch.cat(globals_), masks=masks)
+        local_cls = [backbone.forward_features(torch.cat(locals_))["x_norm_clstoken"]] if locals_ else []
+        return glob, local_cls
 
     def before_optimizer_step(self, info: StepInfo) -> None:
         if info.step < self.freeze_last_layer_steps:

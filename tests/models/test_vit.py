@@ -205,3 +205,50 @@ def test_wrong_rank_and_bad_masks():
     with pytest.raises(InputError, match="no mask token"):
         create_backbone("dino_vits16", depth=1).forward_features(
             torch.randn(1, 3, 32, 32), masks=torch.zeros(1, 4, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_packed_crops_equal_separate_calls(precision):
+    torch.manual_seed(0)
+    model = create_backbone("vit_small", depth=2, img_size=32, patch_size=8, num_register_tokens=2).eval()
+    crops = [torch.randn(3, 3, 32, 32), torch.randn(3, 3, 32, 32), torch.randn(3, 3, 16, 16),
+             torch.randn(3, 3, 16, 16), torch.randn(3, 3, 24, 40)]
+    masks = [torch.rand(3, 16) < 0.4, None, None, None, None]
+    dtype = torch.bfloat16 if precision == "bf16" else None
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+        separate = [model.forward_features(x, masks=m) for x, m in zip(crops, masks)]
+        packed = model.forward_features_packed(crops, masks)
+    tolerance = 1e-5 if precision == "fp32" else 2e-2
+    for a, b in zip(separate, packed):
+        for key in ("x_norm_clstoken", "x_norm_regtokens", "x_norm_patchtokens", "x_prenorm"):
+            assert a[key].shape == b[key].shape
+            assert torch.allclose(a[key].float(), b[key].float(), atol=tolerance), key
+    with pytest.raises(InputError, match="same size"):
+        model.forward_features_packed([torch.randn(2, 3, 32, 32), torch.randn(3, 3, 32, 32)])
+
+
+def test_subset_stochastic_depth_computes_only_the_kept_samples():
+    from distill.models.layers.block import residual_on_subset
+
+    x = torch.randn(10, 4, 8)
+    seen = []
+
+    def branch(t):
+        seen.append(t.shape[0])
+        return torch.ones_like(t)
+
+    torch.manual_seed(0)
+    out = residual_on_subset(x, branch, drop_prob=0.3)
+    assert seen == [7]  # int(10 * 0.7) samples through the branch
+    changed = (out != x).flatten(1).any(dim=1)
+    assert int(changed.sum()) == 7
+    assert torch.allclose(out[changed] - x[changed], torch.full((7, 4, 8), 10 / 7))  # rescaled by B / kept
+    model = create_backbone("vit_tiny", depth=2, img_size=16, patch_size=8, drop_path_rate=0.5,
+                            drop_path_mode="subset", drop_path_uniform=True).train()
+    images = torch.randn(6, 3, 16, 16)
+    model(images).sum().backward()  # trains
+    model.eval()
+    with torch.no_grad():
+        plain = create_backbone("vit_tiny", depth=2, img_size=16, patch_size=8).eval()
+        plain.load_state_dict(model.state_dict())
+        assert torch.allclose(model(images), plain(images))  # no effect at evaluation

@@ -99,3 +99,29 @@ def test_layerwise_decay_and_patch_embedding_multiplier():
     assert by_param[id(named["blocks.1.mlp.fc1.bias"])] == (0.5, False)
     assert by_param[id(named["patch_embed.proj.weight"])] == (pytest.approx(0.2 * 0.125), True)
     assert sum(len(g["params"]) for g in groups) == len(named)
+
+
+def test_packed_crops_give_the_same_loss_and_gradients(tmp_path):
+    trainer = Trainer(config(tmp_path, "model.overrides={depth: 2, embed_dim: 32, num_heads: 2, patch_size: 4, "
+                                       "img_size: 16, in_chans: 1, drop_path_rate: 0.0}"))
+    trainer._setup()
+    objective = trainer.objective
+    batch = next(iter(trainer.loader))
+    from distill.objectives.base import StepInfo
+
+    info = StepInfo(step=3, total_steps=10, steps_per_epoch=8)
+    state = {k: v.clone() for k, v in objective.state_dict().items()}
+    results = []
+    for packed in (False, True):
+        objective.load_state_dict(state)
+        objective.config.pack_crops = packed
+        objective.zero_grad()
+        out = objective(batch, info)
+        out["loss"].backward()
+        grads = {n: p.grad.clone() for n, p in objective.student.named_parameters() if p.grad is not None}
+        results.append((out, grads))
+    (a, grads_a), (b, grads_b) = results
+    for key in ("loss", "dino_loss", "ibot_loss", "koleo_loss"):
+        assert torch.allclose(a[key], b[key], atol=1e-5), key
+    assert grads_a.keys() == grads_b.keys()
+    assert all(torch.allclose(grads_a[n], grads_b[n], atol=1e-5) for n in grads_a)

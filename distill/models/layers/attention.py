@@ -1,6 +1,7 @@
 """Multi-head self-attention through PyTorch's scaled_dot_product_attention, or xformers on a GPU."""
 
 import functools
+from typing import Dict, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -15,10 +16,29 @@ ATTENTION_BACKENDS = ("sdpa", "xformers")
 EXPLICIT_MAX_TOKENS = 256
 
 
-def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v with the softmax in float32; q, k, v: [B, heads, N, d]."""
+def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v with the softmax in float32; q, k, v: [B, heads, N, d]; attn_mask [N, N] bool,
+    True where a query may attend to a key."""
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
     return scores.softmax(dim=-1, dtype=torch.float32).to(v.dtype) @ v
+
+
+class PackedLayout:
+    """Several sequences packed one after another in each row: `lengths` tokens each, attending only within
+    themselves (a block-diagonal attention mask)."""
+
+    def __init__(self, lengths: Sequence[int]) -> None:
+        self.lengths = [int(n) for n in lengths]
+        self._dense: Dict[torch.device, torch.Tensor] = {}
+
+    def dense_mask(self, device: torch.device) -> torch.Tensor:
+        if device not in self._dense:
+            ids = torch.repeat_interleave(torch.arange(len(self.lengths)), torch.tensor(self.lengths)).to(device)
+            self._dense[device] = ids[:, None] == ids[None, :]
+        return self._dense[device]
 
 
 def prefers_explicit(x: torch.Tensor) -> bool:
@@ -51,20 +71,30 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [B, N, D] -> [B, N, D]."""
+    def forward(self, x: torch.Tensor, packed: Optional[PackedLayout] = None) -> torch.Tensor:
+        """x: [B, N, D] -> [B, N, D]; with `packed`, each row holds several sequences that attend only within
+        themselves (xformers' block-diagonal mask on a GPU, a dense boolean mask otherwise)."""
         B, N, D = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
         if self.backend == "xformers" and x.is_cuda:
             # xformers has no CPU kernels; on a CPU tensor the model quietly uses the PyTorch path below.
-            from xformers.ops import memory_efficient_attention
+            from xformers.ops import fmha, memory_efficient_attention
 
             q, k, v = qkv.unbind(2)
-            out = memory_efficient_attention(q, k, v)
+            if packed is None:
+                out = memory_efficient_attention(q, k, v)
+            else:
+                bias = fmha.BlockDiagonalMask.from_seqlens(packed.lengths * B)
+                flat = lambda t: t.reshape(1, B * N, self.num_heads, self.head_dim)  # noqa: E731
+                out = memory_efficient_attention(flat(q), flat(k), flat(v), attn_bias=bias).reshape(q.shape)
         else:
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-            attend = explicit_attention if prefers_explicit(qkv) else F.scaled_dot_product_attention
-            out = attend(q, k, v).transpose(1, 2)
+            mask = packed.dense_mask(x.device) if packed is not None else None
+            if prefers_explicit(qkv):
+                out = explicit_attention(q, k, v, mask)
+            else:
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            out = out.transpose(1, 2)
         return self.proj(out.reshape(B, N, D))
 
     def attention_probs(self, x: torch.Tensor) -> torch.Tensor:
