@@ -87,7 +87,7 @@ def _chart(top1: Dict[str, List[float]], path: Path) -> None:
     bars = ax.barh(labels[::-1], means[::-1], color=["#4c72b0", "#dd8452", "#55a868", "#8c8c8c"])
     for bar, values in zip(bars, list(top1.values())[::-1]):
         ax.scatter(values, [bar.get_y() + bar.get_height() / 2] * len(values), color="black", s=12, zorder=3)
-        ax.text(bar.get_width() + 0.1, bar.get_y() + bar.get_height() / 2, f"{statistics.mean(values):.2f}",
+        ax.text(max(values) + 0.6, bar.get_y() + bar.get_height() / 2, f"{statistics.mean(values):.2f}",
                 va="center", fontsize=9)
     low = min(min(v) for v in top1.values())
     ax.set_xlim(max(0, low - 3), 100)

@@ -42,7 +42,8 @@ def load_backbone(
         overrides = {**config["model"]["overrides"], **overrides}
         views = (config.get("objective") or {}).get("views")
         if views:
-            mean, std, size = views["mean"], views["std"], views["global_crops_size"]
+            mean, std = views["mean"], views["std"]
+            size = views.get("global_crops_size") or views.get("input_size")  # DINO / DINOv2, or DeiT
     elif backbone is None:
         state, _ = extract_state_dict(obj, checkpoint_key)
         backbone = guess_backbone_name(state)

@@ -131,6 +131,11 @@ def test_resume_gives_the_uninterrupted_run_with_mixup_and_randaugment(teacher_f
     assert 0 <= results["val"]["student"]["top1"] <= results["val"]["student"]["top5"] <= 100
     epoch_rows = [r for r in rows(tmp_path / "once") if "student_val_top1" in r]
     assert [r["epoch"] for r in epoch_rows] == [1]  # 8 steps an epoch: one full epoch within 10 steps
+    # the run's checkpoint evaluates like any other (the student's backbone, at its input size)
+    code = main(["eval", "knn", "--checkpoint", str(tmp_path / "once" / "checkpoint.pth"), "--data", "fashion_mnist",
+                 "--train-limit", "64", "--val-limit", "32", "--val-split", "test", "--num-workers", "0", "--k", "5",
+                 "--output", str(tmp_path / "knn.json")])
+    assert code in (0, None) and (tmp_path / "knn.json").is_file()
 
 
 def test_a_224_checkpoint_fine_tunes_at_384_with_both_heads(tmp_path):
