@@ -1,7 +1,7 @@
 """Multi-head self-attention through PyTorch's scaled_dot_product_attention, or xformers on a GPU."""
 
 import functools
-from typing import Dict, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -16,33 +16,52 @@ ATTENTION_BACKENDS = ("sdpa", "xformers")
 EXPLICIT_MAX_TOKENS = 256
 
 
-def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                       attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v with the softmax in float32; q, k, v: [B, heads, N, d]; attn_mask [N, N] bool,
-    True where a query may attend to a key."""
+def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v with the softmax in float32; q, k, v: [B, heads, N, d]."""
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
-    if attn_mask is not None:
-        scores = scores.masked_fill(~attn_mask, float("-inf"))
     return scores.softmax(dim=-1, dtype=torch.float32).to(v.dtype) @ v
 
 
 class PackedLayout:
     """Several sequences packed one after another in each row: `lengths` tokens each, attending only within
-    themselves (a block-diagonal attention mask)."""
+    themselves. Consecutive sequences of one length form a run that attention treats as a batch of its own, so
+    the packed pass does the attention work of separate passes, never that of a dense [N, N] mask."""
 
     def __init__(self, lengths: Sequence[int]) -> None:
         self.lengths = [int(n) for n in lengths]
-        self._dense: Dict[torch.device, torch.Tensor] = {}
+        self.runs: List[Tuple[int, int, int]] = []  # (first token, number of sequences, length)
+        start = 0
+        for length in self.lengths:
+            if self.runs and self.runs[-1][2] == length:
+                first, count, _ = self.runs[-1]
+                self.runs[-1] = (first, count + 1, length)
+            else:
+                self.runs.append((start, 1, length))
+            start += length
 
-    def dense_mask(self, device: torch.device) -> torch.Tensor:
-        if device not in self._dense:
-            ids = torch.repeat_interleave(torch.arange(len(self.lengths)), torch.tensor(self.lengths)).to(device)
-            self._dense[device] = ids[:, None] == ids[None, :]
-        return self._dense[device]
+
+def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
+    """Attention within each packed sequence; q, k, v: [B, heads, N, d] -> [B, heads, N, d]."""
+    B, H, _, d = q.shape
+    outputs = []
+    for first, count, length in layout.runs:
+        def part(t):
+            t = t[:, :, first : first + count * length].reshape(B, H, count, length, d)
+            return t.transpose(1, 2).reshape(B * count, H, length, d)
+
+        out = attention(part(q), part(k), part(v))
+        outputs.append(out.reshape(B, count, H, length, d).transpose(1, 2).reshape(B, H, count * length, d))
+    return torch.cat(outputs, dim=2)
 
 
-def prefers_explicit(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and x.shape[-2] <= EXPLICIT_MAX_TOKENS
+def prefers_explicit(q: torch.Tensor) -> bool:
+    """q: [B, heads, N, d]; explicit attention for 16-bit CPU tensors of up to EXPLICIT_MAX_TOKENS tokens."""
+    return q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-2] <= EXPLICIT_MAX_TOKENS
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The faster of explicit attention and PyTorch's kernels for these tensors."""
+    return explicit_attention(q, k, v) if prefers_explicit(q) else F.scaled_dot_product_attention(q, k, v)
 
 
 @functools.lru_cache(maxsize=None)
@@ -73,7 +92,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, packed: Optional[PackedLayout] = None) -> torch.Tensor:
         """x: [B, N, D] -> [B, N, D]; with `packed`, each row holds several sequences that attend only within
-        themselves (xformers' block-diagonal mask on a GPU, a dense boolean mask otherwise)."""
+        themselves (xformers' block-diagonal kernel on a GPU, else attention per run of same-length sequences)."""
         B, N, D = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
         if self.backend == "xformers" and x.is_cuda:
@@ -89,11 +108,7 @@ class Attention(nn.Module):
                 out = memory_efficient_attention(flat(q), flat(k), flat(v), attn_bias=bias).reshape(q.shape)
         else:
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-            mask = packed.dense_mask(x.device) if packed is not None else None
-            if prefers_explicit(qkv):
-                out = explicit_attention(q, k, v, mask)
-            else:
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            out = attention(q, k, v) if packed is None else packed_attention(q, k, v, packed)
             out = out.transpose(1, 2)
         return self.proj(out.reshape(B, N, D))
 
