@@ -40,6 +40,6 @@ setup(
     include_package_data=True,
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
-    entry_points={"console_scripts": ["distill=distill.cli:main"]},
+    entry_points={"console_scripts": ["distill=distill.cli:main", "distill-curate=data_curation.cli:main"]},
     license="Apache-2.0",
 )
