@@ -6,7 +6,7 @@ Images are float tensors [B, C, H, W] in [0, 1] with C = 1 (grey) or 3 (RGB).
 """
 
 import math
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -232,6 +232,14 @@ def photometric(images: torch.Tensor, params: Dict[str, torch.Tensor]) -> torch.
     images = random_grayscale(images, params["grayscale"])
     images = gaussian_blur(images, params["blur"], params["sigma"])
     return solarize(images, params["solarize"])
+
+
+def match_channels(mean: Sequence[float], std: Sequence[float], channels: int) -> Tuple[List[float], List[float]]:
+    """Normalisation statistics for `channels` channels: grey ones repeated for RGB, RGB ones averaged for grey."""
+    mean, std = list(mean), list(std)
+    if len(mean) != channels:
+        mean, std = (mean * 3, std * 3) if len(mean) == 1 else ([sum(mean) / 3], [sum(std) / 3])
+    return mean, std
 
 
 def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float], channels: int) -> torch.Tensor:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from distill.data.augment import match_channels
 from distill.data.eval_views import EvalView
 from distill.data.views import IMAGENET_MEAN, IMAGENET_STD
 from distill.errors import InputError
@@ -52,10 +53,7 @@ class ClassificationViewsConfig:
             raise InputError("views.mean and views.std need 1 or 3 values each, std positive")
 
     def channel_stats(self, channels: int):
-        mean, std = list(self.mean), list(self.std)
-        if len(mean) != channels:
-            mean, std = (mean * 3, std * 3) if len(mean) == 1 else ([sum(mean) / 3], [sum(std) / 3])
-        return mean, std
+        return match_channels(self.mean, self.std, channels)
 
 
 @contextlib.contextmanager

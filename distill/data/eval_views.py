@@ -16,10 +16,7 @@ class EvalView:
     def __init__(self, size: int, mean: Sequence[float], std: Sequence[float], channels: int,
                  resize_ratio: float = 256 / 224) -> None:
         self.size, self.channels, self.resize_ratio = size, channels, resize_ratio
-        mean, std = list(mean), list(std)
-        if len(mean) != channels:
-            mean, std = (mean * 3, std * 3) if len(mean) == 1 else ([sum(mean) / 3], [sum(std) / 3])
-        self.mean, self.std = mean, std
+        self.mean, self.std = augment.match_channels(mean, std, channels)
         self.min_image_size = size
 
     def _normalize(self, floats: torch.Tensor) -> torch.Tensor:

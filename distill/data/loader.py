@@ -32,7 +32,7 @@ class EpochBatchSampler(Sampler):
     def __init__(self, size: int, batch_size: int, seed: int, shuffle: bool = True, rank: int = 0,
                  world_size: int = 1, drop_last: bool = True, repeats: int = 0) -> None:
         self.size, self.batch_size, self.seed, self.shuffle = size, batch_size, seed, shuffle
-        self.rank, self.world_size, self.drop_last, self.repeats = rank, world_size, drop_last, repeats
+        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
         self.epoch, self.start = 0, 0
         self._repeat_sampler = None
         if repeats > 1:

@@ -92,10 +92,7 @@ class MultiCrop:
                 self.groups[-1].append(index)
             else:
                 self.groups.append([index])
-        mean, std = list(config.mean), list(config.std)
-        if len(mean) != channels:
-            mean, std = (mean * 3, std * 3) if len(mean) == 1 else ([sum(mean) / 3], [sum(std) / 3])
-        self.mean, self.std = mean, std
+        self.mean, self.std = augment.match_channels(config.mean, config.std, channels)
 
     @property
     def num_global(self) -> int:

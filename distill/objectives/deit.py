@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distill.data.augment import match_channels
 from distill.data.classification import ClassificationViews, ClassificationViewsConfig, classification_eval_view
 from distill.errors import InputError
 from distill.losses.deit import CRITERIA, DISTILLATION_TYPES, DistillationLoss, build_base_criterion
@@ -133,8 +134,8 @@ class DeiTObjective(Objective):
             channels, t = student.config["in_chans"], config.teacher
             mean, std = config.views.channel_stats(channels)
             chans = teacher.config["in_chans"]
-            self.renormalize = Renormalize(mean, std, t.mean or _spread(mean, chans), t.std or _spread(std, chans),
-                                           chans, t.img_size)
+            teacher_mean, teacher_std = match_channels(mean, std, chans)
+            self.renormalize = Renormalize(mean, std, t.mean or teacher_mean, t.std or teacher_std, chans, t.img_size)
 
     def views(self, channels: int) -> ClassificationViews:
         return ClassificationViews(self.config.views, channels)
@@ -156,7 +157,7 @@ class DeiTObjective(Objective):
         if self.student_ema is not None:
             networks["student_ema"] = self.student_ema.module
         if self.teacher is not None:
-            networks["teacher"] = _Chained(self.renormalize, self.teacher)
+            networks["teacher"] = nn.Sequential(self.renormalize, self.teacher)
         return networks
 
     @torch.no_grad()
@@ -211,16 +212,6 @@ class DeiTObjective(Objective):
             torch.save(state, path)
             written.append(path)
         return written
-
-
-class _Chained(nn.Sequential):
-    pass
-
-
-def _spread(values: List[float], channels: int) -> List[float]:
-    if len(values) == channels:
-        return values
-    return values * channels if len(values) == 1 else [sum(values) / len(values)]
 
 
 def build(config, make_backbone, source=None) -> DeiTObjective:
