@@ -89,10 +89,16 @@ def _is_state_dict(obj: Any) -> bool:
     return any(isinstance(v, torch.Tensor) for v in values) and not any(isinstance(v, dict) for v in values)
 
 
-def _strip_wrappers(key: str) -> str:
+def strip_wrappers(key: str) -> str:
+    """The parameter name without the segments DDP, FSDP, activation checkpointing and torch.compile insert."""
     for segment in WRAPPER_SEGMENTS:
         key = key.replace(segment, "")
     return key
+
+
+def flatten_block_chunks(key: str) -> str:
+    """DINOv2 trains with block_chunks: [prefix.]blocks.{chunk}.{i}.* where i is already the global block index."""
+    return re.sub(r"^((?:\w+\.)*?)blocks\.\d+\.(\d+)\.", r"\1blocks.\2.", key)
 
 
 def _select_prefix(state: StateDict, prefix: str) -> StateDict:
@@ -127,13 +133,12 @@ def extract_state_dict(obj: Any, checkpoint_key: Optional[str] = None) -> Tuple[
                 f"one of {', '.join(DEFAULT_KEYS)}"
             )
         state, where = obj[found], f"'{found}'"
-    state = {_strip_wrappers(k): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    state = {strip_wrappers(k): v for k, v in state.items() if isinstance(v, torch.Tensor)}
     if any(k.startswith(("teacher.", "student.")) for k in state):  # DINOv2 training `model`: both networks
         state, where = _select_prefix(state, f"{role}."), f"{where} -> {role}"
     if any(k.startswith("backbone.") for k in state):  # drop the projection heads (head, dino_head, ibot_head)
         state, where = _select_prefix(state, "backbone."), f"{where} -> backbone"
-    # DINOv2 trains with block_chunks: blocks.{chunk}.{i}.* where i is already the global block index.
-    state = {re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", k): v for k, v in state.items()}
+    state = {flatten_block_chunks(k): v for k, v in state.items()}
     if not state:
         raise CheckpointError(f"the {where} entry of the file holds no tensors")
     return state, where
@@ -291,7 +296,7 @@ def _describe(arch: Dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def _listing(keys: List[str], limit: int = 8) -> str:
+def key_listing(keys: List[str], limit: int = 8) -> str:
     """Keys with block indices folded (blocks.*.ls1.gamma x12), so that the distinctive ones stay visible."""
     counts: Dict[str, int] = {}
     for key in keys:
@@ -317,11 +322,11 @@ def mismatch_report(state: StateDict, model: torch.nn.Module, source: str) -> Op
     name = getattr(model, "registry_name", type(model).__name__)
     lines = [f"{source} does not fit backbone '{name}':"]
     if missing:
-        lines.append(f"  missing keys ({len(missing)}): {_listing(missing)}")
+        lines.append(f"  missing keys ({len(missing)}): {key_listing(missing)}")
     if unexpected:
-        lines.append(f"  unexpected keys ({len(unexpected)}): {_listing(unexpected)}")
+        lines.append(f"  unexpected keys ({len(unexpected)}): {key_listing(unexpected)}")
     if shapes:
-        lines.append(f"  shape mismatches ({len(shapes)}): {_listing(shapes, 4)}")
+        lines.append(f"  shape mismatches ({len(shapes)}): {key_listing(shapes, 4)}")
     arch = infer_architecture(state)
     guess = guess_backbone_name(state)
     described = f"the file holds a ViT with {_describe(arch)}"

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from distill.errors import CheckpointError, InputError
-from distill.models.checkpoint import WRAPPER_SEGMENTS, read_checkpoint
+from distill.models.checkpoint import key_listing, read_checkpoint, strip_wrappers
 
 logger = logging.getLogger(__name__)
 
@@ -104,11 +104,10 @@ class Classifier(nn.Module):
         missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         shapes = [k for k in set(own) & set(state) if own[k].shape != state[k].shape]
         if missing or unexpected or shapes:
-            listing = lambda keys: ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")  # noqa: E731
             raise CheckpointError(
-                f"{path} does not fit {self.source}'s {self.name}: missing {listing(missing) or 'none'}; "
-                f"unexpected {listing(unexpected) or 'none'}; other shapes {listing(sorted(shapes)) or 'none'}. "
-                "Check the teacher name and its in_chans")
+                f"{path} does not fit {self.source}'s {self.name}: missing {key_listing(missing) or 'none'}; "
+                f"unexpected {key_listing(unexpected) or 'none'}; "
+                f"other shapes {key_listing(sorted(shapes)) or 'none'}. Check the teacher name and its in_chans")
         self.net.load_state_dict(state, strict=True)
         logger.info("loaded teacher weights %s into %s:%s", path, self.source, self.name)
 
@@ -138,11 +137,9 @@ def _network_state(obj, path: Path) -> Dict[str, torch.Tensor]:
         state = obj[key]
     cleaned = {}
     for key, value in state.items():
-        if not isinstance(value, torch.Tensor):
-            continue
-        for segment in WRAPPER_SEGMENTS:
-            key = key.replace(segment, "")
-        cleaned[key[4:] if key.startswith("net.") else key] = value
+        if isinstance(value, torch.Tensor):
+            key = strip_wrappers(key)
+            cleaned[key[4:] if key.startswith("net.") else key] = value
     return cleaned
 
 

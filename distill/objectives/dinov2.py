@@ -259,7 +259,7 @@ class DINOv2Objective(Objective):
 
 def _teacher_state(path: str, key: Optional[str]) -> Dict[str, torch.Tensor]:
     """backbone.* and head weights of a DINOv2 teacher_checkpoint.pth, a distill run, or a bare backbone file."""
-    from distill.models.checkpoint import WRAPPER_SEGMENTS, extract_state_dict, read_checkpoint
+    from distill.models.checkpoint import extract_state_dict, flatten_block_chunks, read_checkpoint, strip_wrappers
 
     obj = read_checkpoint(path)
     if isinstance(obj, dict) and obj.get("format") == "distill-train-1":
@@ -267,14 +267,7 @@ def _teacher_state(path: str, key: Optional[str]) -> Dict[str, torch.Tensor]:
         state = {k[len(prefix):]: v for k, v in obj["objective"].items() if k.startswith(prefix)}
         return state
     if isinstance(obj, dict) and isinstance(obj.get("teacher"), dict):  # DINOv2 teacher_checkpoint.pth
-        state = {}
-        for key_name, value in obj["teacher"].items():
-            for segment in WRAPPER_SEGMENTS:
-                key_name = key_name.replace(segment, "")
-            state[key_name] = value
-        import re
-
-        return {re.sub(r"^backbone\.blocks\.\d+\.(\d+)\.", r"backbone.blocks.\1.", k): v for k, v in state.items()}
+        return {flatten_block_chunks(strip_wrappers(k)): v for k, v in obj["teacher"].items()}
     backbone, _ = extract_state_dict(obj, key)
     return {f"backbone.{k}": v for k, v in backbone.items()}
 
