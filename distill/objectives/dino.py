@@ -74,7 +74,27 @@ class MultiCropNetwork(nn.Module):
         return self.head(torch.cat(embeddings))
 
 
-class DINOObjective(Objective):
+class TeacherSchedules:
+    """What DINO and DINOv2 plan alike from their configs' fields of the same names: the teacher temperature
+    warm-up, the cosine EMA momentum and the steps during which the heads' last layers stay frozen."""
+
+    def plan(self, total_steps: int, steps_per_epoch: int, epochs: float) -> None:
+        c = self.config
+        self.teacher_temp_schedule = warmup_then_constant(
+            c.warmup_teacher_temp, c.teacher_temp, epochs_to_steps(c.warmup_teacher_temp_epochs, epochs, total_steps),
+            total_steps)
+        self.momentum_schedule = cosine_schedule(c.momentum_teacher, c.momentum_teacher_end, total_steps)
+        self.freeze_last_layer_steps = epochs_to_steps(c.freeze_last_layer_epochs, epochs, total_steps)
+
+    def freeze_last_layers(self, heads: List[nn.Module], info: StepInfo) -> None:
+        """Drop the gradients of the heads' last layers early on: the prototypes stay put while the rest settles."""
+        if info.step < self.freeze_last_layer_steps:
+            for head in heads:
+                for param in head.last_layer.parameters():
+                    param.grad = None
+
+
+class DINOObjective(TeacherSchedules, Objective):
     def __init__(self, config: DINOConfig, student_backbone: nn.Module, teacher_backbone: nn.Module) -> None:
         super().__init__()
         self.config = config
@@ -89,14 +109,6 @@ class DINOObjective(Objective):
         self.loss = DINOLoss(config.out_dim, config.views.global_crops_number, config.student_temp,
                              config.center_momentum, config.centering)
         self.plan(1, 1, 1.0)
-
-    def plan(self, total_steps: int, steps_per_epoch: int, epochs: float) -> None:
-        c = self.config
-        self.teacher_temp_schedule = warmup_then_constant(
-            c.warmup_teacher_temp, c.teacher_temp, epochs_to_steps(c.warmup_teacher_temp_epochs, epochs, total_steps),
-            total_steps)
-        self.momentum_schedule = cosine_schedule(c.momentum_teacher, c.momentum_teacher_end, total_steps)
-        self.freeze_last_layer_steps = epochs_to_steps(c.freeze_last_layer_epochs, epochs, total_steps)
 
     def views(self, channels: int) -> MultiCrop:
         return MultiCrop(self.config.views, channels)
@@ -121,9 +133,7 @@ class DINOObjective(Objective):
         return {"loss": self.loss(student_output, teacher_output, temperature)}
 
     def before_optimizer_step(self, info: StepInfo) -> None:
-        if info.step < self.freeze_last_layer_steps:  # the prototypes stay put while the rest settles
-            for param in self.student.head.last_layer.parameters():
-                param.grad = None
+        self.freeze_last_layers([self.student.head], info)
 
     def after_optimizer_step(self, info: StepInfo) -> None:
         ema_update(self.teacher, self.student, self.scheduled_values(info.step)["momentum"])

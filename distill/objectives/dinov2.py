@@ -22,13 +22,13 @@ from distill.data.loader import derived_generator
 from distill.data.masking import batch_masks, mask_weights
 from distill.data.views import MultiCrop, MultiCropConfig
 from distill.engine.ema import ema_update
-from distill.engine.schedules import cosine_schedule, epochs_to_steps, warmup_then_constant
 from distill.errors import InputError
 from distill.losses.dino import DINOLoss
 from distill.losses.ibot import IBOTPatchLoss
 from distill.losses.koleo import KoLeoLoss
 from distill.models.heads import DINOHead
 from distill.objectives.base import Objective, ObjectiveConfig, StepInfo
+from distill.objectives.dino import TeacherSchedules
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ class DINOv2Network(nn.Module):
         return self.ibot_head if self.ibot_head is not None else self.dino_head
 
 
-class DINOv2Objective(Objective):
+class DINOv2Objective(TeacherSchedules, Objective):
     def __init__(self, config: DINOv2Config, student_backbone: nn.Module, teacher_backbone: nn.Module,
                  seed: int = 0, teacher_state: Optional[Dict[str, torch.Tensor]] = None) -> None:
         super().__init__()
@@ -155,14 +155,6 @@ class DINOv2Objective(Objective):
                        "initialised heads (a random projection of its features)")
         self.teacher.backbone.load_state_dict({k[len("backbone."):]: v for k, v in teacher_state.items()
                                                if k.startswith("backbone.")}, strict=True)
-
-    def plan(self, total_steps: int, steps_per_epoch: int, epochs: float) -> None:
-        c = self.config
-        warmup = epochs_to_steps(c.warmup_teacher_temp_epochs, epochs, total_steps)
-        self.teacher_temp_schedule = warmup_then_constant(c.warmup_teacher_temp, c.teacher_temp, warmup, total_steps)
-        momentum_end = c.momentum_teacher_end
-        self.momentum_schedule = cosine_schedule(c.momentum_teacher, momentum_end, total_steps)
-        self.freeze_last_layer_steps = epochs_to_steps(c.freeze_last_layer_epochs, epochs, total_steps)
 
     def views(self, channels: int) -> MultiCrop:
         return MultiCrop(self.config.views, channels)
@@ -235,11 +227,8 @@ class DINOv2Objective(Objective):
         return glob, local_cls
 
     def before_optimizer_step(self, info: StepInfo) -> None:
-        if info.step < self.freeze_last_layer_steps:
-            heads = [self.student.dino_head] + ([self.student.ibot_head] if self.student.ibot_head is not None else [])
-            for head in heads:
-                for param in head.last_layer.parameters():
-                    param.grad = None
+        heads = [self.student.dino_head] + ([self.student.ibot_head] if self.student.ibot_head is not None else [])
+        self.freeze_last_layers(heads, info)
 
     def after_optimizer_step(self, info: StepInfo) -> None:
         if self.distilling:

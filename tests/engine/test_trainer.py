@@ -265,3 +265,16 @@ def test_time_budget_is_fitted_again_to_the_recent_pace(tiny_config, tmp_path):
     planned = trainer.total_steps
     run_for(20, 0.01)  # no fits after the last share
     assert trainer.budget_fits == 5 and trainer.total_steps == planned
+
+
+def test_dino_last_layer_stays_frozen_for_its_epochs_then_trains(tiny_config, tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, "train.max_steps=20", "objective.freeze_last_layer_epochs=1"))
+    trainer._setup()
+    head = trainer.objective.student.head
+    start = head.last_layer.weight_v.detach().clone()
+    trainer.config.train.max_steps = 16  # one epoch of 16 steps: frozen throughout
+    trainer.train()
+    assert torch.equal(head.last_layer.weight_v, start) and trainer.step == 16
+    trainer.config.train.max_steps, trainer.stop_reason = 20, None
+    trainer.train()  # resumes from the epoch-end checkpoint; the freeze is over
+    assert not torch.equal(head.last_layer.weight_v, start)

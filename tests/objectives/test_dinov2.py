@@ -125,3 +125,16 @@ def test_packed_crops_give_the_same_loss_and_gradients(tmp_path):
         assert torch.allclose(a[key], b[key], atol=1e-5), key
     assert grads_a.keys() == grads_b.keys()
     assert all(torch.allclose(grads_a[n], grads_b[n], atol=1e-5) for n in grads_a)
+
+
+def test_last_layers_of_both_heads_stay_frozen_for_their_epochs(tmp_path):
+    trainer = Trainer(config(tmp_path, "train.max_steps=3", "objective.separate_heads=true",
+                             "objective.ibot_out_dim=48", "objective.freeze_last_layer_epochs=1"))
+    trainer._setup()
+    student = trainer.objective.student
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    trainer.train()
+    after = dict(student.named_parameters())
+    for head in ("dino_head", "ibot_head"):
+        assert torch.equal(after[f"{head}.last_layer.weight_v"], before[f"{head}.last_layer.weight_v"])
+        assert not torch.equal(after[f"{head}.mlp.0.weight"], before[f"{head}.mlp.0.weight"])
