@@ -13,6 +13,7 @@ INSTALL_REQUIRES = [
     "submitit>=1.5",
     "fvcore",
     "faiss-cpu",
+    "scipy",
     "omegaconf>=2.3",
     "numpy",
     "pillow",
@@ -26,7 +27,8 @@ EXTRAS_REQUIRE = {
     # Memory-efficient attention kernels and faiss on CUDA. faiss-gpu provides the same `faiss`
     # module as faiss-cpu: uninstall faiss-cpu after installing this extra.
     "gpu": ["xformers", "faiss-gpu"],
-    "dev": ["pytest>=8", "pytest-xdist", "pytest-timeout"],
+    # scikit-learn: only the k-means comparison of tools/curation_scale.py.
+    "dev": ["pytest>=8", "pytest-xdist", "pytest-timeout", "scikit-learn"],
 }
 
 setup(

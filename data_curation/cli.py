@@ -19,36 +19,18 @@ from typing import List, Optional
 
 import numpy as np
 
-from data_curation.embeddings import EmbeddingStore, valid_mask
 from distill.errors import DistillError, InputError
 
 logger = logging.getLogger("data_curation")
 
 
-def _load(folder: str, memory_gb: float, keep: Optional[str] = None):
-    """(vectors, paths, row ids) of a store, invalid rows reported and left out, optionally only `keep` paths."""
-    store = EmbeddingStore(folder)
-    vectors = store.load(int(memory_gb * 2**30))
-    paths = store.paths()
-    rows = np.arange(len(vectors))
-    valid = valid_mask(vectors)
-    if not valid.all():
-        bad = [paths[i] for i in np.flatnonzero(~valid)[:5]]
-        print(f"left out {int((~valid).sum())} NaN / inf / zero embeddings (e.g. {', '.join(bad)})", file=sys.stderr)
-    if len(set(paths)) != len(paths):
-        seen, unique = set(), np.zeros(len(paths), dtype=bool)
-        for i, p in enumerate(paths):
-            unique[i] = p not in seen
-            seen.add(p)
-        print(f"left out {int((~unique).sum())} rows whose path appears twice (the first is kept)", file=sys.stderr)
-        valid &= unique
-    if keep:
-        wanted = set(Path(keep).read_text().splitlines())
-        valid &= np.array([p in wanted for p in paths])
-    rows = rows[valid]
-    if len(rows) == 0:
-        raise InputError(f"no usable embeddings in {folder}")
-    return vectors[rows], [paths[i] for i in rows], rows
+def _select(folder: str, memory_gb: float, keep: Optional[str] = None):
+    """(rows, paths): usable embeddings of a store, in memory or streamed (see embeddings.select)."""
+    from data_curation.embeddings import select
+
+    if keep is not None and not Path(keep).is_file():
+        raise InputError(f"--keep {keep} does not exist: give the kept.txt of `distill-curate dedup`")
+    return select(folder, memory_gb, Path(keep).read_text().splitlines() if keep else None)
 
 
 def _write_list(path: str, paths: List[str]) -> None:
@@ -64,67 +46,93 @@ def cmd_embed(args) -> None:
 
     written = embed_images(args.data, args.output, checkpoint=args.checkpoint, backbone=args.backbone,
                            split=args.split, shard_size=args.shard_size, batch_size=args.batch_size,
-                           device=args.device, npy=args.npy, limit=args.limit)
+                           device=args.device, npy=args.npy, limit=args.limit, flip_average=args.flip_average)
     print(f"{written} embeddings in {args.output}")
 
 
 def cmd_dedup(args) -> None:
     from data_curation.dedup import deduplicate, far_from
+    from data_curation.pictures import duplicate_grid
 
-    vectors, paths, _ = _load(args.embeddings, args.memory_gb)
-    kept, groups = deduplicate(vectors, args.threshold, args.k, args.exact_below)
+    rows, paths = _select(args.embeddings, args.memory_gb)
+    kept, groups = deduplicate(rows, args.threshold, args.k, args.exact_below)
     if args.against:
-        reference, _, _ = _load(args.against, args.memory_gb)
-        far = set(far_from(vectors[kept], reference, args.threshold).tolist())
-        removed = len(kept) - len(far)
-        kept = np.array([kept[i] for i in sorted(far)], dtype=np.int64)
-        print(f"removed {removed} images too close to {args.against}")
+        reference, _ = _select(args.against, args.memory_gb)
+        far = far_from(rows.subset(kept), reference, args.threshold)
+        print(f"removed {len(kept) - len(far)} images too close to {args.against}")
+        kept = kept[far]
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     _write_list(str(out / "kept.txt"), [paths[i] for i in kept])
-    (out / "groups.json").write_text(json.dumps([[paths[i] for i in g] for g in groups], indent=1))
-    print(f"kept {len(kept)} of {len(paths)} images; {len(groups)} duplicate groups -> {out}/kept.txt, groups.json")
+    named = [[paths[i] for i in g] for g in groups]
+    (out / "groups.json").write_text(json.dumps(named, indent=1))
+    if named and args.grid:
+        duplicate_grid(out / "duplicate_groups.png", named)
+    print(f"kept {len(kept)} of {len(paths)} images; {len(groups)} duplicate groups -> {out}/kept.txt, groups.json"
+          + (", duplicate_groups.png" if named and args.grid else ""))
 
 
 def cmd_cluster(args) -> None:
     from data_curation.kmeans import hierarchical_kmeans, leaf_of_top
+    from data_curation.pictures import cluster_sizes
 
-    vectors, paths, _ = _load(args.embeddings, args.memory_gb, args.keep)
-    levels = hierarchical_kmeans(vectors, args.levels, args.iterations, args.resampling_steps, args.per_cluster,
-                                 args.seed)
+    rows, paths = _select(args.embeddings, args.memory_gb, args.keep)
+    levels = hierarchical_kmeans(rows, args.levels, args.iterations, args.resampling_steps, args.per_cluster,
+                                 args.seed, args.gpu, args.sample_per_centroid)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     for number, (level, assignment) in enumerate(zip(levels, leaf_of_top(levels)), start=1):
         np.save(out / f"level{number}_centroids.npy", level.centroids)
         np.save(out / f"level{number}_assignment.npy", assignment)
-    distances = np.sum((vectors - levels[0].centroids[levels[0].assignment]) ** 2, axis=1)
-    np.save(out / "distances.npy", distances)
+    np.save(out / "distances.npy", levels[0].distances)
     _write_list(str(out / "paths.txt"), paths)
-    print(f"{len(paths)} images in levels of {', '.join(str(k) for k in args.levels)} clusters -> {out}")
+    sizes = np.bincount(levels[0].assignment, minlength=len(levels[0].centroids))
+    cluster_sizes(out / "cluster_sizes.png", sizes, title=f"{len(paths)} images in {len(sizes)} clusters")
+    print(f"{len(paths)} images in levels of {', '.join(str(k) for k in args.levels)} clusters -> {out} "
+          f"(largest cluster {sizes.max()}, smallest {sizes.min()}; cluster_sizes.png)")
+
+
+def _levels(folder: Path) -> List[np.ndarray]:
+    levels = sorted(folder.glob("level*_assignment.npy"), key=lambda p: int(p.name[5:].split("_")[0]))
+    if not levels or not (folder / "paths.txt").is_file():
+        raise InputError(f"no level*_assignment.npy and paths.txt in {folder}: run `distill-curate cluster` first")
+    return [np.load(p) for p in levels]
 
 
 def cmd_sample(args) -> None:
+    from data_curation.pictures import cluster_sizes
     from data_curation.sampling import balanced_sample
 
     folder = Path(args.clusters)
+    assignments = _levels(folder)
     paths = (folder / "paths.txt").read_text().splitlines()
-    levels = sorted(folder.glob("level*_assignment.npy"), key=lambda p: int(p.name[5:].split("_")[0]))
-    if not levels:
-        raise InputError(f"no level*_assignment.npy in {folder}: run `distill-curate cluster` first")
-    assignments = [np.load(p) for p in levels]
     distances = np.load(folder / "distances.npy") if args.mode == "closest" else None
     chosen = balanced_sample(assignments, args.target, args.seed, args.mode, distances)
     _write_list(args.output, [paths[i] for i in chosen])
-    print(f"sampled {len(chosen)} of {len(paths)} images -> {args.output}")
+    clusters = int(assignments[0].max()) + 1
+    before = np.bincount(assignments[0], minlength=clusters)
+    after = np.bincount(assignments[0][chosen], minlength=clusters)
+    picture = Path(args.output).with_suffix(".png")
+    cluster_sizes(picture, before, after, title=f"{clusters} clusters: {len(paths)} images sampled to {len(chosen)}")
+    print(f"sampled {len(chosen)} of {len(paths)} images -> {args.output} (cluster sizes: {picture})")
 
 
 def cmd_retrieve(args) -> None:
-    from data_curation.retrieval import retrieve
+    from data_curation.retrieval import retrieve, same_cluster
 
-    seed, _, _ = _load(args.seed, args.memory_gb)
-    pool, pool_paths, _ = _load(args.pool, args.memory_gb)
-    ids = retrieve(seed, pool, args.n)
-    chosen = list(dict.fromkeys(pool_paths[i] for i in ids.flatten()))
+    seed, _ = _select(args.seed, args.memory_gb)
+    if args.clusters:
+        from data_curation.kmeans import assign
+
+        folder = Path(args.clusters)
+        pool_clusters = _levels(folder)[0]
+        pool_paths = (folder / "paths.txt").read_text().splitlines()
+        seed_clusters, _ = assign(seed, np.load(folder / "level1_centroids.npy"))
+        chosen = [pool_paths[i] for i in same_cluster(seed_clusters, pool_clusters)]
+    else:
+        pool, pool_paths = _select(args.pool, args.memory_gb)
+        ids, _ = retrieve(seed, pool, args.n)
+        chosen = list(dict.fromkeys(pool_paths[i] for i in ids.flatten()))
     _write_list(args.output, chosen)
     print(f"retrieved {len(chosen)} pool images for {len(seed)} seed images -> {args.output}")
 
@@ -145,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--batch-size", type=int, default=256)
     embed.add_argument("--limit", type=int, default=0)
     embed.add_argument("--device", default="cpu")
+    embed.add_argument("--flip-average", action="store_true",
+                       help="average each image's features with its mirror's (copy detection: copies are often flipped)")
     embed.set_defaults(run=cmd_embed)
 
     dedup = commands.add_parser("dedup", help="near-duplicate removal over a cosine kNN graph")
@@ -153,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     dedup.add_argument("--k", type=int, default=16, help="neighbours per image in the graph")
     dedup.add_argument("--exact-below", type=int, default=200_000, help="exact search up to this many images")
     dedup.add_argument("--against", help="embeddings of an evaluation set: drop pool images this close to it")
+    dedup.add_argument("--no-grid", dest="grid", action="store_false", help="skip duplicate_groups.png")
     dedup.add_argument("--output", required=True)
     dedup.add_argument("--memory-gb", **memory)
     dedup.set_defaults(run=cmd_dedup)
@@ -164,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--iterations", type=int, default=20)
     cluster.add_argument("--resampling-steps", type=int, default=1)
     cluster.add_argument("--per-cluster", type=int, default=10)
+    cluster.add_argument("--sample-per-centroid", type=int, default=256,
+                         help="centroids are fitted on at most this many points per cluster, then all are assigned")
+    cluster.add_argument("--gpu", action="store_true", help="faiss on the GPUs (needs the gpu extra)")
     cluster.add_argument("--seed", type=int, default=0)
     cluster.add_argument("--output", required=True)
     cluster.add_argument("--memory-gb", **memory)
@@ -179,7 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     retrieve = commands.add_parser("retrieve", help="the N nearest pool images of each seed image")
     retrieve.add_argument("--seed", required=True, help="embeddings of the curated seed set")
-    retrieve.add_argument("--pool", required=True)
+    retrieve.add_argument("--pool", help="pool embeddings (the N nearest of each seed image)")
+    retrieve.add_argument("--clusters", help="instead: a `cluster` output; every pool image sharing a seed's cluster")
     retrieve.add_argument("--n", type=int, default=4)
     retrieve.add_argument("--output", required=True)
     retrieve.add_argument("--memory-gb", **memory)
@@ -188,7 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "retrieve" and bool(args.pool) == bool(args.clusters):
+        parser.error("retrieve needs one of --pool or --clusters")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         args.run(args)

@@ -1,53 +1,56 @@
 """Near-duplicate removal: a cosine kNN graph (faiss), edges above a similarity threshold, connected components
-(union-find), one image kept per component; and removal of pool images too close to an evaluation set."""
+(union-find), one image kept per component; and removal of pool images too close to an evaluation set.
+
+Rows held in memory are indexed in float32; streamed rows (a pool over the memory budget) go into an index of
+float16 codes, filled and searched shard by shard, so memory is the index's codes plus one shard."""
 
 from typing import Dict, List, Tuple
 
 import numpy as np
 
+from data_curation.embeddings import Rows, as_rows
 from distill.errors import InputError
 from distill.progress import progress
 
 
-def _index(dim: int, exact_below: int, count: int):
+def build_index(rows: Rows, exact_below: int, train_per_list: int = 64, seed: int = 0):
+    """A cosine (inner product) index over rows: exact below `exact_below` rows, inverted lists above
+    (about 4 sqrt(N) lists, trained on a sample of train_per_list rows per list)."""
     import faiss
 
-    if count <= exact_below:
-        return faiss.IndexFlatIP(dim)
-    lists = int(max(16, min(65536, 4 * np.sqrt(count))))
-    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, lists, faiss.METRIC_INNER_PRODUCT)
-    index.nprobe = min(lists, 16)
+    n, dim = len(rows), rows.dim
+    quantizer_codes = None if rows.in_memory else faiss.ScalarQuantizer.QT_fp16
+    if n <= exact_below:
+        index = (faiss.IndexFlatIP(dim) if quantizer_codes is None else
+                 faiss.IndexScalarQuantizer(dim, quantizer_codes, faiss.METRIC_INNER_PRODUCT))
+    else:
+        lists = int(max(16, min(65536, 4 * np.sqrt(n))))
+        coarse = faiss.IndexFlatIP(dim)
+        index = (faiss.IndexIVFFlat(coarse, dim, lists, faiss.METRIC_INNER_PRODUCT) if quantizer_codes is None else
+                 faiss.IndexIVFScalarQuantizer(coarse, dim, lists, quantizer_codes, faiss.METRIC_INNER_PRODUCT))
+        index.nprobe = min(lists, 16)
+        sample = np.random.default_rng(seed).choice(n, size=min(n, train_per_list * lists), replace=False)
+        index.train(rows.take(np.sort(sample)))
+    for _, batch in rows.batches():
+        index.add(batch)
     return index
 
 
-def _prepare(vectors: np.ndarray) -> np.ndarray:
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    if (norms == 0).any() or not np.isfinite(vectors).all():
-        raise InputError("embeddings hold NaN, inf or zero vectors: leave them out first (valid_mask)")
-    return vectors / norms
-
-
-def similar_pairs(vectors: np.ndarray, threshold: float, k: int = 16, exact_below: int = 200_000,
-                  batch: int = 65_536) -> np.ndarray:
+def similar_pairs(data, threshold: float, k: int = 16, exact_below: int = 200_000) -> np.ndarray:
     """Pairs (i, j), i < j, with cosine similarity >= threshold among each row's k nearest neighbours."""
-    x = _prepare(vectors)
-    n, dim = x.shape
+    rows = as_rows(data)
+    n = len(rows)
     if n < 2:
         return np.zeros((0, 2), dtype=np.int64)
-    index = _index(dim, exact_below, n)
-    if not index.is_trained:
-        rng = np.random.default_rng(0)
-        index.train(x[rng.choice(n, size=min(n, 256 * index.nlist), replace=False)])
-    index.add(x)
+    index = build_index(rows, exact_below)
     found = []
     k = min(k + 1, n)
     with progress(total=n, desc="kNN graph", unit="vec", leave=False) as bar:
-        for start in range(0, n, batch):
-            sims, ids = index.search(x[start : start + batch], k)
-            rows = np.repeat(np.arange(start, start + len(ids)), k).reshape(len(ids), k)
-            keep = (sims >= threshold) & (ids >= 0) & (ids != rows)
-            found.append(np.stack([rows[keep], ids[keep]], axis=1))
+        for start, batch in rows.batches():
+            sims, ids = index.search(batch, k)
+            rows_of = np.repeat(np.arange(start, start + len(ids)), k).reshape(len(ids), k)
+            keep = (sims >= threshold) & (ids >= 0) & (ids != rows_of)
+            found.append(np.stack([rows_of[keep], ids[keep]], axis=1))
             bar.update(len(ids))
     pairs = np.concatenate(found) if found else np.zeros((0, 2), dtype=np.int64)
     pairs = np.sort(pairs, axis=1)
@@ -56,49 +59,46 @@ def similar_pairs(vectors: np.ndarray, threshold: float, k: int = 16, exact_belo
 
 def connected_components(n: int, pairs: np.ndarray) -> np.ndarray:
     """Component id of each of n nodes (the smallest node of its component)."""
-    parent = np.arange(n)
+    if len(pairs) == 0:
+        return np.arange(n)
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components as components
 
-    def find(i: int) -> int:
-        root = i
-        while parent[root] != root:
-            root = parent[root]
-        while parent[i] != root:
-            parent[i], i = root, parent[i]
-        return root
-
-    for a, b in pairs:
-        ra, rb = find(int(a)), find(int(b))
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
-    return np.array([find(i) for i in range(n)])
+    graph = coo_matrix((np.ones(len(pairs), dtype=np.int8), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
+    _, labels = components(graph, directed=False)
+    smallest = np.full(labels.max() + 1, n, dtype=np.int64)
+    np.minimum.at(smallest, labels, np.arange(n))
+    return smallest[labels]
 
 
-def deduplicate(vectors: np.ndarray, threshold: float, k: int = 16, exact_below: int = 200_000
+def deduplicate(data, threshold: float, k: int = 16, exact_below: int = 200_000
                 ) -> Tuple[np.ndarray, List[List[int]]]:
     """(indices kept, duplicate groups): one image per connected component of the >= threshold graph, the
-    first in order; groups list every component of two or more images."""
+    first in order; groups list every component of two or more images, largest first."""
     if not -1 <= threshold <= 1:
         raise InputError(f"a cosine threshold lies in [-1, 1], got {threshold}")
-    pairs = similar_pairs(vectors, threshold, k, exact_below)
-    components = connected_components(len(vectors), pairs)
-    kept = np.flatnonzero(components == np.arange(len(vectors)))
+    rows = as_rows(data)
+    pairs = similar_pairs(rows, threshold, k, exact_below)
+    components = connected_components(len(rows), pairs)
+    kept = np.flatnonzero(components == np.arange(len(rows)))
     groups: Dict[int, List[int]] = {}
-    for i, c in enumerate(components):
-        groups.setdefault(int(c), []).append(i)
-    return kept, [g for g in groups.values() if len(g) > 1]
+    for i in np.flatnonzero(components != np.arange(len(rows))):
+        groups.setdefault(int(components[i]), [int(components[i])]).append(int(i))
+    return kept, sorted(groups.values(), key=len, reverse=True)
 
 
-def far_from(pool: np.ndarray, reference: np.ndarray, threshold: float, batch: int = 65_536) -> np.ndarray:
-    """Indices of pool rows whose nearest reference row (an evaluation set) has cosine below threshold."""
+def far_from(pool, reference, threshold: float) -> np.ndarray:
+    """Positions of pool rows whose nearest reference row (an evaluation set) has cosine below threshold."""
     import faiss
 
-    x, ref = _prepare(pool), _prepare(reference)
-    if ref.shape[1] != x.shape[1]:
-        raise InputError(f"pool embeddings have dimension {x.shape[1]}, the evaluation set's {ref.shape[1]}")
-    index = faiss.IndexFlatIP(ref.shape[1])
-    index.add(ref)
+    pool, reference = as_rows(pool), as_rows(reference)
+    if reference.dim != pool.dim:
+        raise InputError(f"pool embeddings have dimension {pool.dim}, the evaluation set's {reference.dim}")
+    index = faiss.IndexFlatIP(reference.dim)
+    for _, batch in reference.batches():
+        index.add(batch)
     keep = []
-    for start in range(0, len(x), batch):
-        sims, _ = index.search(x[start : start + batch], 1)
+    for start, batch in pool.batches():
+        sims, _ = index.search(batch, 1)
         keep.append(np.flatnonzero(sims[:, 0] < threshold) + start)
     return np.concatenate(keep) if keep else np.zeros(0, dtype=np.int64)

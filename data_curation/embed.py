@@ -2,7 +2,8 @@
 
 import copy
 import logging
-from typing import Optional
+from pathlib import Path
+from typing import List, Optional
 
 import numpy as np
 import torch
@@ -10,6 +11,7 @@ import torch
 from data_curation.embeddings import EmbeddingStore, from_npy
 from distill.data.datasets import ArrayImages, DatasetConfig, build_image_source
 from distill.data.eval_views import EvalView
+from distill.data.fashion_mnist import fashion_mnist_path
 from distill.errors import InputError
 from distill.progress import progress
 
@@ -36,20 +38,54 @@ def _subset(source, start: int, end: int):
     return part
 
 
-def _paths(source, start: int, end: int, data: str, split: Optional[str]):
-    if isinstance(source, ArrayImages):
-        return [f"{data}/{split or 'train'}/{i}" for i in range(start, end)]
-    return list(source.paths[start:end])
+def _names(source, data: str, split: Optional[str]) -> List[str]:
+    """The path each image goes by in the store (and in every selection written from it)."""
+    if not isinstance(source, ArrayImages):
+        return list(source.paths)
+    if data == "fashion_mnist":
+        return [fashion_mnist_path(split or "train", i) for i in range(len(source.images))]
+    listed = [line.split()[0] for line in Path(data).read_text().splitlines() if line.strip() and line[0] != "#"]
+    return listed[: len(source.images)]
+
+
+@torch.inference_mode()
+def _embed_shard(model, source, view, batch_size: int, device: str, flip_average: bool):
+    """(L2-normalised features [n, D], positions of images that could not be read: their rows are zero)."""
+    from distill.data.loader import build_loader
+    from distill.precision import autocast, resolve_precision
+
+    precision = resolve_precision("auto", torch.device(device))
+    loader, _ = build_loader(source, view, batch_size, seed=0, shuffle=False, drop_last=False)
+    features, unreadable, position = [], [], 0
+    for batch in loader:
+        images = batch["crops"][0].to(device)
+        with autocast(precision, torch.device(device)):
+            out = torch.nn.functional.normalize(model(images).float(), dim=1)
+            if flip_average:  # invariant to mirroring: copies are often flipped
+                out = torch.nn.functional.normalize(out + torch.nn.functional.normalize(
+                    model(images.flip(-1)).float(), dim=1), dim=1)
+        expected = torch.arange(position, position + len(images))
+        substituted = batch["indices"].cpu() != expected  # the loader replaced an unreadable file by the next one
+        out[substituted.to(out.device)] = 0
+        unreadable.extend(expected[substituted].tolist())
+        features.append(out.cpu())
+        position += len(images)
+    return torch.cat(features).numpy(), unreadable
 
 
 def embed_images(data: str, output: str, checkpoint: Optional[str] = None, backbone: Optional[str] = None,
                  split: Optional[str] = None, shard_size: int = 50_000, batch_size: int = 256, device: str = "cpu",
-                 npy: Optional[str] = None, limit: int = 0) -> int:
+                 npy: Optional[str] = None, limit: int = 0, flip_average: bool = False) -> int:
     """Write the embeddings of every readable image of `data` to `output`; returns the number of rows there."""
     store = EmbeddingStore(output)
     if npy:
         vectors, paths = from_npy(npy, None if data in (None, "", "fashion_mnist") else
                                   [line.split()[0] for line in open(data).read().splitlines() if line.strip()])
+        if len(vectors) == 0:
+            raise InputError(f"{npy} holds no embeddings (shape {vectors.shape})")
+        if len(store) and store.dim != vectors.shape[1]:
+            raise InputError(f"{npy} has dimension {vectors.shape[1]} but {output} holds embeddings of dimension "
+                             f"{store.dim}: write them to another folder")
         done = len(store)
         for start in range(done, len(vectors), shard_size):
             chunk = vectors[start : start + shard_size].astype(np.float32)
@@ -59,14 +95,13 @@ def embed_images(data: str, output: str, checkpoint: Optional[str] = None, backb
         return len(store)
     if shard_size < 1:
         raise InputError("--shard-size must be positive")
-    from distill.eval.features import extract_source_features
     from distill.eval.loading import load_backbone
     from distill.models import create_backbone
 
     source = _source(data, split, limit)
     if source.unreadable:
         logger.warning("left out %d unreadable images (e.g. %s)", len(source.unreadable), source.unreadable[0])
-    fashion = data == "fashion_mnist"
+    fashion = data == "fashion_mnist" or isinstance(source, ArrayImages)  # also a selection of it
     if checkpoint:
         model, setup = load_backbone(checkpoint, backbone, fashion_mnist=fashion)
         view = EvalView(setup.image_size, setup.mean, setup.std, model.config["in_chans"])
@@ -83,13 +118,20 @@ def embed_images(data: str, output: str, checkpoint: Optional[str] = None, backb
                          "the --shard-size it was started with, or into a new folder")
     if done:
         logger.info("resuming: %d of %d images already embedded in %s", done, len(source), output)
+    names = _names(source, data, split)
+    unreadable = list(source.unreadable)
     with progress(total=len(source), initial=done, desc="embed", unit="img") as bar:
         for start in range(done, len(source), shard_size):
             end = min(start + shard_size, len(source))
-            features, _ = extract_source_features(model, _subset(source, start, end), view, batch_size, "auto",
-                                                  device, 0, desc="shard")
-            features = torch.nn.functional.normalize(features.float(), dim=1).numpy()
-            store.append(features, _paths(source, start, end, data, split))
+            features, bad = _embed_shard(model, _subset(source, start, end), view, batch_size, device, flip_average)
+            store.append(features, names[start:end])
+            unreadable += [names[start + i] for i in bad]
             bar.update(end - start)
+    if unreadable:
+        listing = store.folder / "unreadable.txt"
+        before = listing.read_text().splitlines() if listing.is_file() else []
+        listing.write_text("".join(f"{p}\n" for p in dict.fromkeys(before + unreadable)))
+        logger.warning("%d images could not be read (listed in %s; their rows, if any, are zero and left out by "
+                       "the next steps)", len(unreadable), store.folder / "unreadable.txt")
     store.finish()
     return len(store)

@@ -7,6 +7,7 @@ zero vectors) are reported and left out by `valid_mask`.
 
 import json
 from pathlib import Path
+import logging
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -14,6 +15,7 @@ import numpy as np
 from distill.errors import InputError
 
 MANIFEST = "manifest.json"
+logger = logging.getLogger(__name__)
 
 
 class EmbeddingStore:
@@ -93,6 +95,137 @@ class EmbeddingStore:
             raise InputError(f"{len(self)} x {self.dim} embeddings need {need / 2**30:.1f} GiB in float32, over the "
                              f"memory budget of {max_bytes / 2**30:.1f} GiB: raise --memory-gb or use a streaming step")
         return np.concatenate([array for _, array in self.shards()]) if len(self) else np.zeros((0, self.dim), np.float32)
+
+
+class Rows:
+    """Rows of embeddings, float32 and L2-normalised, read in batches: every algorithm of the package takes these,
+    so one code path serves a pool held in memory and one streamed from disk shard by shard."""
+
+    dim: int
+    in_memory: bool
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def batches(self) -> Iterator[Tuple[int, np.ndarray]]:
+        """(position of the first row, rows) in order."""
+        raise NotImplementedError
+
+    def take(self, positions: np.ndarray) -> np.ndarray:
+        """The rows at these positions (any order), as one array."""
+        raise NotImplementedError
+
+    def subset(self, positions: np.ndarray) -> "Rows":
+        """The rows at these positions, as Rows of the same kind."""
+        raise NotImplementedError
+
+
+class ArrayRows(Rows):
+    def __init__(self, vectors: np.ndarray, batch: int = 65_536) -> None:
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2:
+            raise InputError(f"embeddings are a 2-D array [images, dim], got shape {vectors.shape}")
+        if not valid_mask(vectors).all():
+            raise InputError("embeddings hold NaN, inf or zero vectors: leave them out first (valid_mask)")
+        self.vectors = np.ascontiguousarray(normalize(vectors))
+        self.dim, self.batch, self.in_memory = vectors.shape[1], batch, True
+
+    def __len__(self) -> int:
+        return len(self.vectors)
+
+    def batches(self) -> Iterator[Tuple[int, np.ndarray]]:
+        for start in range(0, len(self.vectors), self.batch):
+            yield start, self.vectors[start : start + self.batch]
+
+    def take(self, positions: np.ndarray) -> np.ndarray:
+        return self.vectors[np.asarray(positions, dtype=np.int64)]
+
+    def subset(self, positions: np.ndarray) -> Rows:
+        return ArrayRows(self.take(positions), self.batch)
+
+
+class StoreRows(Rows):
+    """Chosen rows of a store, read one shard at a time (memory: one shard, whatever the pool)."""
+
+    def __init__(self, store: EmbeddingStore, rows: np.ndarray) -> None:
+        self.store, self.rows = store, np.asarray(rows, dtype=np.int64)
+        self.dim, self.in_memory = store.dim, False
+        shards = store.manifest()["shards"]
+        self.files = [store.folder / s["file"] for s in shards]
+        self.bounds = np.cumsum([0] + [s["rows"] for s in shards])
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _shard_rows(self):
+        """(shard number, positions of chosen rows in it, their row numbers inside the shard)."""
+        cut = np.searchsorted(self.rows, self.bounds)
+        for number in range(len(self.files)):
+            lo, hi = cut[number], cut[number + 1]
+            if hi > lo:
+                yield number, np.arange(lo, hi), self.rows[lo:hi] - self.bounds[number]
+
+    def batches(self) -> Iterator[Tuple[int, np.ndarray]]:
+        for number, positions, inside in self._shard_rows():
+            shard = np.load(self.files[number], mmap_mode="r")
+            yield int(positions[0]), normalize(np.asarray(shard[inside], dtype=np.float32))
+
+    def take(self, positions: np.ndarray) -> np.ndarray:
+        positions = np.asarray(positions, dtype=np.int64)
+        out = np.empty((len(positions), self.dim), dtype=np.float32)
+        rows = self.rows[positions]
+        shard_of = np.searchsorted(self.bounds, rows, side="right") - 1
+        for number in np.unique(shard_of):
+            where = np.flatnonzero(shard_of == number)
+            shard = np.load(self.files[number], mmap_mode="r")
+            inside = rows[where] - self.bounds[number]
+            order = np.argsort(inside)
+            out[where[order]] = shard[inside[order]]
+        return normalize(out)
+
+    def subset(self, positions: np.ndarray) -> Rows:
+        return StoreRows(self.store, self.rows[np.sort(np.asarray(positions, dtype=np.int64))])
+
+
+def select(folder, memory_gb: float, keep: Optional[Sequence[str]] = None) -> Tuple[Rows, List[str]]:
+    """The usable rows of a store and their paths: NaN / inf / zero rows and repeated paths are reported and left
+    out, and with `keep` only those paths stay. Held in memory when they fit in memory_gb as float32, streamed
+    shard by shard otherwise."""
+    store = EmbeddingStore(folder)
+    dim, paths = store.dim, store.paths()
+    if len(paths) != len(store):
+        raise InputError(f"{folder}: paths.txt lists {len(paths)} paths for {len(store)} embeddings; re-run "
+                         "`distill-curate embed` into a new folder")
+    valid = np.concatenate([valid_mask(array) for _, array in store.shards()])
+    if not valid.all():
+        bad = [paths[i] for i in np.flatnonzero(~valid)[:5]]
+        logger.warning("left out %d NaN / inf / zero embeddings (unreadable images or broken vectors; e.g. %s)",
+                       int((~valid).sum()), ", ".join(bad))
+    seen: set = set()
+    unique = np.zeros(len(paths), dtype=bool)
+    for i, p in enumerate(paths):
+        unique[i] = p not in seen
+        seen.add(p)
+    if not unique.all():
+        logger.warning("left out %d rows whose path appears twice (the first is kept)", int((~unique).sum()))
+    valid &= unique
+    if keep is not None:
+        wanted = set(keep)
+        valid &= np.fromiter((p in wanted for p in paths), dtype=bool, count=len(paths))
+    rows = np.flatnonzero(valid)
+    if len(rows) == 0:
+        raise InputError(f"no usable embeddings in {folder}")
+    chosen = [paths[i] for i in rows]
+    need = len(rows) * dim * 4
+    if need <= memory_gb * 2**30:
+        return ArrayRows(StoreRows(store, rows).take(np.arange(len(rows)))), chosen
+    logger.info("%d x %d embeddings need %.1f GiB in float32, over --memory-gb %.1f: streaming them shard by shard",
+                len(rows), dim, need / 2**30, memory_gb)
+    return StoreRows(store, rows), chosen
+
+
+def as_rows(data) -> Rows:
+    return data if isinstance(data, Rows) else ArrayRows(data)
 
 
 def valid_mask(vectors: np.ndarray) -> np.ndarray:

@@ -1,72 +1,103 @@
 """Hierarchical k-means with resampling (Vo et al. 2024) on faiss: level 1 clusters the points, each next level
-clusters the previous level's centroids; resampling steps re-fit each level's centroids on a balanced sample of
-points closest to the current centroids, so that dense regions do not swallow the centroids."""
+clusters the previous level's centroids; resampling steps re-fit each level's centroids on the points closest
+to the current centroids (a balanced sample), so that dense regions do not swallow the centroids.
+
+Centroids are fitted on a sample of at most `sample_per_centroid` points per cluster (faiss's rule); every
+point is then assigned in one streamed pass, so a pool read shard by shard never sits whole in memory."""
 
 from dataclasses import dataclass
 from typing import List, Sequence
 
 import numpy as np
 
+from data_curation.embeddings import Rows, as_rows
 from distill.errors import InputError
+from distill.progress import progress
 
 
 @dataclass
 class Level:
     centroids: np.ndarray  # [k, D]
     assignment: np.ndarray  # [n] cluster of each input row of this level
-    inertia: float
+    distances: np.ndarray  # [n] squared distance of each row to its centroid
+    inertia: float  # the sum of `distances`
 
 
-def kmeans(x: np.ndarray, k: int, iterations: int = 20, seed: int = 0, init: np.ndarray = None,
-           gpu: bool = False) -> Level:
+def assign(rows: Rows, centroids: np.ndarray, gpu: bool = False, desc: str = "assign"):
+    """(nearest centroid, squared distance) of every row, one batch at a time."""
     import faiss
 
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    if k < 1 or k > len(x):
-        raise InputError(f"cannot make {k} clusters of {len(x)} points: choose between 1 and {len(x)}")
-    km = faiss.Kmeans(x.shape[1], k, niter=iterations, seed=seed, gpu=gpu, spherical=True,
-                      max_points_per_centroid=max(256, (len(x) + k - 1) // k))
-    km.train(x, init_centroids=init)
-    distances, labels = km.index.search(x, 1)
-    inertia = float(np.sum((x - km.centroids[labels[:, 0]]) ** 2))
-    return Level(km.centroids.copy(), labels[:, 0].astype(np.int64), inertia)
+    index = faiss.IndexFlatL2(centroids.shape[1])
+    if gpu:
+        index = faiss.index_cpu_to_all_gpus(index)
+    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    labels = np.empty(len(rows), dtype=np.int64)
+    distances = np.empty(len(rows), dtype=np.float32)
+    with progress(total=len(rows), desc=desc, unit="vec", leave=False) as bar:
+        for start, batch in rows.batches():
+            d, i = index.search(batch, 1)
+            labels[start : start + len(batch)], distances[start : start + len(batch)] = i[:, 0], d[:, 0]
+            bar.update(len(batch))
+    return labels, distances
 
 
-def resample(x: np.ndarray, level: Level, per_cluster: int, iterations: int, seed: int) -> Level:
+def kmeans(data, k: int, iterations: int = 20, seed: int = 0, init: np.ndarray = None, gpu: bool = False,
+           sample_per_centroid: int = 256, subset: np.ndarray = None) -> Level:
+    """Spherical k-means of the rows (or of rows[subset]), then every row assigned to its nearest centroid."""
+    import faiss
+
+    rows = as_rows(data)
+    pool = len(rows) if subset is None else len(subset)
+    if not 1 <= k <= pool:
+        raise InputError(f"cannot make {k} clusters of {pool} points: choose between 1 and {pool}")
+    rng = np.random.default_rng(seed)
+    chosen = np.arange(len(rows)) if subset is None else np.asarray(subset)
+    if len(chosen) > sample_per_centroid * k:
+        chosen = np.sort(rng.choice(chosen, size=sample_per_centroid * k, replace=False))
+    train = rows.take(chosen)
+    km = faiss.Kmeans(rows.dim, k, niter=iterations, seed=seed, gpu=gpu, spherical=True,
+                      max_points_per_centroid=max(sample_per_centroid, -(-len(train) // k)), verbose=False)
+    km.train(train, init_centroids=None if init is None else np.ascontiguousarray(init, dtype=np.float32))
+    centroids = km.centroids.copy()
+    labels, distances = assign(rows, centroids, gpu, desc=f"assign to {k}")
+    return Level(centroids, labels, distances, float(distances.astype(np.float64).sum()))
+
+
+def closest_per_cluster(level: Level, per_cluster: int) -> np.ndarray:
+    """Positions of up to per_cluster rows nearest each centroid (one sort, not one scan per cluster)."""
+    order = np.lexsort((level.distances, level.assignment))
+    clusters = level.assignment[order]
+    first = np.searchsorted(clusters, clusters, side="left")  # start of each row's cluster in the order
+    return np.sort(order[np.arange(len(order)) - first < per_cluster])
+
+
+def resample(data, level: Level, per_cluster: int, iterations: int, seed: int, gpu: bool = False,
+             sample_per_centroid: int = 256) -> Level:
     """Re-fit the centroids on up to per_cluster points nearest each centroid, then reassign every point."""
-    import faiss
-
-    chosen = []
-    for c in range(len(level.centroids)):
-        members = np.flatnonzero(level.assignment == c)
-        if len(members) == 0:
-            continue
-        d = np.sum((x[members] - level.centroids[c]) ** 2, axis=1)
-        chosen.append(members[np.argsort(d)[:per_cluster]])
-    subset = np.concatenate(chosen)
+    rows = as_rows(data)
+    subset = closest_per_cluster(level, per_cluster)
     k = min(len(level.centroids), len(subset))
-    refit = kmeans(x[subset], k, iterations, seed, init=level.centroids[:k].copy())
-    index = faiss.IndexFlatL2(x.shape[1])
-    index.add(refit.centroids)
-    _, labels = index.search(np.ascontiguousarray(x, dtype=np.float32), 1)
-    assignment = labels[:, 0].astype(np.int64)
-    inertia = float(np.sum((x - refit.centroids[assignment]) ** 2))
-    return Level(refit.centroids, assignment, inertia)
+    return kmeans(rows, k, iterations, seed, init=level.centroids[:k], gpu=gpu,
+                  sample_per_centroid=sample_per_centroid, subset=subset)
 
 
-def hierarchical_kmeans(x: np.ndarray, clusters: Sequence[int], iterations: int = 20, resampling_steps: int = 0,
-                        per_cluster: int = 10, seed: int = 0) -> List[Level]:
+def hierarchical_kmeans(data, clusters: Sequence[int], iterations: int = 20, resampling_steps: int = 0,
+                        per_cluster: int = 10, seed: int = 0, gpu: bool = False,
+                        sample_per_centroid: int = 256) -> List[Level]:
     """Levels from fine to coarse: clusters[0] clusters the points, clusters[i] the centroids of level i - 1."""
     if not len(clusters) or any(b > a for a, b in zip(clusters, clusters[1:])):
         raise InputError(f"cluster counts go from fine to coarse (non-increasing), got {list(clusters)}")
+    if per_cluster < 1 or resampling_steps < 0 or iterations < 1:
+        raise InputError("--per-cluster and --iterations must be positive, --resampling-steps not negative")
     levels: List[Level] = []
-    data = np.ascontiguousarray(x, dtype=np.float32)
+    rows = as_rows(data)
     for number, k in enumerate(clusters):
-        level = kmeans(data, k, iterations, seed + number)
+        level = kmeans(rows, k, iterations, seed + number, gpu=gpu, sample_per_centroid=sample_per_centroid)
         for step in range(resampling_steps):
-            level = resample(data, level, per_cluster, iterations, seed + 100 * (step + 1) + number)
+            level = resample(rows, level, per_cluster, iterations, seed + 100 * (step + 1) + number, gpu,
+                             sample_per_centroid)
         levels.append(level)
-        data = level.centroids
+        rows = as_rows(level.centroids)
     return levels
 
 

@@ -16,7 +16,8 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from distill.data.fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist
+from distill.data.fashion_mnist import (FASHION_MNIST_CLASSES, PATH_PREFIX, fashion_mnist_selection,
+                                        load_fashion_mnist)
 from distill.data.images import IMAGE_EXTENSIONS, load_image
 from distill.errors import InputError
 from distill.progress import progress
@@ -183,6 +184,10 @@ def build_image_source(config: DatasetConfig, split: Optional[str] = None):
     if kind == "filelist":
         if not path.is_file():
             raise InputError(f"data.path {path} is a folder, but data.kind is filelist (a text file of paths)")
+        names = [line.split()[0] for line in path.read_text().splitlines() if line.strip() and line[0] != "#"]
+        if names and names[0].startswith(PATH_PREFIX):  # a selection of Fashion-MNIST images (distill-curate)
+            images, labels = fashion_mnist_selection(names[: config.limit or None])
+            return ArrayImages(images, labels, FASHION_MNIST_CLASSES, f"Fashion-MNIST selection {path.name}")
         paths, labels, classes = _read_filelist(path)
     else:
         if not path.is_dir():

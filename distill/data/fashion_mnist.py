@@ -80,3 +80,41 @@ def load_fashion_mnist(split: str = "train", root: Optional[Union[str, Path]] = 
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise InputError(f"{folder}: {split} images {images.shape} and labels {labels.shape} do not match")
     return images, labels
+
+
+PATH_PREFIX = "fashion_mnist/"
+
+
+def fashion_mnist_path(split: str, index: int) -> str:
+    """The name one Fashion-MNIST image goes by in file lists: fashion_mnist/<split>/<index>."""
+    return f"{PATH_PREFIX}{split}/{index}"
+
+
+def parse_fashion_mnist_path(path: str) -> Optional[Tuple[str, int]]:
+    """(split, index) of a fashion_mnist/<split>/<index> name; None for any other path."""
+    parts = str(path).split("/")
+    if len(parts) != 3 or parts[0] + "/" != PATH_PREFIX or parts[1] not in FILES or not parts[2].isdigit():
+        return None
+    return parts[1], int(parts[2])
+
+
+def fashion_mnist_selection(names) -> Tuple[np.ndarray, np.ndarray]:
+    """(images, labels) of a list of fashion_mnist/<split>/<index> names, in order."""
+    parsed = [parse_fashion_mnist_path(n) for n in names]
+    bad = [n for n, p in zip(names, parsed) if p is None]
+    if bad:
+        raise InputError(f"{bad[0]!r} is not a Fashion-MNIST image name (fashion_mnist/train|test/<index>); a list "
+                         "mixes them with files")
+    images, labels = [], []
+    for split in sorted({p[0] for p in parsed}):
+        data, targets = load_fashion_mnist(split)
+        where = [i for i, p in enumerate(parsed) if p[0] == split]
+        index = np.array([parsed[i][1] for i in where])
+        if index.max() >= len(data):
+            raise InputError(f"fashion_mnist/{split}/{index.max()} is out of range: the split has {len(data)} images")
+        images.append((where, data[index], targets[index]))
+    out_images = np.empty((len(names), 28, 28), dtype=np.uint8)
+    out_labels = np.empty(len(names), dtype=np.int64)
+    for where, data, targets in images:
+        out_images[where], out_labels[where] = data, targets
+    return out_images, out_labels

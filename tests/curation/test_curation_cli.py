@@ -43,13 +43,122 @@ def test_embed_resumes_and_the_steps_chain(tmp_path, capsys):
     assert code == 2 and "run `distill-curate embed` first" in capsys.readouterr().err
 
 
-def test_nan_rows_and_repeated_paths_are_reported_and_left_out(tmp_path, capsys):
+def test_nan_rows_and_repeated_paths_are_reported_and_left_out(tmp_path, caplog):
     store = EmbeddingStore(tmp_path / "emb")
     x = np.random.default_rng(0).normal(size=(6, 4)).astype(np.float32)
     x[2] = np.nan
     store.append(x, ["a", "b", "c", "d", "a", "f"])
     assert main(["dedup", "--embeddings", str(tmp_path / "emb"), "--threshold", "0.99",
                  "--output", str(tmp_path / "dd")]) == 0
-    err = capsys.readouterr().err
-    assert "left out 1 NaN / inf / zero" in err and "appears twice" in err
+    assert "left out 1 NaN / inf / zero" in caplog.text and "appears twice" in caplog.text
     assert (tmp_path / "dd" / "kept.txt").read_text().splitlines() == ["a", "b", "d", "f"]
+
+
+def _folder_of_images(folder, count=6):
+    from PIL import Image
+
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 255, size=(40, 40, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+    (folder / "img3.png").write_bytes(b"this is not a png")  # corrupt
+    return folder
+
+
+def test_a_corrupt_image_is_named_and_left_out_whether_found_before_or_during_embedding(tmp_path, monkeypatch):
+    images = _folder_of_images(tmp_path / "images")
+    common = ["embed", "--data", str(images), "--backbone", "vit_tiny", "--shard-size", "2", "--batch-size", "2"]
+    assert main(common + ["--output", str(tmp_path / "checked")]) == 0  # found by the up-front check
+    store = EmbeddingStore(tmp_path / "checked")
+    assert len(store) == 5 and not any(p.endswith("img3.png") for p in store.paths())
+    assert (tmp_path / "checked" / "unreadable.txt").read_text().strip().endswith("img3.png")
+
+    import distill.data.datasets as datasets
+
+    monkeypatch.setattr(datasets, "VERIFY_AUTO_LIMIT", 0)  # large pools are not checked up front
+    assert main(common + ["--output", str(tmp_path / "met")]) == 0
+    store = EmbeddingStore(tmp_path / "met")
+    vectors, paths = store.load(), store.paths()
+    assert len(store) == 6 and paths[3].endswith("img3.png")  # rows stay aligned with their paths
+    assert not vectors[3].any() and np.abs(np.linalg.norm(vectors[[0, 1, 2, 4, 5]], axis=1) - 1).max() < 1e-2
+    assert (tmp_path / "met" / "unreadable.txt").read_text().strip().endswith("img3.png")
+    assert main(["dedup", "--embeddings", str(tmp_path / "met"), "--output", str(tmp_path / "dd")]) == 0
+    kept = (tmp_path / "dd" / "kept.txt").read_text().splitlines()
+    grouped = {p for g in json.loads((tmp_path / "dd" / "groups.json").read_text()) for p in g}
+    assert set(kept) | grouped == {p for p in paths if not p.endswith("img3.png")}
+
+
+def test_an_interrupted_embedding_keeps_its_shards_and_resumes(tmp_path, monkeypatch):
+    import data_curation.embed as embed
+
+    real, calls = embed._embed_shard, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # killed while embedding the second shard
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(embed, "_embed_shard", failing)
+    common = ["embed", "--data", "fashion_mnist", "--backbone", "vit_tiny_patch7", "--limit", "96", "--shard-size",
+              "32", "--output", str(tmp_path / "emb")]
+    try:
+        main(common)
+    except KeyboardInterrupt:
+        pass
+    first = EmbeddingStore(tmp_path / "emb")
+    assert len(first) == 32 and not first.manifest()["complete"]
+    written = first.load()
+    assert main(common) == 0
+    done = EmbeddingStore(tmp_path / "emb")
+    assert len(done) == 96 and done.manifest()["complete"] and (done.load()[:32] == written).all()
+
+
+def test_a_fashion_mnist_selection_is_a_dataset_and_the_pictures_are_drawn(tmp_path):
+    from PIL import Image
+
+    from distill.data.datasets import DatasetConfig, build_image_source
+    from distill.data.fashion_mnist import load_fashion_mnist
+
+    emb = tmp_path / "emb"
+    assert main(["embed", "--data", "fashion_mnist", "--split", "test", "--backbone", "vit_tiny_patch7", "--limit",
+                 "400", "--output", str(emb), "--flip-average"]) == 0
+    assert main(["dedup", "--embeddings", str(emb), "--threshold", "0.995", "--output", str(tmp_path / "dd")]) == 0
+    groups = json.loads((tmp_path / "dd" / "groups.json").read_text())
+    assert groups, "a random network puts some of 400 garments above 0.995"
+    grid = Image.open(tmp_path / "dd" / "duplicate_groups.png")
+    assert grid.size == (8 * 70, min(12, len(groups)) * 70)
+    assert main(["cluster", "--embeddings", str(emb), "--levels", "16", "4", "--output", str(tmp_path / "cl")]) == 0
+    assert Image.open(tmp_path / "cl" / "cluster_sizes.png").size[0] > 300
+    assert main(["sample", "--clusters", str(tmp_path / "cl"), "--target", "40", "--output",
+                 str(tmp_path / "curated.txt")]) == 0
+    assert (tmp_path / "curated.png").is_file()
+
+    names = (tmp_path / "curated.txt").read_text().splitlines()
+    source = build_image_source(DatasetConfig(kind="auto", path=str(tmp_path / "curated.txt")))
+    images, labels = load_fashion_mnist("test")
+    index = [int(n.rsplit("/", 1)[1]) for n in names]
+    assert len(source) == 40 and (source.images[:, 0].numpy() == images[index]).all()
+    assert (source.labels.numpy() == labels[index]).all()
+
+    assert main(["retrieve", "--seed", str(emb), "--clusters", str(tmp_path / "cl"), "--output",
+                 str(tmp_path / "by_cluster.txt")]) == 0
+    assert len((tmp_path / "by_cluster.txt").read_text().splitlines()) == 400  # every cluster holds a seed
+
+
+def test_bad_embeddings_input_is_one_line_and_writes_nothing(tmp_path, capsys):
+    np.save(tmp_path / "empty.npy", np.zeros((0, 8), dtype=np.float32))
+    np.save(tmp_path / "d8.npy", np.ones((4, 8), dtype=np.float32))
+    np.save(tmp_path / "d6.npy", np.ones((4, 6), dtype=np.float32))
+    out = str(tmp_path / "emb")
+    assert main(["embed", "--data", "", "--npy", str(tmp_path / "empty.npy"), "--output", out]) == 2
+    assert "holds no embeddings" in capsys.readouterr().err
+    assert main(["embed", "--data", "", "--npy", str(tmp_path / "d8.npy"), "--output", out]) == 0
+    assert main(["embed", "--data", "", "--npy", str(tmp_path / "d6.npy"), "--output", out]) == 2
+    assert "dimension 6" in capsys.readouterr().err and EmbeddingStore(out).dim == 8
+    (tmp_path / "blank").mkdir()
+    assert main(["embed", "--data", str(tmp_path / "blank"), "--backbone", "vit_tiny", "--output",
+                 str(tmp_path / "e2")]) == 2
+    assert "no image files" in capsys.readouterr().err
+    assert main(["cluster", "--embeddings", out, "--levels", "5", "--output", str(tmp_path / "cl")]) == 2
+    assert "cannot make 5 clusters of 4 points" in capsys.readouterr().err and not (tmp_path / "cl").exists()

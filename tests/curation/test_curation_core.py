@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from data_curation.dedup import connected_components, deduplicate, far_from
-from data_curation.embeddings import EmbeddingStore, valid_mask
-from data_curation.kmeans import hierarchical_kmeans, leaf_of_top
-from data_curation.retrieval import retrieve
+from data_curation.embeddings import ArrayRows, EmbeddingStore, StoreRows, select, valid_mask
+from data_curation.kmeans import Level, closest_per_cluster, hierarchical_kmeans, leaf_of_top
+from data_curation.retrieval import retrieve, same_cluster
 from data_curation.sampling import balanced_sample, split_evenly
 from distill.errors import InputError
 
@@ -86,8 +86,73 @@ def test_even_shares_respect_capacities():
 def test_retrieval_returns_nearest_pool_images():
     x, labels = clustered()
     seed_rows = np.arange(0, 400, 50)  # one seed per cluster
-    ids = retrieve(x[seed_rows], x, n=4)
+    ids, sims = retrieve(x[seed_rows], x, n=4)
+    assert (np.diff(sims, axis=1) <= 1e-6).all()
     assert ids.shape == (8, 4) and (labels[ids] == labels[seed_rows][:, None]).all()
     assert (ids[:, 0] == seed_rows).all()
     with pytest.raises(InputError, match="dimension"):
         retrieve(x[:2, :8], x)
+
+
+def _store(tmp_path, x, shard=100):
+    store = EmbeddingStore(tmp_path / "emb")
+    for start in range(0, len(x), shard):
+        store.append(x[start : start + shard], [f"img{i}.png" for i in range(start, min(len(x), start + shard))])
+    return store
+
+
+def test_streamed_rows_give_what_rows_in_memory_give(tmp_path):
+    """Over the memory budget the pool is read shard by shard; dedup, k-means and retrieval answer the same, and
+    no step holds more than a shard or a fitting sample at once."""
+    rng = np.random.default_rng(3)
+    x, labels = clustered(n_clusters=10, per=60, dim=24, spread=0.3)
+    x = np.concatenate([x, x[:50] + 0.002 * rng.normal(size=(50, 24)).astype(np.float32)])  # 50 near-copies
+    _store(tmp_path, x, shard=100)
+    memory, names = select(tmp_path / "emb", memory_gb=1.0)
+    streamed, same_names = select(tmp_path / "emb", memory_gb=1e-6)
+    assert isinstance(memory, ArrayRows) and isinstance(streamed, StoreRows) and names == same_names
+    assert np.allclose(streamed.take(np.array([649, 3, 99, 100])), memory.take(np.array([649, 3, 99, 100])))
+
+    largest = []
+    original_take = StoreRows.take
+    def spy(self, positions):
+        largest.append(len(positions))
+        return original_take(self, positions)
+    StoreRows.take = spy
+    try:
+        kept_m, groups_m = deduplicate(memory, 0.99)
+        kept_s, groups_s = deduplicate(streamed, 0.99)
+        level_m = hierarchical_kmeans(memory, [20, 5], iterations=10, sample_per_centroid=8)
+        level_s = hierarchical_kmeans(streamed, [20, 5], iterations=10, sample_per_centroid=8)
+        ids_m, _ = retrieve(memory.take(np.arange(0, 600, 60)), memory, 5)
+        ids_s, _ = retrieve(memory.take(np.arange(0, 600, 60)), streamed, 5)
+    finally:
+        StoreRows.take = original_take
+    assert kept_m.tolist() == kept_s.tolist() == list(range(600))
+    assert sorted(map(sorted, groups_s)) == [[i, 600 + i] for i in range(50)]
+    for a, b in zip(level_m, level_s):
+        assert (a.assignment == b.assignment).all() and np.isclose(a.inertia, b.inertia, rtol=1e-4)
+    assert (ids_m == ids_s).all()
+    assert max(largest) <= 20 * 8  # k-means fitted on a sample, never the whole pool (650 rows)
+
+
+def test_closest_per_cluster_picks_the_nearest_rows_of_each_cluster():
+    rng = np.random.default_rng(4)
+    assignment = rng.integers(0, 7, size=300)
+    distances = rng.random(300).astype(np.float32)
+    level = Level(np.zeros((7, 2)), assignment, distances, float(distances.sum()))
+    got = set(closest_per_cluster(level, 3).tolist())
+    want = set()
+    for c in range(7):
+        members = np.flatnonzero(assignment == c)
+        want |= set(members[np.argsort(distances[members])[:3]].tolist())
+    assert got == want
+    assert same_cluster(np.array([1, 1, 4]), np.array([0, 1, 4, 4, 2])).tolist() == [1, 2, 3]
+
+
+def test_store_refuses_bad_input(tmp_path):
+    with pytest.raises(InputError, match="no embeddings"):
+        select(tmp_path / "nothing", 1.0)
+    store = _store(tmp_path, np.zeros((3, 4), dtype=np.float32))
+    with pytest.raises(InputError, match="no usable embeddings"):
+        select(store.folder, 1.0)
