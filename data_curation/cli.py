@@ -128,7 +128,8 @@ def cmd_retrieve(args) -> None:
         pool_clusters = _levels(folder)[0]
         pool_paths = (folder / "paths.txt").read_text().splitlines()
         seed_clusters, _ = assign(seed, np.load(folder / "level1_centroids.npy"))
-        chosen = [pool_paths[i] for i in same_cluster(seed_clusters, pool_clusters)]
+        distances = np.load(folder / "distances.npy") if args.per_cluster else None
+        chosen = [pool_paths[i] for i in same_cluster(seed_clusters, pool_clusters, args.per_cluster, distances)]
     else:
         pool, pool_paths = _select(args.pool, args.memory_gb)
         ids, _ = retrieve(seed, pool, args.n)
@@ -196,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     retrieve.add_argument("--pool", help="pool embeddings (the N nearest of each seed image)")
     retrieve.add_argument("--clusters", help="instead: a `cluster` output; every pool image sharing a seed's cluster")
     retrieve.add_argument("--n", type=int, default=4)
+    retrieve.add_argument("--per-cluster", type=int, default=0,
+                          help="with --clusters: at most this many per cluster, nearest the centroid first (0: all)")
     retrieve.add_argument("--output", required=True)
     retrieve.add_argument("--memory-gb", **memory)
     retrieve.set_defaults(run=cmd_retrieve)
@@ -208,6 +211,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command == "retrieve" and bool(args.pool) == bool(args.clusters):
         parser.error("retrieve needs one of --pool or --clusters")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("faiss").setLevel(logging.WARNING)  # which CPU build it loaded
     try:
         args.run(args)
     except (DistillError, FileNotFoundError) as error:

@@ -4,13 +4,16 @@
 Rows held in memory are indexed in float32; streamed rows (a pool over the memory budget) go into an index of
 float16 codes, filled and searched shard by shard, so memory is the index's codes plus one shard."""
 
+import logging
 from typing import Dict, List, Tuple
 
 import numpy as np
 
-from data_curation.embeddings import Rows, as_rows
+from data_curation.embeddings import Rows, as_rows, sample_cap
 from distill.errors import InputError
 from distill.progress import progress
+
+logger = logging.getLogger(__name__)
 
 
 def build_index(rows: Rows, exact_below: int, train_per_list: int = 64, seed: int = 0):
@@ -19,7 +22,12 @@ def build_index(rows: Rows, exact_below: int, train_per_list: int = 64, seed: in
     import faiss
 
     n, dim = len(rows), rows.dim
-    quantizer_codes = None if rows.in_memory else faiss.ScalarQuantizer.QT_fp16
+    quantizer_codes = None
+    if not rows.in_memory:  # codes in 3/4 of the budget: float16 (exact for float16 shards), else 8 bits
+        fp16 = sample_cap(rows, n, share=0.75) * rows.dim * 4 >= n * dim * 2
+        quantizer_codes = faiss.ScalarQuantizer.QT_fp16 if fp16 else faiss.ScalarQuantizer.QT_8bit
+        logger.info("index of %s codes: %.2f GiB for %d rows", "float16" if fp16 else "8-bit",
+                    n * dim * (2 if fp16 else 1) / 2**30, n)
     if n <= exact_below:
         index = (faiss.IndexFlatIP(dim) if quantizer_codes is None else
                  faiss.IndexScalarQuantizer(dim, quantizer_codes, faiss.METRIC_INNER_PRODUCT))
@@ -29,7 +37,13 @@ def build_index(rows: Rows, exact_below: int, train_per_list: int = 64, seed: in
         index = (faiss.IndexIVFFlat(coarse, dim, lists, faiss.METRIC_INNER_PRODUCT) if quantizer_codes is None else
                  faiss.IndexIVFScalarQuantizer(coarse, dim, lists, quantizer_codes, faiss.METRIC_INNER_PRODUCT))
         index.nprobe = min(lists, 16)
-        sample = np.random.default_rng(seed).choice(n, size=min(n, train_per_list * lists), replace=False)
+    quantizer = getattr(index, "sq", None)
+    if quantizer is not None and quantizer_codes == faiss.ScalarQuantizer.QT_8bit:
+        # per-dimension ranges from a sample, widened by a fifth so that rows outside the sample are not clipped
+        quantizer.rangestat, quantizer.rangestat_arg = faiss.ScalarQuantizer.RS_minmax, 0.2
+    if not index.is_trained:  # inverted lists, or 8-bit codes (their ranges)
+        size = sample_cap(rows, min(n, train_per_list * (index.nlist if hasattr(index, "nlist") else 1000)), 0.25)
+        sample = np.random.default_rng(seed).choice(n, size=size, replace=False)
         index.train(rows.take(np.sort(sample)))
     for _, batch in rows.batches():
         index.add(batch)

@@ -121,6 +121,8 @@ class Rows:
 
 
 class ArrayRows(Rows):
+    budget_bytes = None
+
     def __init__(self, vectors: np.ndarray, batch: int = 65_536) -> None:
         vectors = np.asarray(vectors, dtype=np.float32)
         if vectors.ndim != 2:
@@ -147,8 +149,9 @@ class ArrayRows(Rows):
 class StoreRows(Rows):
     """Chosen rows of a store, read one shard at a time (memory: one shard, whatever the pool)."""
 
-    def __init__(self, store: EmbeddingStore, rows: np.ndarray) -> None:
+    def __init__(self, store: EmbeddingStore, rows: np.ndarray, budget_bytes: Optional[float] = None) -> None:
         self.store, self.rows = store, np.asarray(rows, dtype=np.int64)
+        self.budget_bytes = budget_bytes  # what the steps may hold besides a shard: samples, index codes
         self.dim, self.in_memory = store.dim, False
         shards = store.manifest()["shards"]
         self.files = [store.folder / s["file"] for s in shards]
@@ -184,7 +187,7 @@ class StoreRows(Rows):
         return normalize(out)
 
     def subset(self, positions: np.ndarray) -> Rows:
-        return StoreRows(self.store, self.rows[np.sort(np.asarray(positions, dtype=np.int64))])
+        return StoreRows(self.store, self.rows[np.sort(np.asarray(positions, dtype=np.int64))], self.budget_bytes)
 
 
 def select(folder, memory_gb: float, keep: Optional[Sequence[str]] = None) -> Tuple[Rows, List[str]]:
@@ -221,7 +224,14 @@ def select(folder, memory_gb: float, keep: Optional[Sequence[str]] = None) -> Tu
         return ArrayRows(StoreRows(store, rows).take(np.arange(len(rows)))), chosen
     logger.info("%d x %d embeddings need %.1f GiB in float32, over --memory-gb %.1f: streaming them shard by shard",
                 len(rows), dim, need / 2**30, memory_gb)
-    return StoreRows(store, rows), chosen
+    return StoreRows(store, rows, memory_gb * 2**30), chosen
+
+
+def sample_cap(rows: Rows, wanted: int, share: float = 0.5) -> int:
+    """How many float32 rows a step may gather at once: `wanted`, or fewer when that exceeds `share` of the
+    memory budget of streamed rows."""
+    budget = getattr(rows, "budget_bytes", None)
+    return wanted if budget is None else max(1, min(wanted, int(budget * share // (rows.dim * 4))))
 
 
 def as_rows(data) -> Rows:

@@ -8,11 +8,15 @@ point is then assigned in one streamed pass, so a pool read shard by shard never
 from dataclasses import dataclass
 from typing import List, Sequence
 
+import logging
+
 import numpy as np
 
-from data_curation.embeddings import Rows, as_rows
+from data_curation.embeddings import Rows, as_rows, sample_cap
 from distill.errors import InputError
 from distill.progress import progress
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -42,8 +46,9 @@ def assign(rows: Rows, centroids: np.ndarray, gpu: bool = False, desc: str = "as
 
 
 def kmeans(data, k: int, iterations: int = 20, seed: int = 0, init: np.ndarray = None, gpu: bool = False,
-           sample_per_centroid: int = 256, subset: np.ndarray = None) -> Level:
-    """Spherical k-means of the rows (or of rows[subset]), then every row assigned to its nearest centroid."""
+           sample_per_centroid: int = 256, subset: np.ndarray = None, spherical: bool = True) -> Level:
+    """k-means of the rows (or of rows[subset]), then every row assigned to its nearest centroid. Spherical
+    (unit centroids, as for cosine embeddings) unless told otherwise."""
     import faiss
 
     rows = as_rows(data)
@@ -52,11 +57,15 @@ def kmeans(data, k: int, iterations: int = 20, seed: int = 0, init: np.ndarray =
         raise InputError(f"cannot make {k} clusters of {pool} points: choose between 1 and {pool}")
     rng = np.random.default_rng(seed)
     chosen = np.arange(len(rows)) if subset is None else np.asarray(subset)
-    if len(chosen) > sample_per_centroid * k:
-        chosen = np.sort(rng.choice(chosen, size=sample_per_centroid * k, replace=False))
+    cap = sample_cap(rows, sample_per_centroid * k)
+    if cap < min(len(chosen), sample_per_centroid * k):
+        logger.info("fitting %d centroids on %d points (%.0f per centroid) to stay within the memory budget",
+                    k, cap, cap / k)
+    if len(chosen) > cap:
+        chosen = np.sort(rng.choice(chosen, size=max(cap, k), replace=False))
     train = rows.take(chosen)
-    km = faiss.Kmeans(rows.dim, k, niter=iterations, seed=seed, gpu=gpu, spherical=True,
-                      max_points_per_centroid=max(sample_per_centroid, -(-len(train) // k)), verbose=False)
+    km = faiss.Kmeans(rows.dim, k, niter=iterations, seed=seed, gpu=gpu, spherical=spherical, verbose=False,
+                      max_points_per_centroid=max(sample_per_centroid, -(-len(train) // k)), min_points_per_centroid=1)
     km.train(train, init_centroids=None if init is None else np.ascontiguousarray(init, dtype=np.float32))
     centroids = km.centroids.copy()
     labels, distances = assign(rows, centroids, gpu, desc=f"assign to {k}")

@@ -128,6 +128,9 @@ def test_a_fashion_mnist_selection_is_a_dataset_and_the_pictures_are_drawn(tmp_p
     assert groups, "a random network puts some of 400 garments above 0.995"
     grid = Image.open(tmp_path / "dd" / "duplicate_groups.png")
     assert grid.size == (8 * 70, min(12, len(groups)) * 70)
+    assert main(["dedup", "--embeddings", str(emb), "--threshold", "0.995", "--against", str(emb), "--output",
+                 str(tmp_path / "against")]) == 0
+    assert (tmp_path / "against" / "kept.txt").read_text() == ""  # every image is in the evaluation set itself
     assert main(["cluster", "--embeddings", str(emb), "--levels", "16", "4", "--output", str(tmp_path / "cl")]) == 0
     assert Image.open(tmp_path / "cl" / "cluster_sizes.png").size[0] > 300
     assert main(["sample", "--clusters", str(tmp_path / "cl"), "--target", "40", "--output",

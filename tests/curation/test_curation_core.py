@@ -109,7 +109,8 @@ def test_streamed_rows_give_what_rows_in_memory_give(tmp_path):
     x = np.concatenate([x, x[:50] + 0.002 * rng.normal(size=(50, 24)).astype(np.float32)])  # 50 near-copies
     _store(tmp_path, x, shard=100)
     memory, names = select(tmp_path / "emb", memory_gb=1.0)
-    streamed, same_names = select(tmp_path / "emb", memory_gb=1e-6)
+    streamed, same_names = select(tmp_path / "emb", memory_gb=50_000 / 2**30)  # float32 takes 62,400 bytes
+    tight, _ = select(tmp_path / "emb", memory_gb=20_000 / 2**30)  # float16 codes do not fit: 8-bit ones
     assert isinstance(memory, ArrayRows) and isinstance(streamed, StoreRows) and names == same_names
     assert np.allclose(streamed.take(np.array([649, 3, 99, 100])), memory.take(np.array([649, 3, 99, 100])))
 
@@ -122,6 +123,7 @@ def test_streamed_rows_give_what_rows_in_memory_give(tmp_path):
     try:
         kept_m, groups_m = deduplicate(memory, 0.99)
         kept_s, groups_s = deduplicate(streamed, 0.99)
+        kept_t, groups_t = deduplicate(tight, 0.99)
         level_m = hierarchical_kmeans(memory, [20, 5], iterations=10, sample_per_centroid=8)
         level_s = hierarchical_kmeans(streamed, [20, 5], iterations=10, sample_per_centroid=8)
         ids_m, _ = retrieve(memory.take(np.arange(0, 600, 60)), memory, 5)
@@ -129,11 +131,14 @@ def test_streamed_rows_give_what_rows_in_memory_give(tmp_path):
     finally:
         StoreRows.take = original_take
     assert kept_m.tolist() == kept_s.tolist() == list(range(600))
-    assert sorted(map(sorted, groups_s)) == [[i, 600 + i] for i in range(50)]
+    assert sorted(map(sorted, groups_s)) == sorted(map(sorted, groups_t)) == [[i, 600 + i] for i in range(50)]
+    assert kept_t.tolist() == kept_s.tolist()
     for a, b in zip(level_m, level_s):
         assert (a.assignment == b.assignment).all() and np.isclose(a.inertia, b.inertia, rtol=1e-4)
     assert (ids_m == ids_s).all()
     assert max(largest) <= 20 * 8  # k-means fitted on a sample, never the whole pool (650 rows)
+    small = hierarchical_kmeans(tight, [20], iterations=5, sample_per_centroid=8)[0]  # the budget caps the sample
+    assert len(small.assignment) == 650 and max(largest) <= 20 * 8
 
 
 def test_closest_per_cluster_picks_the_nearest_rows_of_each_cluster():
@@ -148,6 +153,8 @@ def test_closest_per_cluster_picks_the_nearest_rows_of_each_cluster():
         want |= set(members[np.argsort(distances[members])[:3]].tolist())
     assert got == want
     assert same_cluster(np.array([1, 1, 4]), np.array([0, 1, 4, 4, 2])).tolist() == [1, 2, 3]
+    nearest = same_cluster(np.array([4]), np.array([4, 1, 4, 4, 4]), 2, np.array([0.5, 0, 0.1, 0.9, 0.2]))
+    assert nearest.tolist() == [2, 4]
 
 
 def test_store_refuses_bad_input(tmp_path):

@@ -1,0 +1,139 @@
+#!/usr/bin/env python
+"""Curation at scale on this machine: 1,000,000 x 384 float16 synthetic embeddings (a long-tailed mixture of
+clusters plus injected near-copies), then `distill-curate dedup`, `cluster` (two levels) and `sample` as separate
+processes, each with wall time and peak memory, the pool over the memory budget so that every step streams it;
+then faiss k-means against scikit-learn's MiniBatchKMeans on the same points, in one process.
+
+    .venv/bin/python tools/curation_scale.py                       # the full run (about half an hour on 2 cores)
+    .venv/bin/python tools/curation_scale.py --points 100000 --levels 1000 100 --compare-k 100   # a quick look
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from data_curation.embeddings import EmbeddingStore
+
+
+def generate(folder: Path, points: int, dim: int, clusters: int, copies: float, shard: int, seed: int = 0):
+    """Points around `clusters` centres with Zipf-like sizes (the largest ~1000x the smallest); a share `copies`
+    of the rows are near-copies (cosine > 0.99) of earlier rows. Returns the (original, copy) row pairs."""
+    store = EmbeddingStore(folder)
+    if store.manifest()["complete"]:
+        return np.load(folder / "copies.npy")
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(clusters, dim)).astype(np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    weights = 1.0 / np.arange(1, clusters + 1) ** 0.75
+    weights /= weights.sum()
+    pairs = []
+    for start in range(0, points, shard):
+        n = min(shard, points - start)
+        x = centres[rng.choice(clusters, size=n, p=weights)] + 0.04 * rng.normal(size=(n, dim)).astype(np.float32)
+        twins = np.flatnonzero(rng.random(n) < copies)
+        twins = twins[twins > 0]
+        originals = rng.integers(0, twins)  # an earlier row of the same shard
+        x[twins] = x[originals] + 0.004 * rng.normal(size=(len(twins), dim)).astype(np.float32)
+        pairs.append(np.stack([originals + start, twins + start], axis=1))
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        store.append(x, [f"synthetic/{i:07d}.jpg" for i in range(start, start + n)])
+    np.save(folder / "copies.npy", np.concatenate(pairs))
+    store.finish()
+    return np.concatenate(pairs)
+
+
+def measured(command):
+    """Run one step as its own process: (wall seconds, peak resident memory in GiB)."""
+    start = time.perf_counter()
+    process = subprocess.Popen(command)
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"step failed: {' '.join(command)}")
+    return wall, usage.ru_maxrss / 2**20  # kilobytes on Linux
+
+
+def compare_kmeans(folder: Path, k: int, iterations: int, seed: int = 0):
+    from sklearn.cluster import MiniBatchKMeans
+
+    from data_curation.kmeans import assign, kmeans
+    from data_curation.embeddings import ArrayRows
+
+    rows = ArrayRows(EmbeddingStore(folder).load())
+    results = {}
+    start = time.perf_counter()
+    level = kmeans(rows, k, iterations, seed, spherical=False)  # the objective MiniBatchKMeans minimises
+    results["faiss"] = {"seconds": time.perf_counter() - start, "inertia": level.inertia}
+    start = time.perf_counter()
+    mbk = MiniBatchKMeans(n_clusters=k, batch_size=4096, n_init=1, random_state=seed).fit(rows.vectors)
+    seconds = time.perf_counter() - start
+    _, distances = assign(rows, mbk.cluster_centers_.astype(np.float32))
+    results["minibatch"] = {"seconds": seconds, "inertia": float(distances.astype(np.float64).sum()),
+                            "epochs": int(mbk.n_iter_)}
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--points", type=int, default=1_000_000)
+    parser.add_argument("--dim", type=int, default=384)
+    parser.add_argument("--centres", type=int, default=20_000)
+    parser.add_argument("--copies", type=float, default=0.02)
+    parser.add_argument("--levels", type=int, nargs="+", default=[10_000, 1_000])
+    parser.add_argument("--iterations", type=int, default=10)
+    parser.add_argument("--sample-per-centroid", type=int, default=64)
+    parser.add_argument("--target", type=float, default=0.2, help="share of the deduplicated pool to sample")
+    parser.add_argument("--memory-gb", type=float, default=0.5, help="below the pool's float32 size: steps stream")
+    parser.add_argument("--compare-k", type=int, default=1000)
+    parser.add_argument("--output", default="runs/curation_scale")
+    args = parser.parse_args()
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    emb = out / "embeddings"
+    start = time.perf_counter()
+    pairs = generate(emb, args.points, args.dim, args.centres, args.copies, shard=50_000)
+    print(f"generated {args.points} x {args.dim} float16 in {time.perf_counter() - start:.0f} s "
+          f"({len(pairs)} injected near-copies)", flush=True)
+    curate = [sys.executable, "-m", "data_curation.cli"]
+    memory = ["--memory-gb", str(args.memory_gb)]
+    steps = {}
+    steps["dedup"] = measured(curate + ["dedup", "--embeddings", str(emb), "--threshold", "0.97", "--no-grid",
+                                        "--output", str(out / "dedup")] + memory)
+    kept = (out / "dedup" / "kept.txt").read_text().splitlines()
+    kept_rows = np.array([int(p[10:17]) for p in kept])
+    removed = np.setdiff1d(np.arange(args.points), kept_rows)
+    found = np.isin(pairs[:, 1], removed) | np.isin(pairs[:, 0], removed)
+    steps["cluster"] = measured(curate + ["cluster", "--embeddings", str(emb), "--keep", str(out / "dedup" / "kept.txt"),
+                                          "--levels", *map(str, args.levels), "--iterations", str(args.iterations),
+                                          "--sample-per-centroid", str(args.sample_per_centroid),
+                                          "--output", str(out / "clusters")] + memory)
+    target = int(args.target * len(kept))
+    steps["sample"] = measured(curate + ["sample", "--clusters", str(out / "clusters"), "--target", str(target),
+                                         "--output", str(out / "curated.txt")])
+    print(f"\n{args.points} x {args.dim} float16 embeddings ({args.points * args.dim * 2 / 2**30:.2f} GiB on disk, "
+          f"{args.points * args.dim * 4 / 2**30:.2f} GiB as float32), --memory-gb {args.memory_gb}")
+    print(f"dedup: kept {len(kept)}; injected near-copies caught: {found.mean():.4f}")
+    print(f"{'step':8s} {'wall (s)':>9s} {'peak RSS (GiB)':>15s}")
+    for name, (wall, peak) in steps.items():
+        print(f"{name:8s} {wall:9.1f} {peak:15.2f}")
+    comparison = compare_kmeans(emb, args.compare_k, 20)
+    f, m = comparison["faiss"], comparison["minibatch"]
+    print(f"\nk-means, k={args.compare_k}, all {args.points} points, one process:")
+    print(f"faiss (Euclidean, 20 iterations, fitted on 256 points per centroid): {f['seconds']:.1f} s, inertia {f['inertia']:.1f}")
+    print(f"scikit-learn MiniBatchKMeans (batch 4096, {m['epochs']} epochs): {m['seconds']:.1f} s, "
+          f"inertia {m['inertia']:.1f}")
+    print(f"time ratio MiniBatchKMeans / faiss: {m['seconds'] / f['seconds']:.2f}; "
+          f"inertia ratio: {m['inertia'] / f['inertia']:.4f}")
+    (out / "results.json").write_text(json.dumps({"steps": {k: {"seconds": w, "peak_gib": p} for k, (w, p) in steps.items()},
+                                                  "copies_caught": float(found.mean()), "kept": len(kept),
+                                                  "kmeans": comparison, "args": vars(args)}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
