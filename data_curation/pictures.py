@@ -71,9 +71,11 @@ def duplicate_grid(path, groups: Sequence[Sequence[str]], max_groups: int = 12, 
     from PIL import Image
 
     thumbnail = _Thumbnails(size)
+    groups = list(groups)[:max_groups]
+    max_per_group = min(max_per_group, max((len(g) for g in groups), default=1))
     rows = []
     pad = 3
-    for group in list(groups)[:max_groups]:
+    for group in groups:
         tiles = []
         for number, name in enumerate(group[:max_per_group]):
             tile = np.pad(thumbnail(name), ((pad, pad), (pad, pad), (0, 0)), constant_values=255)
