@@ -58,10 +58,16 @@ def _cmd_train(args: argparse.Namespace) -> None:
     from distill.engine.train_config import load_train_config
     from distill.engine.trainer import Trainer
 
+    from distill.engine import distributed
+
     config = load_train_config(args.config, args.overrides)
-    results = Trainer(config).run()
-    print_training_summary(results, config.eval.knn_k)
-    print(f"run folder: {config.train.output_dir}/")
+    try:
+        results = Trainer(config).run()
+    finally:
+        distributed.shutdown()
+    if distributed.rank_from_env() == 0:
+        print_training_summary(results, config.eval.knn_k)
+        print(f"run folder: {config.train.output_dir}/")
 
 
 def _parse_sets(items: List[str]) -> dict:

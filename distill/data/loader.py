@@ -65,8 +65,14 @@ class EpochBatchSampler(Sampler):
             order = torch.randperm(self.size, generator=derived_generator(self.seed, epoch))
         else:
             order = torch.arange(self.size)
-        per_rank = self.size // self.world_size
-        return order[self.rank * per_rank : (self.rank + 1) * per_rank]
+        # Each global batch (batch_size x world_size) is the one a single process with that batch would see,
+        # dealt to the ranks in slices: the run is the same computation on any number of processes.
+        per_rank, width = self.size // self.world_size, self.batch_size * self.world_size
+        full = per_rank // self.batch_size
+        head = order[: full * width].view(full, self.world_size, self.batch_size)[:, self.rank].reshape(-1)
+        rest = per_rank - full * self.batch_size
+        tail = order[full * width : full * width + rest * self.world_size]
+        return torch.cat([head, tail[self.rank * rest : (self.rank + 1) * rest]])
 
     def __iter__(self) -> Iterator[Tuple[int, int, List[int]]]:
         indices = self.epoch_indices(self.epoch)

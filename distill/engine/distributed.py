@@ -34,6 +34,95 @@ def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def _device() -> torch.device:
+    """Where small tensors for collectives live: NCCL reduces only CUDA tensors."""
+    return torch.device("cuda") if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def barrier() -> None:
     if is_initialized() and world_size() > 1:
         dist.barrier()
+
+
+def init_from_env(device: torch.device) -> bool:
+    """Join the process group the environment describes (torchrun's variables, or those `distill submit`
+    exports from the SLURM job): RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, LOCAL_RANK. False when the run is
+    one process."""
+    import os
+
+    if is_initialized():
+        return True
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        from distill.errors import InputError
+
+        raise InputError(f"WORLD_SIZE is {os.environ['WORLD_SIZE']} but {', '.join(missing)} is not set: launch "
+                         "with torchrun or `distill submit`, or unset WORLD_SIZE for one process")
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return True
+
+
+def shutdown() -> None:
+    if is_initialized():
+        dist.destroy_process_group()
+
+
+def broadcast_state(module: torch.nn.Module) -> None:
+    """Every rank takes rank 0's parameters and buffers (they are built from per-rank seeds)."""
+    if is_initialized() and world_size() > 1:
+        for tensor in module.state_dict().values():
+            dist.broadcast(tensor, src=0)
+
+
+def average_gradients(parameters) -> None:
+    """Gradients averaged over ranks (what DistributedDataParallel computes), in one flattened all-reduce."""
+    if not (is_initialized() and world_size() > 1):
+        return
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def any_rank(flag: bool) -> bool:
+    """True when the flag is true on any rank (so that every rank takes the same branch)."""
+    if not (is_initialized() and world_size() > 1):
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=_device())
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def from_main(value: float) -> float:
+    """Rank 0's value of a number, on every rank."""
+    if not (is_initialized() and world_size() > 1):
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=_device())
+    dist.broadcast(tensor, src=0)
+    return float(tensor.item())
+
+
+def rank_from_env() -> int:
+    """This process's rank as the launcher set it (usable after the process group is gone)."""
+    import os
+
+    return int(os.environ.get("RANK", "0"))
+
+
+def mean_over_ranks(values: dict) -> dict:
+    """The mean over ranks of each number of a dict (the same keys in the same order on every rank)."""
+    if not (is_initialized() and world_size() > 1) or not values:
+        return values
+    tensor = torch.tensor(list(values.values()), dtype=torch.float64, device=_device())
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return dict(zip(values, (tensor / world_size()).tolist()))

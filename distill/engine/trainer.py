@@ -70,8 +70,9 @@ class Trainer:
 
     def _setup(self) -> None:
         c = self.config
-        self.is_main = distributed.is_main_process()
         self.device = resolve_device(c.train.device)
+        distributed.init_from_env(self.device)
+        self.is_main = distributed.is_main_process()
         self.precision = resolve_precision(c.train.precision, self.device)
         configure_runtime(c.train.threads, self.device)
         if self.is_main:
@@ -88,6 +89,7 @@ class Trainer:
         if self.source.unreadable and self.is_main:
             (self.output_dir / "unreadable_images.txt").write_text("\n".join(self.source.unreadable) + "\n")
         self.objective: Objective = build_objective(c, self._make_backbone, self.source).to(self.device)
+        distributed.broadcast_state(self.objective)
         backbone = self.objective.eval_backbone()
         self.channels = backbone.config["in_chans"]
         views = self.objective.views(self.channels)
@@ -245,7 +247,7 @@ class Trainer:
             with autocast(self.precision, self.device):
                 outputs = self.objective(batch, info)
             loss = outputs["loss"]
-            if not torch.isfinite(loss.detach()):
+            if distributed.any_rank(not bool(torch.isfinite(loss.detach()))):
                 self.optimizer.zero_grad(set_to_none=True)
                 self._diverged("the loss", loss.item(), info)
                 return None
@@ -253,6 +255,7 @@ class Trainer:
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             for key, value in outputs.items():
                 logged[key] = logged.get(key, 0.0) + scalar(value) / len(micro_batches)
+        distributed.average_gradients(trainable)
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         grad_norm = self._clip(trainable)
@@ -269,6 +272,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.objective.after_optimizer_step(info)
         self.skipped_in_a_row = 0
+        logged = distributed.mean_over_ranks(logged)  # each rank's losses are over its share of the batch
         logged["grad_norm"] = grad_norm
         return logged
 
@@ -323,7 +327,8 @@ class Trainer:
             tick = time.perf_counter()
             micro_batches = [next(data) for _ in range(c.optim.accumulate_steps)]
             logged = self._train_step(micro_batches)
-            seconds = time.perf_counter() - tick
+            # rank 0's clock for every rank: budgets, time limits and refits then decide alike everywhere
+            seconds = distributed.from_main(time.perf_counter() - tick)
             self.train_seconds += seconds
             if self.step - start_step >= BUDGET_WARMUP_STEPS:
                 self.budget_window[0] += 1
@@ -352,6 +357,8 @@ class Trainer:
                 self.stop_reason = f"train.max_steps={max_steps}"
             if limit > 0 and self.train_seconds >= limit and self.step < self.total_steps:
                 self.stop_reason = f"time budget of {c.train.time_limit_minutes} min"
+            if distributed.any_rank(self.stop_reason is not None) and self.stop_reason is None:
+                self.stop_reason = "another rank was told to stop"  # a signal that reached only some ranks
         bar.close()
         if self.stop_reason:
             logger.info("stopped at step %d of %d: %s", self.step, self.total_steps, self.stop_reason)

@@ -1,0 +1,85 @@
+"""Two gloo processes give the run one process gives with the same global batch: DINO's losses, its center
+(reduced over ranks) and every weight of student and teacher."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from distill.engine.checkpointing import LATEST
+from distill.models import read_checkpoint
+
+TINY = [
+    "model.backbone=vit_tiny",
+    "model.overrides={depth: 2, embed_dim: 32, num_heads: 2, patch_size: 4, img_size: 16, in_chans: 1, "
+    "drop_path_rate: 0.0}",
+    "data.num_workers=0",
+    "optim.lr=1e-3", "optim.warmup_epochs=0", "train.epochs=1", "train.max_steps=6", "train.precision=fp32",
+    "train.log_every_steps=1", "train.threads=1", "eval.knn=false",
+    "objective.out_dim=64", "objective.hidden_dim=32", "objective.bottleneck_dim=16",
+    "objective.views.global_crops_size=16", "objective.views.local_crops_size=8",
+    "objective.views.local_crops_number=2", "objective.views.mean=[0.286]", "objective.views.std=[0.353]",
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _images(folder, count=96):
+    """Files: their crops are drawn per image (not per batch), so they do not depend on how a batch is split."""
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 255, size=(20, 20), dtype=np.uint8)).save(folder / f"{i:03d}.png")
+    return folder
+
+
+def _run(output, images, batch, world):
+    port = str(_free_port())
+    overrides = TINY + [f"data.batch_size={batch}", "data.dataset.kind=folder", f"data.dataset.path={images}",
+                        f"train.output_dir={output}"]
+    processes = []
+    for rank in range(world):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=port, OMP_NUM_THREADS="1")
+        if world == 1:
+            for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+                env.pop(key)
+        processes.append(subprocess.Popen([sys.executable, "-m", "distill.cli", "train", *overrides], env=env,
+                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=300)[0] for p in processes]
+    for p, out in zip(processes, outputs):
+        assert p.returncode == 0, out[-3000:]
+    return outputs
+
+
+def _losses(folder):
+    return {r["step"]: r["loss"] for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())
+            if "loss" in r}
+
+
+@pytest.mark.timeout(600)
+def test_two_gloo_processes_train_as_one_process_with_the_same_global_batch(tmp_path):
+    images = _images(tmp_path / "images")
+    _run(tmp_path / "one", images, batch=16, world=1)
+    outputs = _run(tmp_path / "two", images, batch=8, world=2)
+    assert "run folder" in outputs[0] and "run folder" not in outputs[1]  # rank 0 reports, once
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert sorted(one) == sorted(two) == list(range(1, 7))
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-5, abs=1e-6), step
+    a, b = read_checkpoint(tmp_path / "one" / LATEST), read_checkpoint(tmp_path / "two" / LATEST)
+    assert a["step"] == b["step"] == 6
+    for key, value in a["objective"].items():
+        assert torch.allclose(value, b["objective"][key], rtol=1e-4, atol=1e-5), key
+    moved = read_checkpoint(tmp_path / "one" / LATEST)["objective"]
+    assert moved["loss.center"].abs().sum() > 0  # the center was updated (from both ranks' teacher outputs)
