@@ -70,6 +70,23 @@ def _cmd_train(args: argparse.Namespace) -> None:
         print(f"run folder: {config.train.output_dir}/")
 
 
+def _cmd_submit(args) -> None:
+    from distill.launch.submit import Resources, submit
+
+    resources = Resources(nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node,
+                          cpus_per_task=args.cpus_per_task, timeout_min=args.timeout, partition=args.partition,
+                          account=args.account, qos=args.qos, constraint=args.constraint, comment=args.comment,
+                          exclusive=args.exclusive, mem_gb=args.mem_gb, signal_delay_s=args.signal_delay)
+    job = submit(args.config, args.overrides, resources, args.folder, args.local, args.name)
+    where = "local processes" if args.local else "SLURM"
+    print(f"submitted job {job.job_id} ({where}, {args.nodes} node(s) x {resources.tasks} task(s))")
+    print(f"job folder: {job.paths.folder}")
+    print(f"logs: {job.paths.stdout} and {job.paths.stderr}")
+    if args.wait:
+        results = job.results()[0]
+        print_training_summary(results, [20])
+
+
 def _parse_sets(items: List[str]) -> dict:
     """--set key=value pairs for the backbone, values parsed as YAML (4 -> int, true -> bool)."""
     import yaml
@@ -229,6 +246,28 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=10 data.batch_size=128")
     train.set_defaults(run=_cmd_train)
 
+    submit = commands.add_parser("submit", help="run a training recipe as a SLURM job (submitit), or --local")
+    submit.add_argument("config", nargs="?", help="YAML recipe")
+    submit.add_argument("overrides", nargs="*", help="key=value overrides, as for `distill train`")
+    submit.add_argument("--nodes", type=int, default=1)
+    submit.add_argument("--gpus-per-node", type=int, default=0)
+    submit.add_argument("--tasks-per-node", type=int, default=0, help="processes per node (default: one per GPU)")
+    submit.add_argument("--cpus-per-task", type=int, default=8)
+    submit.add_argument("--partition")
+    submit.add_argument("--timeout", type=int, default=60, help="minutes")
+    submit.add_argument("--account")
+    submit.add_argument("--qos")
+    submit.add_argument("--constraint")
+    submit.add_argument("--comment")
+    submit.add_argument("--exclusive", action="store_true")
+    submit.add_argument("--mem-gb", type=int)
+    submit.add_argument("--signal-delay", type=int, default=120, help="seconds between the signal and the end")
+    submit.add_argument("--folder", help="where job folders go (default: <train.output_dir>/jobs)")
+    submit.add_argument("--name", help="job name")
+    submit.add_argument("--local", action="store_true", help="the same job as processes on this machine, no SLURM")
+    submit.add_argument("--wait", action="store_true", help="wait for the job and print its results")
+    submit.set_defaults(run=_cmd_submit)
+
     baseline = commands.add_parser("baseline", help="kNN baselines on Fashion-MNIST: raw pixels and a random ViT")
     baseline.add_argument("config", nargs="?", help="YAML recipe (e.g. configs/demo/baseline.yaml)")
     baseline.add_argument("overrides", nargs="*", help="key=value overrides, e.g. seeds=[0,1]")
@@ -238,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("baseline", "train") and args.config and "=" in args.config:  # overrides, no recipe
+    if args.command in ("baseline", "train", "submit") and args.config and "=" in args.config:  # overrides, no recipe
         args.overrides, args.config = [args.config, *args.overrides], None
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s",

@@ -53,6 +53,8 @@ class Trainer:
         self.step = 0
         self.train_seconds = 0.0
         self.stop_reason: Optional[str] = None
+        self.stop_signal: Optional[int] = None
+        self.previous_handlers: Dict[int, Any] = {}
         self.results: Dict[str, Any] = {}
         self.losses: List[float] = []
         self.monitor = None
@@ -201,9 +203,21 @@ class Trainer:
 
         def request_stop(signum, frame):
             self.stop_reason = f"signal {signal.Signals(signum).name}"
+            self.stop_signal = signum
 
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, request_stop)
+        # USR2 is submitit's preemption / time-limit signal; its own handler (which requeues the job) is called
+        # after the checkpoint is written (see _hand_on_signal)
+        self.previous_handlers = {sig: signal.signal(sig, request_stop)
+                                  for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)}
+
+    def _hand_on_signal(self) -> None:
+        """After the stop's checkpoint: give the signal to the handler it replaced (submitit requeues there)."""
+        handler = self.previous_handlers.get(self.stop_signal)
+        for sig, previous in self.previous_handlers.items():
+            signal.signal(sig, previous)
+        if callable(handler):
+            logger.info("checkpoint written; handing %s on to the launcher", signal.Signals(self.stop_signal).name)
+            handler(self.stop_signal, None)
 
     def _clip(self, parameters: List[torch.nn.Parameter]) -> float:
         """Gradient clipping; returns the total gradient norm before clipping."""
@@ -364,6 +378,8 @@ class Trainer:
             logger.info("stopped at step %d of %d: %s", self.step, self.total_steps, self.stop_reason)
         if self.step % self.steps_per_epoch or self.stop_reason:  # the epoch-end save covered the rest
             self.save_checkpoint()
+        if self.stop_signal is not None:
+            self._hand_on_signal()
         self.results["steps"] = self.step
         self.results["total_steps"] = self.total_steps
         self.results["epochs"] = round(self.step / self.steps_per_epoch, 3)

@@ -1,0 +1,102 @@
+"""`distill submit`: bad input stops before anything is submitted; --local runs the job as local processes
+(two of them train as one process group); a job signalled mid-run writes its checkpoint, is requeued, resumes
+and ends with the weights of an uninterrupted run."""
+
+import os
+import signal
+import stat
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from distill.cli import main
+from distill.engine.checkpointing import LATEST
+from distill.engine.train_config import load_train_config
+from distill.engine.trainer import Trainer
+from distill.models import read_checkpoint
+
+TINY = [
+    "model.backbone=vit_tiny",
+    "model.overrides={depth: 2, embed_dim: 32, num_heads: 2, patch_size: 4, img_size: 16, in_chans: 1}",
+    "data.dataset.limit=256", "data.batch_size=16", "data.num_workers=0", "train.precision=fp32",
+    "train.threads=1", "train.log_every_steps=1", "eval.knn=false", "objective.out_dim=64",
+    "objective.hidden_dim=32", "objective.bottleneck_dim=16", "objective.views.global_crops_size=16",
+    "objective.views.local_crops_size=8", "objective.views.local_crops_number=2",
+]
+
+
+def _fake_slurm(folder: Path, partitions="debug"):
+    """sbatch and sinfo stand-ins: enough for the checks made before submitting."""
+    folder.mkdir()
+    for name, body in (("sbatch", "echo should-not-be-called >&2; exit 1"), ("sinfo", f"echo {partitions}")):
+        path = folder / name
+        path.write_text(f"#!/bin/sh\n{body}\n")
+        path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    return folder
+
+
+def test_bad_input_stops_before_submitting(tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # no sbatch
+    assert main(["submit", *TINY, f"train.output_dir={run}", "--partition", "gpu"]) == 2
+    assert "no `sbatch` on this machine" in capsys.readouterr().err
+    monkeypatch.setenv("PATH", f"{_fake_slurm(tmp_path / 'bin')}:/usr/bin:/bin")
+    assert main(["submit", *TINY, f"train.output_dir={run}", "--partition", "gpu"]) == 2
+    assert "partition 'gpu' does not exist on this cluster: choose one of debug" in capsys.readouterr().err
+    assert main(["submit", *TINY, "train.epochz=3", f"train.output_dir={run}", "--partition", "debug"]) == 2
+    assert "epochz" in capsys.readouterr().err
+    assert not run.exists()  # nothing was written, nothing submitted
+
+
+def test_local_job_with_two_tasks_trains_as_one_process_group(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["submit", *TINY, "train.max_steps=4", f"train.output_dir={run}", "--local", "--tasks-per-node",
+                 "2", "--wait"]) == 0
+    out = capsys.readouterr().out
+    assert "submitted job" in out and "local processes, 1 node(s) x 2 task(s)" in out
+    state = read_checkpoint(run / LATEST)
+    assert state["step"] == 4 and state["steps_per_epoch"] == 256 // (16 * 2)  # two ranks share each step
+    assert len(list((run / "jobs").glob("*/*_1_log.out"))) == 1  # the second task's log
+
+
+def _children(pid: int):
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry.name))
+            except (OSError, IndexError, ValueError):
+                pass
+    return found
+
+
+@pytest.mark.timeout(600)
+def test_a_signalled_job_checkpoints_requeues_resumes_and_ends_like_an_uninterrupted_run(tmp_path):
+    steps = ["train.epochs=8", "optim.warmup_epochs=1", "data.dataset.limit=512"]  # 256 steps
+    Trainer(load_train_config(None, TINY + steps + [f"train.output_dir={tmp_path / 'straight'}"])).run()
+
+    from distill.launch.submit import Resources, submit
+
+    run = tmp_path / "signalled"
+    job = submit(None, TINY + steps + [f"train.output_dir={run}"], Resources(tasks_per_node=1, timeout_min=30),
+                 local=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:  # wait until it is training, then signal it as SLURM would
+        metrics = run / "metrics.jsonl"
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 20:
+            break
+        time.sleep(0.2)
+    tasks = [pid for pid in _children(job._process.pid)]
+    assert tasks, "the job's task process was not found"
+    for pid in tasks:
+        os.kill(pid, signal.SIGUSR2)  # submitit's preemption / time-limit signal
+    job.results()
+    log = (run / "train.log").read_text()
+    assert "stopped at step" in log and "signal SIGUSR2" in log and "resumed from" in log
+    a, b = read_checkpoint(tmp_path / "straight" / LATEST), read_checkpoint(run / LATEST)
+    assert a["step"] == b["step"] == 256
+    for key, value in a["objective"].items():
+        assert torch.allclose(value, b["objective"][key], rtol=1e-5, atol=1e-6), key
