@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 DEMO_MINUTES ?= 10
 DEMO_RUN := runs/dino_fashion_mnist
 
-.PHONY: install data demo baseline test bench clean
+.PHONY: install data slurm demo baseline test bench clean
 
 # Reinstalled whenever setup.py (the one list of dependencies) changes.
 $(STAMP): setup.py
@@ -21,6 +21,10 @@ install: $(STAMP)
 data:
 	tools/get_fashion_mnist.sh
 
+# SLURM's daemons and commands, for the tests that bring up a one-node cluster on loopback.
+slurm:
+	tools/get_slurm.sh
+
 # The main job: DINO on Fashion-MNIST for DEMO_MINUTES of training, then kNN against raw pixels and the random
 # initialisation, attention maps and the loss curve. Each demo starts afresh in $(DEMO_RUN).
 demo: install data
@@ -32,7 +36,7 @@ demo: install data
 baseline: install data
 	$(BIN)/distill baseline configs/demo/baseline.yaml
 
-test: install data
+test: install data slurm
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: install

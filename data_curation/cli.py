@@ -41,13 +41,44 @@ def _write_list(path: str, paths: List[str]) -> None:
     tmp.replace(out)
 
 
+class EmbedPart:
+    """One task of an embedding job array: part `part` of `parts` (picklable, for submitit)."""
+
+    def __init__(self, **kwargs) -> None:
+        self.kwargs = kwargs
+
+    def __call__(self, part: int) -> int:
+        from data_curation.embed import embed_images
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+        return embed_images(**self.kwargs, part=part)
+
+
 def cmd_embed(args) -> None:
     from data_curation.embed import embed_images
 
-    written = embed_images(args.data, args.output, checkpoint=args.checkpoint, backbone=args.backbone,
-                           split=args.split, shard_size=args.shard_size, batch_size=args.batch_size,
-                           device=args.device, npy=args.npy, limit=args.limit, flip_average=args.flip_average)
-    print(f"{written} embeddings in {args.output}")
+    kwargs = dict(data=args.data, output=args.output, checkpoint=args.checkpoint, backbone=args.backbone,
+                  split=args.split, shard_size=args.shard_size, batch_size=args.batch_size, device=args.device,
+                  npy=args.npy, limit=args.limit, flip_average=args.flip_average, parts=args.parts)
+    if args.submit:
+        from distill.launch.submit import Resources, check_cluster, make_executor
+
+        if args.parts < 2:
+            raise InputError("--submit runs one task per part: give --parts N (N >= 2)")
+        resources = Resources(timeout_min=args.timeout, partition=args.partition, cpus_per_task=args.cpus_per_task,
+                              gpus_per_node=args.gpus_per_node, tasks_per_node=1)
+        if args.submit == "slurm":
+            check_cluster(resources)
+        executor = make_executor(Path(args.output) / "jobs", resources, local=args.submit == "local")
+        executor.update_parameters(name="distill-curate-embed")
+        jobs = executor.map_array(EmbedPart(**kwargs), list(range(args.parts)))
+        print(f"submitted job array {jobs[0].job_id.split('_')[0]}: {len(jobs)} tasks, one part each, into "
+              f"{args.output}/part_*; logs in {args.output}/jobs/")
+        if args.wait:
+            print(f"{sum(job.result() for job in jobs)} embeddings in {args.output}")
+        return
+    written = embed_images(**kwargs, part=args.part)
+    print(f"{written} embeddings in {args.output}" + (f"/part_{args.part:04d}" if args.parts > 1 else ""))
 
 
 def cmd_dedup(args) -> None:
@@ -154,6 +185,14 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--batch-size", type=int, default=256)
     embed.add_argument("--limit", type=int, default=0)
     embed.add_argument("--device", default="cpu")
+    embed.add_argument("--parts", type=int, default=1, help="split the images into this many parts (part_NNNN)")
+    embed.add_argument("--part", type=int, default=0, help="embed only this part (0-based)")
+    embed.add_argument("--submit", choices=("slurm", "local"), help="one job-array task per part (submitit)")
+    embed.add_argument("--partition", help="with --submit slurm")
+    embed.add_argument("--timeout", type=int, default=240, help="minutes per task, with --submit")
+    embed.add_argument("--cpus-per-task", type=int, default=8)
+    embed.add_argument("--gpus-per-node", type=int, default=0)
+    embed.add_argument("--wait", action="store_true", help="with --submit: wait for every task")
     embed.add_argument("--flip-average", action="store_true",
                        help="average each image's features with its mirror's (copy detection: copies are often flipped)")
     embed.set_defaults(run=cmd_embed)

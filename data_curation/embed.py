@@ -75,8 +75,16 @@ def _embed_shard(model, source, view, batch_size: int, device: str, flip_average
 
 def embed_images(data: str, output: str, checkpoint: Optional[str] = None, backbone: Optional[str] = None,
                  split: Optional[str] = None, shard_size: int = 50_000, batch_size: int = 256, device: str = "cpu",
-                 npy: Optional[str] = None, limit: int = 0, flip_average: bool = False) -> int:
-    """Write the embeddings of every readable image of `data` to `output`; returns the number of rows there."""
+                 npy: Optional[str] = None, limit: int = 0, flip_average: bool = False, part: int = 0,
+                 parts: int = 1) -> int:
+    """Write the embeddings of every readable image of `data` to `output`; returns the number of rows there.
+
+    With parts > 1, only the part-th of `parts` contiguous slices of the images, into output/part_NNNN (one
+    task of a job array); the steps after read the folder of parts as one store."""
+    if parts > 1:
+        if not 0 <= part < parts:
+            raise InputError(f"--part {part} is not one of the {parts} parts (0 to {parts - 1})")
+        output = str(Path(output) / f"part_{part:04d}")
     store = EmbeddingStore(output)
     if npy:
         vectors, paths = from_npy(npy, None if data in (None, "", "fashion_mnist") else
@@ -112,13 +120,18 @@ def embed_images(data: str, output: str, checkpoint: Optional[str] = None, backb
     else:
         raise InputError("give --checkpoint (any file distill loads) or --backbone (random weights, for tests)")
     model = model.to(device)
+    names = _names(source, data, split)
+    if parts > 1:
+        first, last = part * len(source) // parts, (part + 1) * len(source) // parts
+        unreadable_all = source.unreadable
+        source, names = _subset(source, first, last), names[first:last]
+        source.unreadable = unreadable_all if part == 0 else []  # listed once, by the first part
     done = len(store)
     if done % shard_size and done != len(source):
         raise InputError(f"{output} holds {done} rows, not a whole number of {shard_size}-image shards: embed with "
                          "the --shard-size it was started with, or into a new folder")
     if done:
         logger.info("resuming: %d of %d images already embedded in %s", done, len(source), output)
-    names = _names(source, data, split)
     unreadable = list(source.unreadable)
     with progress(total=len(source), initial=done, desc="embed", unit="img") as bar:
         for start in range(done, len(source), shard_size):

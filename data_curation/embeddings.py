@@ -27,8 +27,27 @@ class EmbeddingStore:
     def manifest(self) -> dict:
         path = self.folder / MANIFEST
         if not path.is_file():
+            parts = self.parts()
+            if parts:  # the parts of a job array, read as one store
+                return self._combined(parts)
             return {"dim": None, "shards": [], "complete": False}
         return json.loads(path.read_text())
+
+    def parts(self) -> List["EmbeddingStore"]:
+        """The stores a job array wrote into part_NNNN sub-folders, in order."""
+        if not self.folder.is_dir():
+            return []
+        return [EmbeddingStore(p) for p in sorted(self.folder.glob("part_*")) if (p / MANIFEST).is_file()]
+
+    def _combined(self, parts: List["EmbeddingStore"]) -> dict:
+        manifests = [p.manifest() for p in parts]
+        dims = {m["dim"] for m in manifests if m["dim"] is not None}
+        if len(dims) > 1:
+            raise InputError(f"the parts in {self.folder} hold embeddings of different dimensions {sorted(dims)}")
+        shards = [{"file": f"{p.folder.name}/{s['file']}", "rows": s["rows"]} for p, m in zip(parts, manifests)
+                  for s in m["shards"]]
+        return {"dim": dims.pop() if dims else None, "shards": shards,
+                "complete": all(m["complete"] for m in manifests)}
 
     def _write_manifest(self, manifest: dict) -> None:
         tmp = self.folder / (MANIFEST + ".tmp")
@@ -43,6 +62,8 @@ class EmbeddingStore:
         if len(vectors) != len(paths):
             raise InputError(f"{len(vectors)} vectors but {len(paths)} paths")
         self.folder.mkdir(parents=True, exist_ok=True)
+        if not (self.folder / MANIFEST).is_file() and self.parts():
+            raise InputError(f"{self.folder} holds the parts of a job array (part_*): write to another folder")
         manifest = self.manifest()
         dim = int(vectors.shape[1])
         if manifest["dim"] is not None and manifest["dim"] != dim:
@@ -76,6 +97,8 @@ class EmbeddingStore:
         return self.rows_written()
 
     def paths(self) -> List[str]:
+        if not (self.folder / MANIFEST).is_file() and self.parts():
+            return [p for part in self.parts() for p in part.paths()]
         path = self.folder / "paths.txt"
         lines = path.read_text().splitlines() if path.is_file() else []
         return lines[: len(self)]

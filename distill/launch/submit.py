@@ -7,13 +7,19 @@ checkpoint, and the restarted job resumes from the latest one.
 """
 
 import logging
+import os
 import shutil
+import signal
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from distill.errors import InputError
+
+logger = logging.getLogger(__name__)
+SIGTERM_WAIT_S = 600
 
 
 @dataclass
@@ -57,10 +63,19 @@ class TrainJob:
         if environment.num_tasks > 1:  # RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, LOCAL_RANK for the trainer
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         config = load_train_config(self.config, self.overrides + ["train.resume=auto"])
+        trainer = Trainer(config)
         try:
-            return Trainer(config).run()
+            results = trainer.run()
         finally:
             distributed.shutdown()
+        if trainer.stop_signal == signal.SIGTERM and "SLURM_JOB_ID" in os.environ:
+            # SLURM requeues (or cancels) with SIGTERM, then SIGKILL: the checkpoint is written; returning now would
+            # report a finished job that is about to run again, so wait to be ended, as submitit does
+            logger.info("SIGTERM: checkpoint written at step %d; waiting for SLURM to end the job", trainer.step)
+            time.sleep(SIGTERM_WAIT_S)
+            raise RuntimeError(f"stopped by SIGTERM at step {trainer.step} and not ended by SLURM within "
+                               f"{SIGTERM_WAIT_S} s; resubmit to continue from the checkpoint")
+        return results
 
     def checkpoint(self, *args, **kwargs):
         """submitit's preemption hook: the trainer has saved its checkpoint already; rerun this job."""
@@ -84,14 +99,15 @@ def check_cluster(resources: Resources) -> None:
 def make_executor(folder: Path, resources: Resources, local: bool):
     import submitit
 
-    executor = submitit.AutoExecutor(folder=str(folder / "%j"), cluster="local" if local else "slurm")
+    extra = {} if local else {"slurm_max_num_timeout": resources.max_requeues}  # how often a timed-out job requeues
+    executor = submitit.AutoExecutor(folder=str(folder / "%j"), cluster="local" if local else "slurm", **extra)
     common = dict(timeout_min=resources.timeout_min, nodes=resources.nodes, tasks_per_node=resources.tasks,
                   gpus_per_node=resources.gpus_per_node, cpus_per_task=resources.cpus_per_task)
     if local:
         executor.update_parameters(timeout_min=resources.timeout_min, tasks_per_node=resources.tasks,
                                    gpus_per_node=resources.gpus_per_node)
         return executor
-    slurm = {"slurm_signal_delay_s": resources.signal_delay_s, "slurm_max_num_timeout": resources.max_requeues}
+    slurm = {"slurm_signal_delay_s": resources.signal_delay_s}
     for key in ("partition", "account", "qos", "constraint", "comment"):
         if getattr(resources, key):
             slurm[f"slurm_{key}"] = getattr(resources, key)

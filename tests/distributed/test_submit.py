@@ -39,7 +39,8 @@ def _fake_slurm(folder: Path, partitions="debug"):
 
 def test_bad_input_stops_before_submitting(tmp_path, monkeypatch, capsys):
     run = tmp_path / "run"
-    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # no sbatch
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no sbatch
     assert main(["submit", *TINY, f"train.output_dir={run}", "--partition", "gpu"]) == 2
     assert "no `sbatch` on this machine" in capsys.readouterr().err
     monkeypatch.setenv("PATH", f"{_fake_slurm(tmp_path / 'bin')}:/usr/bin:/bin")

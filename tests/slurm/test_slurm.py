@@ -1,0 +1,120 @@
+"""`distill submit` on a real single-node SLURM cluster brought up on loopback (tests/slurm/cluster.py): a DINO
+job signalled mid-run (submitit's USR2), then requeued with SIGTERM only, resumes each time and ends with the
+weights of an uninterrupted run; a 2-task job trains over gloo as one process group."""
+
+import json
+import time
+
+import pytest
+import torch
+
+from distill.engine.checkpointing import LATEST
+from distill.engine.train_config import load_train_config
+from distill.engine.trainer import Trainer
+from distill.launch.submit import Resources, submit
+from distill.models import read_checkpoint
+from tests.slurm.cluster import Cluster, available
+
+TINY = [
+    "model.backbone=vit_tiny",
+    "model.overrides={depth: 2, embed_dim: 32, num_heads: 2, patch_size: 4, img_size: 16, in_chans: 1}",
+    "data.batch_size=16", "data.num_workers=0", "train.precision=fp32", "train.threads=1",
+    "train.log_every_steps=1", "eval.knn=false", "objective.out_dim=64", "objective.hidden_dim=32",
+    "objective.bottleneck_dim=16", "objective.views.global_crops_size=16", "objective.views.local_crops_size=8",
+    "objective.views.local_crops_number=2", "optim.warmup_epochs=1",
+]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    missing = available()
+    assert not missing, (f"SLURM is not installed here ({', '.join(missing)} missing): `make test` installs "
+                         "munge, slurmctld, slurmd and slurm-client with tools/get_slurm.sh (needs root or sudo)")
+    cluster = Cluster(tmp_path_factory.mktemp("slurm")).start()
+    yield cluster
+    cluster.stop()
+
+
+def _wait(condition, timeout, what, cluster):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"waited {timeout} s for {what}\nsqueue: {cluster.run(['squeue'], check=False)}\n"
+                       f"{cluster.logs()}")
+
+
+def _steps(run):
+    metrics = run / "metrics.jsonl"
+    return len(metrics.read_text().splitlines()) if metrics.is_file() else 0
+
+
+def _job_state(cluster, job_id):
+    out = cluster.run(["squeue", "-h", "-j", str(job_id), "-o", "%T"], check=False).strip()
+    return out or "GONE"
+
+
+@pytest.mark.timeout(900)
+def test_a_slurm_job_signalled_then_requeued_resumes_each_time_and_ends_like_an_uninterrupted_run(
+        cluster, tmp_path, monkeypatch):
+    for key, value in cluster.env.items():
+        monkeypatch.setenv(key, value)
+    steps = ["train.epochs=8", "data.dataset.limit=1024"]  # 64 steps an epoch, 512 in all
+    Trainer(load_train_config(None, TINY + steps + [f"train.output_dir={tmp_path / 'straight'}"])).run()
+
+    run = tmp_path / "signalled"
+    job = submit(None, TINY + steps + [f"train.output_dir={run}"],
+                 Resources(partition="debug", timeout_min=30, cpus_per_task=1, signal_delay_s=30),
+                 folder=str(tmp_path / "jobs"))
+    _wait(lambda: _steps(run) >= 40, 300, "the job to train", cluster)
+    job._interrupt()  # submitit's preemption signal (USR2), as a time limit or preemption sends it
+    _wait(lambda: "resumed from" in (run / "train.log").read_text(), 300, "the requeued job to resume", cluster)
+    first = (run / "train.log").read_text().count("resumed from")
+    _wait(lambda: _steps(run) >= 40 + 150, 300, "more training", cluster)
+    cluster.run(["scontrol", "requeue", str(job.job_id)])  # SIGTERM only, then the job runs again
+    _wait(lambda: (run / "train.log").read_text().count("resumed from") > first, 300,
+          "the job to resume after the SIGTERM requeue", cluster)
+    _wait(lambda: (run / "results.json").is_file() and _job_state(cluster, job.job_id) == "GONE", 600,
+          "the job to finish", cluster)
+    log = (run / "train.log").read_text()
+    assert "signal SIGUSR2" in log and "signal SIGTERM" in log
+    a, b = read_checkpoint(tmp_path / "straight" / LATEST), read_checkpoint(run / LATEST)
+    assert a["step"] == b["step"] == 512
+    for key, value in a["objective"].items():
+        assert torch.allclose(value, b["objective"][key], rtol=1e-5, atol=1e-6), key
+
+
+@pytest.mark.timeout(600)
+def test_a_two_task_slurm_job_trains_over_gloo(cluster, tmp_path, monkeypatch):
+    for key, value in cluster.env.items():
+        monkeypatch.setenv(key, value)
+    run = tmp_path / "two"
+    job = submit(None, TINY + ["data.dataset.limit=256", "train.max_steps=4", f"train.output_dir={run}"],
+                 Resources(partition="debug", timeout_min=30, tasks_per_node=2, cpus_per_task=1),
+                 folder=str(tmp_path / "jobs"))
+    _wait(lambda: (run / "results.json").is_file() and _job_state(cluster, job.job_id) == "GONE", 300,
+          "the 2-task job", cluster)
+    state = read_checkpoint(run / LATEST)
+    assert state["step"] == 4 and state["steps_per_epoch"] == 256 // (16 * 2)
+    assert len(list((tmp_path / "jobs").glob(f"{job.job_id}/*_1_log.out"))) == 1
+
+
+@pytest.mark.timeout(600)
+def test_a_job_array_embeds_one_part_per_task_and_the_next_step_reads_them_as_one(cluster, tmp_path, monkeypatch):
+    from data_curation.cli import main as curate
+    from data_curation.embeddings import EmbeddingStore
+
+    for key, value in cluster.env.items():
+        monkeypatch.setenv(key, value)
+    emb = tmp_path / "emb"
+    assert curate(["embed", "--data", "fashion_mnist", "--backbone", "vit_tiny_patch7", "--limit", "300",
+                   "--shard-size", "64", "--parts", "3", "--submit", "slurm", "--partition", "debug",
+                   "--cpus-per-task", "1", "--timeout", "30", "--output", str(emb), "--wait"]) == 0
+    store = EmbeddingStore(emb)
+    assert [p.folder.name for p in store.parts()] == ["part_0000", "part_0001", "part_0002"]
+    assert len(store) == 300 and store.paths() == [f"fashion_mnist/train/{i}" for i in range(300)]
+    assert curate(["dedup", "--embeddings", str(emb), "--threshold", "0.999", "--output", str(tmp_path / "dd")]) == 0
+    kept = (tmp_path / "dd" / "kept.txt").read_text().splitlines()
+    groups = json.loads((tmp_path / "dd" / "groups.json").read_text())
+    assert len(kept) + sum(len(g) - 1 for g in groups) == 300  # every row of every part was read
