@@ -20,7 +20,7 @@ TINY = [
     "model.overrides={depth: 2, embed_dim: 32, num_heads: 2, patch_size: 4, img_size: 16, in_chans: 1, "
     "drop_path_rate: 0.0}",
     "data.num_workers=0",
-    "optim.lr=1e-3", "optim.warmup_epochs=0", "train.epochs=1", "train.max_steps=6", "train.precision=fp32",
+    "optim.lr=1e-3", "optim.warmup_epochs=0", "train.epochs=2", "train.max_steps=6", "train.precision=fp32",
     "train.log_every_steps=1", "train.threads=1", "eval.knn=false",
     "objective.out_dim=64", "objective.hidden_dim=32", "objective.bottleneck_dim=16",
     "objective.views.global_crops_size=16", "objective.views.local_crops_size=8",
@@ -43,10 +43,10 @@ def _images(folder, count=96):
     return folder
 
 
-def _run(output, images, batch, world):
+def _run(output, images, batch, world, *extra):
     port = str(_free_port())
     overrides = TINY + [f"data.batch_size={batch}", "data.dataset.kind=folder", f"data.dataset.path={images}",
-                        f"train.output_dir={output}"]
+                        f"train.output_dir={output}", *extra]
     processes = []
     for rank in range(world):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
@@ -83,3 +83,11 @@ def test_two_gloo_processes_train_as_one_process_with_the_same_global_batch(tmp_
         assert torch.allclose(value, b["objective"][key], rtol=1e-4, atol=1e-5), key
     moved = read_checkpoint(tmp_path / "one" / LATEST)["objective"]
     assert moved["loss.center"].abs().sum() > 0  # the center was updated (from both ranks' teacher outputs)
+
+    # the 2-process checkpoint resumes on 1 process (same global batch) and goes on as the 1-process run does
+    _run(tmp_path / "one", images, 16, 1, "train.max_steps=9")
+    _run(tmp_path / "two", images, 16, 1, "train.max_steps=9")
+    a, b = read_checkpoint(tmp_path / "one" / LATEST), read_checkpoint(tmp_path / "two" / LATEST)
+    assert a["step"] == b["step"] == 9
+    for key, value in a["objective"].items():
+        assert torch.allclose(value, b["objective"][key], rtol=1e-4, atol=1e-5), key
