@@ -126,3 +126,12 @@ def mean_over_ranks(values: dict) -> dict:
     tensor = torch.tensor(list(values.values()), dtype=torch.float64, device=_device())
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return dict(zip(values, (tensor / world_size()).tolist()))
+
+
+def gather_objects(value) -> list:
+    """Every rank's value, in rank order, on every rank ([value] on one process)."""
+    if not (is_initialized() and world_size() > 1):
+        return [value]
+    out = [None] * world_size()
+    dist.all_gather_object(out, value)
+    return out

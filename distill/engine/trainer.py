@@ -149,9 +149,12 @@ class Trainer:
         }
 
     def save_checkpoint(self, keep_epoch: Optional[int] = None) -> Optional[Path]:
+        """Called on every rank at the same step: each rank's random state goes into rank 0's file."""
+        rng = distributed.gather_objects(checkpointing.rng_state())
         if not self.is_main:
             return None
         state = self._state()
+        state["rng"] = rng[0] if len(rng) == 1 else rng
         path = checkpointing.save_atomic(state, self.output_dir / checkpointing.LATEST)
         if keep_epoch is not None:
             checkpointing.save_atomic(state, self.output_dir / f"checkpoint_{keep_epoch:04d}.pth")
@@ -190,7 +193,13 @@ class Trainer:
         self.step, self.train_seconds = state["step"], state["train_seconds"]
         self._plan(state["total_steps"])
         self.budget_fits = len(BUDGET_REFIT_AT) + 1  # a budgeted run keeps the plan it made when it started
-        checkpointing.set_rng_state(state["rng"])
+        rng = state["rng"]
+        if isinstance(rng, list):  # one per rank; on another number of ranks, rank 0's with a per-rank offset
+            checkpointing.set_rng_state(rng[distributed.rank()] if len(rng) == distributed.world_size() else rng[0])
+            if len(rng) != distributed.world_size() and distributed.world_size() > 1:
+                torch.manual_seed(int(torch.randint(2**31, (1,)).item()) + distributed.rank())
+        else:
+            checkpointing.set_rng_state(rng)
         logger.info("resumed from %s at step %d of %d (epoch %.2f)", path, self.step, self.total_steps,
                     self.step / self.steps_per_epoch)
 
@@ -365,7 +374,7 @@ class Trainer:
             if self.step % self.steps_per_epoch == 0:
                 data = None
                 self._end_of_epoch(self.step // self.steps_per_epoch)
-            elif time.monotonic() - self.last_save_time > c.train.checkpoint_every_minutes * 60:
+            elif distributed.any_rank(time.monotonic() - self.last_save_time > c.train.checkpoint_every_minutes * 60):
                 self.save_checkpoint()
             if max_steps and self.step >= max_steps:
                 self.stop_reason = f"train.max_steps={max_steps}"

@@ -91,3 +91,20 @@ def test_two_gloo_processes_train_as_one_process_with_the_same_global_batch(tmp_
     assert a["step"] == b["step"] == 9
     for key, value in a["objective"].items():
         assert torch.allclose(value, b["objective"][key], rtol=1e-4, atol=1e-5), key
+
+
+@pytest.mark.timeout(600)
+def test_a_two_process_run_resumes_exactly_with_each_rank_s_random_state(tmp_path):
+    images = _images(tmp_path / "images")
+    noisy = "model.overrides={depth: 2, embed_dim: 32, num_heads: 2, patch_size: 4, img_size: 16, in_chans: 1, " \
+            "drop_path_rate: 0.2}"  # stochastic depth draws from each rank's own generator
+    _run(tmp_path / "once", images, 8, 2, noisy)
+    _run(tmp_path / "twice", images, 8, 2, noisy, "train.max_steps=3")
+    _run(tmp_path / "twice", images, 8, 2, noisy)
+    one, two = _losses(tmp_path / "once"), _losses(tmp_path / "twice")
+    for step in range(1, 7):
+        assert two[step] == pytest.approx(one[step], rel=1e-6, abs=1e-6), step
+    a, b = read_checkpoint(tmp_path / "once" / LATEST), read_checkpoint(tmp_path / "twice" / LATEST)
+    assert isinstance(a["rng"], list) and len(a["rng"]) == 2
+    for key, value in a["objective"].items():
+        assert torch.allclose(value, b["objective"][key], rtol=1e-5, atol=1e-6), key
