@@ -211,8 +211,12 @@ class Trainer:
             return
 
         def request_stop(signum, frame):
-            self.stop_reason = f"signal {signal.Signals(signum).name}"
-            self.stop_signal = signum
+            received.append(signal.Signals(signum))
+            self.stop_reason = "signal " + " + ".join(s.name for s in dict.fromkeys(received))
+            # the launcher's requeue signal wins over a SIGTERM that came with it (scancel sends both)
+            self.stop_signal = signal.SIGUSR2 if signal.SIGUSR2 in received else received[0]
+
+        received: List[signal.Signals] = []
 
         # USR2 is submitit's preemption / time-limit signal; its own handler (which requeues the job) is called
         # after the checkpoint is written (see _hand_on_signal)
