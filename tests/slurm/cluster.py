@@ -81,7 +81,7 @@ AccountingStoragePass={socket_path}
 JobAcctGatherType=jobacct_gather/none
 MpiDefault=none
 NodeName={self.node} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={memory} State=UNKNOWN
-PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP PriorityTier=1 OverSubscribe=NO
+PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP PriorityTier=1 OverSubscribe=NO GraceTime=30
 PartitionName=urgent Nodes={self.node} MaxTime=INFINITE State=UP PriorityTier=10 OverSubscribe=NO
 """)
 

@@ -1,8 +1,10 @@
 """`distill submit` on a real single-node SLURM cluster brought up on loopback (tests/slurm/cluster.py): a DINO
 job signalled mid-run (submitit's USR2), then requeued with SIGTERM only, resumes each time and ends with the
-weights of an uninterrupted run; a 2-task job trains over gloo as one process group."""
+weights of an uninterrupted run; a job preempted by a higher-tier partition's job requeues and finishes; a 2-task
+job trains over gloo as one process group; a job array embeds one part per task."""
 
 import json
+import os
 import time
 
 import pytest
@@ -118,3 +120,25 @@ def test_a_job_array_embeds_one_part_per_task_and_the_next_step_reads_them_as_on
     kept = (tmp_path / "dd" / "kept.txt").read_text().splitlines()
     groups = json.loads((tmp_path / "dd" / "groups.json").read_text())
     assert len(kept) + sum(len(g) - 1 for g in groups) == 300  # every row of every part was read
+
+
+@pytest.mark.timeout(900)
+def test_a_job_preempted_by_a_higher_tier_partition_requeues_and_resumes(cluster, tmp_path, monkeypatch):
+    for key, value in cluster.env.items():
+        monkeypatch.setenv(key, value)
+    steps = ["train.epochs=8", "data.dataset.limit=1024"]
+    run = tmp_path / "preempted"
+    cpus = os.cpu_count() or 2
+    job = submit(None, TINY + steps + [f"train.output_dir={run}"],
+                 Resources(partition="debug", timeout_min=30, cpus_per_task=cpus, signal_delay_s=30),
+                 folder=str(tmp_path / "jobs"))
+    _wait(lambda: _steps(run) >= 40, 300, "the job to train", cluster)
+    urgent = cluster.run(["sbatch", "--parsable", "-p", "urgent", "-c", str(cpus), "-o", str(tmp_path / "urgent.out"),
+                          "--wrap", "sleep 3"]).strip()
+    _wait(lambda: "resumed from" in (run / "train.log").read_text(), 400, "the preempted job to resume", cluster)
+    _wait(lambda: (run / "results.json").is_file() and _job_state(cluster, job.job_id) == "GONE", 600,
+          "the job to finish", cluster)
+    assert _job_state(cluster, urgent) == "GONE" and (tmp_path / "urgent.out").is_file()
+    log = (run / "train.log").read_text()
+    assert "handing SIGUSR2 on to the launcher" in log  # SLURM's preemption sent the job's user signal first
+    assert read_checkpoint(run / LATEST)["step"] == 512
