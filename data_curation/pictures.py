@@ -1,7 +1,6 @@
 """Pictures of a curation: cluster sizes before and after sampling, and a grid of duplicate groups."""
 
-from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 

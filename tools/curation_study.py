@@ -98,7 +98,7 @@ def main() -> None:
     pixels = lambda a: a.reshape(len(a), -1).astype(np.float32) - train_images.reshape(len(train_images), -1).mean(0)  # noqa: E731
     pixel_ids, _ = retrieve(pixels(test_images[seeds]), pixels(train_images), 4)
     pixel_agreement = (train_labels[pixel_ids] == test_labels[seeds][:, None]).mean()
-    print(f"\nRetrieval: 100 seed test images (10 per class), 4 nearest of the 60,000 training images each")
+    print("\nRetrieval: 100 seed test images (10 per class), 4 nearest of the 60,000 training images each")
     print(f"label agreement with the seed: backbone {agreement:.3f}, raw pixels {pixel_agreement:.3f}")
     per_class = (train_labels[ids] == test_labels[seeds][:, None]).reshape(10, 40).mean(1)
     print("per class (backbone): " + " ".join(f"{c}:{a:.2f}" for c, a in enumerate(per_class)))

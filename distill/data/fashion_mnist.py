@@ -105,7 +105,7 @@ def fashion_mnist_selection(names) -> Tuple[np.ndarray, np.ndarray]:
     if bad:
         raise InputError(f"{bad[0]!r} is not a Fashion-MNIST image name (fashion_mnist/train|test/<index>); a list "
                          "mixes them with files")
-    images, labels = [], []
+    images = []
     for split in sorted({p[0] for p in parsed}):
         data, targets = load_fashion_mnist(split)
         where = [i for i, p in enumerate(parsed) if p[0] == split]

@@ -2,7 +2,7 @@
 sees exactly the batches and views the uninterrupted run would have seen, with any number of workers."""
 
 import logging
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Sequence, Tuple
 
 import numpy as np
 import torch

@@ -10,7 +10,6 @@ match; otherwise one error lists what differs and which registered name the file
 import argparse
 import logging
 import re
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
