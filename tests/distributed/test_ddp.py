@@ -14,17 +14,11 @@ from PIL import Image
 
 from distill.engine.checkpointing import LATEST
 from distill.models import read_checkpoint
+from tests.tiny_dino import TINY_DINO, tiny_model
 
-TINY = [
-    "model.backbone=vit_tiny",
-    "model.overrides={depth: 2, embed_dim: 32, num_heads: 2, patch_size: 4, img_size: 16, in_chans: 1, "
-    "drop_path_rate: 0.0}",
-    "data.num_workers=0",
-    "optim.lr=1e-3", "optim.warmup_epochs=0", "train.epochs=2", "train.max_steps=6", "train.precision=fp32",
-    "train.log_every_steps=1", "train.threads=1", "eval.knn=false",
-    "objective.out_dim=64", "objective.hidden_dim=32", "objective.bottleneck_dim=16",
-    "objective.views.global_crops_size=16", "objective.views.local_crops_size=8",
-    "objective.views.local_crops_number=2", "objective.views.mean=[0.286]", "objective.views.std=[0.353]",
+TINY = TINY_DINO + [
+    tiny_model(0.0), "optim.lr=1e-3", "optim.warmup_epochs=0", "train.epochs=2", "train.max_steps=6",
+    "objective.views.mean=[0.286]", "objective.views.std=[0.353]",
 ]
 
 
@@ -96,8 +90,7 @@ def test_two_gloo_processes_train_as_one_process_with_the_same_global_batch(tmp_
 @pytest.mark.timeout(600)
 def test_a_two_process_run_resumes_exactly_with_each_rank_s_random_state(tmp_path):
     images = _images(tmp_path / "images")
-    noisy = "model.overrides={depth: 2, embed_dim: 32, num_heads: 2, patch_size: 4, img_size: 16, in_chans: 1, " \
-            "drop_path_rate: 0.2}"  # stochastic depth draws from each rank's own generator
+    noisy = tiny_model(0.2)  # stochastic depth draws from each rank's own generator
     _run(tmp_path / "once", images, 8, 2, noisy)
     _run(tmp_path / "twice", images, 8, 2, noisy, "train.max_steps=3")
     _run(tmp_path / "twice", images, 8, 2, noisy)

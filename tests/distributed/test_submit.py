@@ -16,15 +16,10 @@ from distill.engine.checkpointing import LATEST
 from distill.engine.train_config import load_train_config
 from distill.engine.trainer import Trainer
 from distill.models import read_checkpoint
+from tests.slurm.cluster import children
+from tests.tiny_dino import TINY_DINO, tiny_model
 
-TINY = [
-    "model.backbone=vit_tiny",
-    "model.overrides={depth: 2, embed_dim: 32, num_heads: 2, patch_size: 4, img_size: 16, in_chans: 1}",
-    "data.dataset.limit=256", "data.batch_size=16", "data.num_workers=0", "train.precision=fp32",
-    "train.threads=1", "train.log_every_steps=1", "eval.knn=false", "objective.out_dim=64",
-    "objective.hidden_dim=32", "objective.bottleneck_dim=16", "objective.views.global_crops_size=16",
-    "objective.views.local_crops_size=8", "objective.views.local_crops_number=2",
-]
+TINY = TINY_DINO + [tiny_model(), "data.dataset.limit=256", "data.batch_size=16"]
 
 
 def _fake_slurm(folder: Path, partitions="debug"):
@@ -62,18 +57,6 @@ def test_local_job_with_two_tasks_trains_as_one_process_group(tmp_path, capsys):
     assert len(list((run / "jobs").glob("*/*_1_log.out"))) == 1  # the second task's log
 
 
-def _children(pid: int):
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    found.append(int(entry.name))
-            except (OSError, IndexError, ValueError):
-                pass
-    return found
-
-
 @pytest.mark.timeout(600)
 def test_a_signalled_job_checkpoints_requeues_resumes_and_ends_like_an_uninterrupted_run(tmp_path):
     steps = ["train.epochs=8", "optim.warmup_epochs=1", "data.dataset.limit=512"]  # 256 steps
@@ -90,7 +73,7 @@ def test_a_signalled_job_checkpoints_requeues_resumes_and_ends_like_an_uninterru
         if metrics.is_file() and len(metrics.read_text().splitlines()) >= 20:
             break
         time.sleep(0.2)
-    tasks = [pid for pid in _children(job._process.pid)]
+    tasks = children(job._process.pid)
     assert tasks, "the job's task process was not found"
     for pid in tasks:
         os.kill(pid, signal.SIGUSR2)  # submitit's preemption / time-limit signal

@@ -150,7 +150,7 @@ PartitionName=urgent Nodes={self.node} MaxTime=INFINITE State=UP PriorityTier=10
                 process.kill()
                 process.wait()
         for pid in set(_pids_named("slurmstepd")) - getattr(self, "stepds_before", set()):
-            for victim in _descendants(pid) + [pid]:
+            for victim in descendants(pid) + [pid]:
                 try:
                     os.kill(victim, 9)
                 except ProcessLookupError:
@@ -169,7 +169,8 @@ def _pids_named(prefix: str) -> List[int]:
     return found
 
 
-def _descendants(pid: int) -> List[int]:
+def _children_table() -> Dict[int, List[int]]:
+    """Every live process's children, from /proc."""
     children: Dict[int, List[int]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -178,9 +179,17 @@ def _descendants(pid: int) -> List[int]:
             except (OSError, IndexError, ValueError):
                 continue
             children.setdefault(parent, []).append(int(entry.name))
-    out, todo = [], [pid]
+    return children
+
+
+def children(pid: int) -> List[int]:
+    return _children_table().get(pid, [])
+
+
+def descendants(pid: int) -> List[int]:
+    table, out, todo = _children_table(), [], [pid]
     while todo:
-        for child in children.get(todo.pop(), []):
+        for child in table.get(todo.pop(), []):
             out.append(child)
             todo.append(child)
     return out

@@ -16,15 +16,9 @@ from distill.engine.trainer import Trainer
 from distill.launch.submit import Resources, submit
 from distill.models import read_checkpoint
 from tests.slurm.cluster import Cluster, available
+from tests.tiny_dino import TINY_DINO, tiny_model
 
-TINY = [
-    "model.backbone=vit_tiny",
-    "model.overrides={depth: 2, embed_dim: 32, num_heads: 2, patch_size: 4, img_size: 16, in_chans: 1}",
-    "data.batch_size=16", "data.num_workers=0", "train.precision=fp32", "train.threads=1",
-    "train.log_every_steps=1", "eval.knn=false", "objective.out_dim=64", "objective.hidden_dim=32",
-    "objective.bottleneck_dim=16", "objective.views.global_crops_size=16", "objective.views.local_crops_size=8",
-    "objective.views.local_crops_number=2", "optim.warmup_epochs=1",
-]
+TINY = TINY_DINO + [tiny_model(), "data.batch_size=16", "optim.warmup_epochs=1"]
 
 
 @pytest.fixture(scope="module")
