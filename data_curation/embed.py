@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from data_curation.embeddings import EmbeddingStore, from_npy
-from distill.data.datasets import ArrayImages, DatasetConfig, build_image_source
+from distill.data.datasets import ArrayImages, DatasetConfig, build_image_source, filelist_entries
 from distill.data.eval_views import EvalView
 from distill.data.fashion_mnist import fashion_mnist_path
 from distill.errors import InputError
@@ -44,8 +44,7 @@ def _names(source, data: str, split: Optional[str]) -> List[str]:
         return list(source.paths)
     if data == "fashion_mnist":
         return [fashion_mnist_path(split or "train", i) for i in range(len(source.images))]
-    listed = [line.split()[0] for line in Path(data).read_text().splitlines() if line.strip() and line[0] != "#"]
-    return listed[: len(source.images)]
+    return [fields[0] for fields in filelist_entries(data)][: len(source.images)]
 
 
 @torch.inference_mode()
@@ -88,7 +87,7 @@ def embed_images(data: str, output: str, checkpoint: Optional[str] = None, backb
     store = EmbeddingStore(output)
     if npy:
         vectors, paths = from_npy(npy, None if data in (None, "", "fashion_mnist") else
-                                  [line.split()[0] for line in open(data).read().splitlines() if line.strip()])
+                                  [fields[0] for fields in filelist_entries(data)])
         if len(vectors) == 0:
             raise InputError(f"{npy} holds no embeddings (shape {vectors.shape})")
         if len(store) and store.dim != vectors.shape[1]:

@@ -222,7 +222,10 @@ def select(folder, memory_gb: float, keep: Optional[Sequence[str]] = None) -> Tu
     if len(paths) != len(store):
         raise InputError(f"{folder}: paths.txt lists {len(paths)} paths for {len(store)} embeddings; re-run "
                          "`distill-curate embed` into a new folder")
-    valid = np.concatenate([valid_mask(array) for _, array in store.shards()])
+    budget = memory_gb * 2**30
+    # a store that fits is read once; a larger one is scanned here and streamed by the steps
+    loaded = store.load() if len(paths) * dim * 4 <= budget else None
+    valid = valid_mask(loaded) if loaded is not None else np.concatenate([valid_mask(a) for _, a in store.shards()])
     if not valid.all():
         bad = [paths[i] for i in np.flatnonzero(~valid)[:5]]
         logger.warning("left out %d NaN / inf / zero embeddings (unreadable images or broken vectors; e.g. %s)",
@@ -243,11 +246,13 @@ def select(folder, memory_gb: float, keep: Optional[Sequence[str]] = None) -> Tu
         raise InputError(f"no usable embeddings in {folder}")
     chosen = [paths[i] for i in rows]
     need = len(rows) * dim * 4
-    if need <= memory_gb * 2**30:
+    if loaded is not None:
+        return ArrayRows(loaded if len(rows) == len(loaded) else loaded[rows]), chosen
+    if need <= budget:
         return ArrayRows(StoreRows(store, rows).take(np.arange(len(rows)))), chosen
     logger.info("%d x %d embeddings need %.1f GiB in float32, over --memory-gb %.1f: streaming them shard by shard",
                 len(rows), dim, need / 2**30, memory_gb)
-    return StoreRows(store, rows, memory_gb * 2**30), chosen
+    return StoreRows(store, rows, budget), chosen
 
 
 def sample_cap(rows: Rows, wanted: int, share: float = 0.5) -> int:

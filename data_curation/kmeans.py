@@ -72,12 +72,18 @@ def kmeans(data, k: int, iterations: int = 20, seed: int = 0, init: np.ndarray =
     return Level(centroids, labels, distances, float(distances.astype(np.float64).sum()))
 
 
+def nearest_in_each_cluster(rows: np.ndarray, clusters: np.ndarray, distances: np.ndarray, count: int) -> np.ndarray:
+    """The rows (positions into clusters / distances), up to `count` per cluster, nearest their centroid first;
+    sorted. One sort, not one scan per cluster."""
+    order = rows[np.lexsort((distances[rows], clusters[rows]))]
+    ordered = clusters[order]
+    first = np.searchsorted(ordered, ordered, side="left")  # start of each row's cluster in the order
+    return np.sort(order[np.arange(len(order)) - first < count])
+
+
 def closest_per_cluster(level: Level, per_cluster: int) -> np.ndarray:
-    """Positions of up to per_cluster rows nearest each centroid (one sort, not one scan per cluster)."""
-    order = np.lexsort((level.distances, level.assignment))
-    clusters = level.assignment[order]
-    first = np.searchsorted(clusters, clusters, side="left")  # start of each row's cluster in the order
-    return np.sort(order[np.arange(len(order)) - first < per_cluster])
+    """Positions of up to per_cluster rows nearest each centroid."""
+    return nearest_in_each_cluster(np.arange(len(level.assignment)), level.assignment, level.distances, per_cluster)
 
 
 def resample(data, level: Level, per_cluster: int, iterations: int, seed: int, gpu: bool = False,

@@ -39,10 +39,9 @@ def same_cluster(seed_clusters: np.ndarray, pool_clusters: np.ndarray, per_clust
                  distances: np.ndarray = None) -> np.ndarray:
     """Positions of pool images whose cluster holds at least one seed image (the cluster-based variant); with
     per_cluster, at most that many per cluster, those nearest their centroid first."""
+    from data_curation.kmeans import nearest_in_each_cluster
+
     chosen = np.flatnonzero(np.isin(pool_clusters, np.unique(seed_clusters)))
     if per_cluster and len(chosen):
-        order = chosen[np.lexsort((distances[chosen], pool_clusters[chosen]))]
-        clusters = pool_clusters[order]
-        rank = np.arange(len(order)) - np.searchsorted(clusters, clusters, side="left")
-        chosen = np.sort(order[rank < per_cluster])
+        chosen = nearest_in_each_cluster(chosen, pool_clusters, distances, per_cluster)
     return chosen

@@ -107,13 +107,16 @@ def _scan_imagefolder(folder: Path) -> Tuple[List[str], List[int], List[str]]:
     return paths, labels, classes
 
 
+def filelist_entries(listing) -> List[List[str]]:
+    """The fields of each line of a file list (`path [label]`, space or comma separated; blank lines and
+    # comments skipped)."""
+    lines = (line.strip() for line in Path(listing).read_text().splitlines())
+    return [line.replace(",", " ").split() for line in lines if line and not line.startswith("#")]
+
+
 def _read_filelist(listing: Path) -> Tuple[List[str], Optional[List[int]], List[str]]:
     paths, raw_labels = [], []
-    for number, line in enumerate(listing.read_text().splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        parts = line.replace(",", " ").split()
+    for parts in filelist_entries(listing):
         path = Path(parts[0]) if Path(parts[0]).is_absolute() else listing.parent / parts[0]
         paths.append(str(path))
         raw_labels.append(parts[1] if len(parts) > 1 else None)
@@ -184,7 +187,7 @@ def build_image_source(config: DatasetConfig, split: Optional[str] = None):
     if kind == "filelist":
         if not path.is_file():
             raise InputError(f"data.path {path} is a folder, but data.kind is filelist (a text file of paths)")
-        names = [line.split()[0] for line in path.read_text().splitlines() if line.strip() and line[0] != "#"]
+        names = [fields[0] for fields in filelist_entries(path)]
         if names and names[0].startswith(PATH_PREFIX):  # a selection of Fashion-MNIST images (distill-curate)
             images, labels = fashion_mnist_selection(names[: config.limit or None])
             return ArrayImages(images, labels, FASHION_MNIST_CLASSES, f"Fashion-MNIST selection {path.name}")
