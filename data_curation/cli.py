@@ -19,6 +19,7 @@ from typing import List, Optional
 
 import numpy as np
 
+from distill.engine.logs import configure_logging
 from distill.errors import DistillError, InputError
 
 logger = logging.getLogger("data_curation")
@@ -50,7 +51,7 @@ class EmbedPart:
     def __call__(self, part: int) -> int:
         from data_curation.embed import embed_images
 
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+        configure_logging()
         return embed_images(**self.kwargs, part=part)
 
 
@@ -249,7 +250,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "retrieve" and bool(args.pool) == bool(args.clusters):
         parser.error("retrieve needs one of --pool or --clusters")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    configure_logging()
     logging.getLogger("faiss").setLevel(logging.WARNING)  # which CPU build it loaded
     try:
         args.run(args)

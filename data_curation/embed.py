@@ -47,29 +47,24 @@ def _names(source, data: str, split: Optional[str]) -> List[str]:
     return [fields[0] for fields in filelist_entries(data)][: len(source.images)]
 
 
-@torch.inference_mode()
 def _embed_shard(model, source, view, batch_size: int, device: str, flip_average: bool):
     """(L2-normalised features [n, D], positions of images that could not be read: their rows are zero)."""
-    from distill.data.loader import build_loader
-    from distill.precision import autocast, resolve_precision
+    from distill.eval.features import extract_source_features
 
-    precision = resolve_precision("auto", torch.device(device))
-    loader, _ = build_loader(source, view, batch_size, seed=0, shuffle=False, drop_last=False)
-    features, unreadable, position = [], [], 0
-    for batch in loader:
-        images = batch["crops"][0].to(device)
-        with autocast(precision, torch.device(device)):
-            out = torch.nn.functional.normalize(model(images).float(), dim=1)
-            if flip_average:  # invariant to mirroring: copies are often flipped
-                out = torch.nn.functional.normalize(out + torch.nn.functional.normalize(
-                    model(images.flip(-1)).float(), dim=1), dim=1)
-        expected = torch.arange(position, position + len(images))
-        substituted = batch["indices"].cpu() != expected  # the loader replaced an unreadable file by the next one
-        out[substituted.to(out.device)] = 0
-        unreadable.extend(expected[substituted].tolist())
-        features.append(out.cpu())
-        position += len(images)
-    return torch.cat(features).numpy(), unreadable
+    normalize = torch.nn.functional.normalize
+
+    def encode(images: torch.Tensor) -> torch.Tensor:
+        out = normalize(model(images).float(), dim=1)
+        if flip_average:  # invariant to mirroring: copies are often flipped
+            out = normalize(out + normalize(model(images.flip(-1)).float(), dim=1), dim=1)
+        return out
+
+    features, _, used = extract_source_features(encode, source, view, batch_size, "auto", device, desc="shard",
+                                                with_indices=True)
+    unreadable = torch.arange(len(used))[used != torch.arange(len(used))]  # replaced by the loader
+    features = features.numpy().copy()
+    features[unreadable.numpy()] = 0
+    return features, unreadable.tolist()
 
 
 def embed_images(data: str, output: str, checkpoint: Optional[str] = None, backbone: Optional[str] = None,

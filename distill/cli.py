@@ -5,10 +5,10 @@ and keeps its traceback.
 """
 
 import argparse
-import logging
 import sys
 from typing import List, Optional
 
+from distill.engine.logs import configure_logging
 from distill.errors import DistillError
 
 
@@ -279,10 +279,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in ("baseline", "train", "submit") and args.config and "=" in args.config:  # overrides, no recipe
         args.overrides, args.config = [args.config, *args.overrides], None
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    configure_logging(args.verbose)
     try:
         args.run(args)
     except DistillError as error:

@@ -20,16 +20,21 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
+def several() -> bool:
+    """More than one rank in a process group."""
+    return is_initialized() and world_size() > 1
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum over all ranks (in place when distributed); the tensor itself on a single process."""
-    if is_initialized() and world_size() > 1:
+    if several():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 
 def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
     """Maximum over all ranks (in place when distributed); the tensor itself on a single process."""
-    if is_initialized() and world_size() > 1:
+    if several():
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return tensor
 
@@ -40,7 +45,7 @@ def _device() -> torch.device:
 
 
 def barrier() -> None:
-    if is_initialized() and world_size() > 1:
+    if several():
         dist.barrier()
 
 
@@ -73,14 +78,14 @@ def shutdown() -> None:
 
 def broadcast_state(module: torch.nn.Module) -> None:
     """Every rank takes rank 0's parameters and buffers (they are built from per-rank seeds)."""
-    if is_initialized() and world_size() > 1:
+    if several():
         for tensor in module.state_dict().values():
             dist.broadcast(tensor, src=0)
 
 
 def average_gradients(parameters) -> None:
     """Gradients averaged over ranks (what DistributedDataParallel computes), in one flattened all-reduce."""
-    if not (is_initialized() and world_size() > 1):
+    if not several():
         return
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
@@ -96,7 +101,7 @@ def average_gradients(parameters) -> None:
 
 def any_rank(flag: bool) -> bool:
     """True when the flag is true on any rank (so that every rank takes the same branch)."""
-    if not (is_initialized() and world_size() > 1):
+    if not several():
         return flag
     value = torch.tensor([1.0 if flag else 0.0], device=_device())
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
@@ -105,7 +110,7 @@ def any_rank(flag: bool) -> bool:
 
 def from_main(value: float) -> float:
     """Rank 0's value of a number, on every rank."""
-    if not (is_initialized() and world_size() > 1):
+    if not several():
         return value
     tensor = torch.tensor([value], dtype=torch.float64, device=_device())
     dist.broadcast(tensor, src=0)
@@ -121,7 +126,7 @@ def rank_from_env() -> int:
 
 def mean_over_ranks(values: dict) -> dict:
     """The mean over ranks of each number of a dict (the same keys in the same order on every rank)."""
-    if not (is_initialized() and world_size() > 1) or not values:
+    if not several() or not values:
         return values
     tensor = torch.tensor(list(values.values()), dtype=torch.float64, device=_device())
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
@@ -130,7 +135,7 @@ def mean_over_ranks(values: dict) -> dict:
 
 def gather_objects(value) -> list:
     """Every rank's value, in rank order, on every rank ([value] on one process)."""
-    if not (is_initialized() and world_size() > 1):
+    if not several():
         return [value]
     out = [None] * world_size()
     dist.all_gather_object(out, value)

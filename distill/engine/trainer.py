@@ -131,7 +131,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------- checkpoints
 
-    def _state(self) -> Dict[str, Any]:
+    def _state(self, rng: Any) -> Dict[str, Any]:
         from omegaconf import OmegaConf
 
         return {
@@ -144,7 +144,7 @@ class Trainer:
             "total_steps": self.total_steps,
             "steps_per_epoch": self.steps_per_epoch,
             "train_seconds": self.train_seconds,
-            "rng": checkpointing.rng_state(),
+            "rng": rng,  # one random state per rank (a single one on one process)
             "config": OmegaConf.to_container(OmegaConf.structured(self.config)),
         }
 
@@ -153,8 +153,7 @@ class Trainer:
         rng = distributed.gather_objects(checkpointing.rng_state())
         if not self.is_main:
             return None
-        state = self._state()
-        state["rng"] = rng[0] if len(rng) == 1 else rng
+        state = self._state(rng[0] if len(rng) == 1 else rng)
         path = checkpointing.save_atomic(state, self.output_dir / checkpointing.LATEST)
         if keep_epoch is not None:
             checkpointing.save_atomic(state, self.output_dir / f"checkpoint_{keep_epoch:04d}.pth")
@@ -210,13 +209,13 @@ class Trainer:
         if threading.current_thread() is not threading.main_thread():
             return
 
+        received: List[signal.Signals] = []
+
         def request_stop(signum, frame):
             received.append(signal.Signals(signum))
             self.stop_reason = "signal " + " + ".join(s.name for s in dict.fromkeys(received))
             # the launcher's requeue signal wins over a SIGTERM that came with it (scancel sends both)
             self.stop_signal = signal.SIGUSR2 if signal.SIGUSR2 in received else received[0]
-
-        received: List[signal.Signals] = []
 
         # USR2 is submitit's preemption / time-limit signal; its own handler (which requeues the job) is called
         # after the checkpoint is written (see _hand_on_signal)

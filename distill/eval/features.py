@@ -45,15 +45,18 @@ def extract_source_features(
     device: str = "cpu",
     num_workers: int = 0,
     desc: str = "features",
+    with_indices: bool = False,
 ):
-    """Features [N, D] and labels [N] of an image source (in-memory or files) through an evaluation view."""
+    """Features [N, D] and labels [N] of an image source (in-memory or files) through an evaluation view; with
+    with_indices also the index of the image each row comes from (a file that cannot be decoded is replaced by
+    the next readable one, so row i need not be image i)."""
     from distill.data.loader import build_loader
 
     device = torch.device(device)
     precision = resolve_precision(precision, device)
     loader, _ = build_loader(source, view, batch_size, seed=0, num_workers=num_workers, shuffle=False,
                              drop_last=False)
-    features, labels = [], []
+    features, labels, indices = [], [], []
     with progress(total=len(source), desc=desc, unit="img", leave=False) as bar:
         for batch in loader:
             images = batch["crops"][0].to(device, non_blocking=True)
@@ -61,5 +64,7 @@ def extract_source_features(
                 features.append(encode(images).float().cpu())
             if batch["labels"] is not None:
                 labels.append(batch["labels"])
+            indices.append(torch.as_tensor(batch["indices"]))
             bar.update(len(images))
-    return torch.cat(features), (torch.cat(labels) if labels else None)
+    out = torch.cat(features), (torch.cat(labels) if labels else None)
+    return (*out, torch.cat(indices)) if with_indices else out

@@ -58,7 +58,9 @@ class TrainJob:
         from distill.engine.train_config import load_train_config
         from distill.engine.trainer import Trainer
 
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+        from distill.engine.logs import configure_logging
+
+        configure_logging()
         environment = submitit.JobEnvironment()
         if environment.num_tasks > 1:  # RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, LOCAL_RANK for the trainer
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
