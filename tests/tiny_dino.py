@@ -14,3 +14,16 @@ def tiny_model(drop_path_rate=None) -> str:
     drop = "" if drop_path_rate is None else f", drop_path_rate: {drop_path_rate}"
     return ("model.overrides={depth: 2, embed_dim: 32, num_heads: 2, patch_size: 4, img_size: 16, in_chans: 1"
             + drop + "}")
+
+
+def losses(folder) -> dict:
+    """Loss per step from a run's metrics.jsonl; a step redone after a resume keeps its last record."""
+    import json
+    from pathlib import Path
+
+    records = {}
+    for line in (Path(folder) / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            records[record["step"]] = record["loss"]
+    return records

@@ -61,6 +61,7 @@ class LoopConfig:
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     compile: bool = False
     device: str = "auto"  # auto | cpu | cuda
+    parallel: str = "ddp"  # several processes: ddp (each rank holds the networks) | fsdp (each holds a shard)
     seed: int = 0
     threads: int = 0  # torch intra-op threads (0: PyTorch's default)
     output_dir: str = "runs/train"
@@ -107,7 +108,8 @@ class TrainConfig:
         choices = {
             "optim.name": (o.name, OPTIMIZERS), "optim.lr_scaling": (o.lr_scaling, ("linear", "sqrt", "none")),
             "optim.clip_mode": (o.clip_mode, ("per_param", "global")), "train.precision": (t.precision, PRECISIONS),
-            "train.device": (t.device, ("auto", "cpu", "cuda")), "train.nan_policy": (t.nan_policy, ("stop", "skip")),
+            "train.device": (t.device, ("auto", "cpu", "cuda")), "train.parallel": (t.parallel, ("ddp", "fsdp")),
+            "train.nan_policy": (t.nan_policy, ("stop", "skip")),
         }
         for key, (value, allowed) in choices.items():
             if value not in allowed:
@@ -126,6 +128,8 @@ class TrainConfig:
         for key, value in nonnegative.items():
             if value < 0:
                 raise InputError(f"config key '{key}' must be >= 0, got {value}")
+        if t.parallel == "fsdp" and t.precision == "fp16":
+            raise InputError("train.parallel=fsdp runs in bf16 or fp32, not fp16: set train.precision=bf16")
         if o.warmup_epochs > t.epochs:
             raise InputError(f"optim.warmup_epochs ({o.warmup_epochs}) exceeds train.epochs ({t.epochs})")
 

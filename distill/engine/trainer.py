@@ -21,7 +21,7 @@ from distill.config import save_config
 from distill.data.datasets import build_image_source
 from distill.data.eval_views import EvalView
 from distill.data.loader import build_loader
-from distill.engine import checkpointing, distributed
+from distill.engine import checkpointing, distributed, sharding
 from distill.engine.logs import MetricsWriter, plot_loss_curve, read_metrics
 from distill.engine.optim import build_optimizer, set_lr_and_wd
 from distill.engine.param_groups import param_groups
@@ -59,6 +59,8 @@ class Trainer:
         self.losses: List[float] = []
         self.monitor = None
         self.validation = None
+        self.shard_units: List[torch.nn.Module] = []
+        self._whole: Optional[Objective] = None
 
     # ------------------------------------------------------------------------------------------- set-up
 
@@ -92,6 +94,10 @@ class Trainer:
             (self.output_dir / "unreadable_images.txt").write_text("\n".join(self.source.unreadable) + "\n")
         self.objective: Objective = build_objective(c, self._make_backbone, self.source).to(self.device)
         distributed.broadcast_state(self.objective)
+        if c.train.parallel == "fsdp" and distributed.several():
+            if self.precision == "fp16":
+                raise InputError("train.parallel=fsdp runs in bf16 or fp32, not fp16: set train.precision=bf16")
+            self.shard_units = sharding.shard(self.objective, self.precision, self.device)
         backbone = self.objective.eval_backbone()
         self.channels = backbone.config["in_chans"]
         views = self.objective.views(self.channels)
@@ -131,14 +137,14 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------- checkpoints
 
-    def _state(self, rng: Any) -> Dict[str, Any]:
+    def _state(self, rng: Any, objective: Dict[str, Any], optimizer: Dict[str, Any]) -> Dict[str, Any]:
         from omegaconf import OmegaConf
 
         return {
             "format": "distill-train-1",
-            "objective": self.objective.state_dict(),
+            "objective": objective,
             "eval_network": self.objective.eval_backbone_prefix(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer,
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "step": self.step,
             "total_steps": self.total_steps,
@@ -151,9 +157,14 @@ class Trainer:
     def save_checkpoint(self, keep_epoch: Optional[int] = None) -> Optional[Path]:
         """Called on every rank at the same step: each rank's random state goes into rank 0's file."""
         rng = distributed.gather_objects(checkpointing.rng_state())
+        if self.shard_units:  # every rank gathers its shards into rank 0's whole tensors
+            objective = sharding.full_state(self.objective.state_dict(), keep=self.is_main)
+            optimizer = sharding.full_optimizer_state(self.optimizer, keep=self.is_main)
         if not self.is_main:
             return None
-        state = self._state(rng[0] if len(rng) == 1 else rng)
+        if not self.shard_units:
+            objective, optimizer = self.objective.state_dict(), self.optimizer.state_dict()
+        state = self._state(rng[0] if len(rng) == 1 else rng, objective, optimizer)
         path = checkpointing.save_atomic(state, self.output_dir / checkpointing.LATEST)
         if keep_epoch is not None:
             checkpointing.save_atomic(state, self.output_dir / f"checkpoint_{keep_epoch:04d}.pth")
@@ -182,11 +193,17 @@ class Trainer:
             raise CheckpointError(
                 f"{path} was written with {state['steps_per_epoch']} steps per epoch, this run has "
                 f"{self.steps_per_epoch}: resume with the same data and batch size (or train.resume=never)")
+        weights = state["objective"]
+        if self.shard_units:  # whole tensors in the file, whatever the number of ranks that wrote it
+            weights = sharding.shard_like(weights, self.objective.state_dict())
         try:
-            self.objective.load_state_dict(state["objective"])
+            self.objective.load_state_dict(weights)
         except RuntimeError as error:
             raise CheckpointError(f"{path} does not fit this run's networks: {str(error).splitlines()[0]}") from None
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.shard_units:
+            sharding.load_optimizer_state(self.optimizer, state["optimizer"])
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.train_seconds = state["step"], state["train_seconds"]
@@ -233,16 +250,19 @@ class Trainer:
 
     def _clip(self, parameters: List[torch.nn.Parameter]) -> float:
         """Gradient clipping; returns the total gradient norm before clipping."""
-        grads = [p.grad for p in parameters if p.grad is not None]
+        grads = [sharding.local(p.grad) for p in parameters if p.grad is not None]
         if not grads:
             return 0.0
-        norms = torch._foreach_norm(grads)
-        total = torch.linalg.vector_norm(torch.stack(norms)).item()
+        squares = torch.stack(torch._foreach_norm(grads)).double() ** 2
+        if self.shard_units:  # each rank holds a slice of every gradient: the squares add up over ranks
+            distributed.all_reduce_sum(squares)
+        norms = squares.sqrt()
+        total = float(norms.norm())
         clip = self.config.optim.clip_grad
         if clip > 0 and math.isfinite(total):
             if self.config.optim.clip_mode == "per_param":  # DINO: each tensor to norm <= clip
-                factors = [torch.clamp(clip / (n + 1e-6), max=1.0) for n in norms]
-                torch._foreach_mul_(grads, factors)
+                factors = torch.clamp(clip / (norms + 1e-6), max=1.0).to(grads[0].dtype)
+                torch._foreach_mul_(grads, list(factors.unbind()))
             elif total > clip:
                 torch._foreach_mul_(grads, clip / (total + 1e-6))
         return total
@@ -268,7 +288,9 @@ class Trainer:
         set_lr_and_wd(self.optimizer, float(self.lr_schedule[self.step]), float(self.wd_schedule[self.step]))
         trainable = [p for g in self.optimizer.param_groups for p in g["params"]]
         logged: Dict[str, float] = {}
-        for batch in micro_batches:
+        for index, batch in enumerate(micro_batches):
+            if self.shard_units:  # reduce the gradients once, after the last micro-batch
+                sharding.sync_gradients(self.shard_units, index == len(micro_batches) - 1)
             batch = _to_device(batch, self.device)
             with autocast(self.precision, self.device):
                 outputs = self.objective(batch, info)
@@ -281,7 +303,10 @@ class Trainer:
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             for key, value in outputs.items():
                 logged[key] = logged.get(key, 0.0) + scalar(value) / len(micro_batches)
-        distributed.average_gradients(trainable)
+        if self.shard_units:  # sharded gradients arrive averaged; networks run without backward stay gathered
+            sharding.reshard(self.shard_units)
+        else:
+            distributed.average_gradients(trainable)
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         grad_norm = self._clip(trainable)
@@ -404,19 +429,38 @@ class Trainer:
     def _end_of_epoch(self, epoch: int) -> None:
         every = self.config.train.save_every_epochs
         self.save_checkpoint(keep_epoch=epoch if every and epoch % every == 0 else None)
-        classify_every = self.config.eval.classify_every_epochs
-        if self.validation is not None and classify_every and epoch % classify_every == 0:
-            networks = self.objective.classifiers()
+        # decided from the config alone, so that every rank takes part in gathering sharded weights
+        classify_every, knn_every = self.config.eval.classify_every_epochs, self.config.eval.knn_every_epochs
+        classify = bool(self.objective.classifiers()) and classify_every and epoch % classify_every == 0
+        knn = knn_every and epoch % knn_every == 0 and self.step < self.total_steps
+        if not (classify or knn):
+            return
+        whole = self._whole_objective()
+        if classify and self.validation is not None:
+            networks = whole.classifiers()
             row = {"step": self.step, "epoch": epoch}
             for name in [n for n in networks if n != "teacher"]:
                 result = self._classify(networks[name], name)
                 row.update({f"{name}_val_top1": round(result["top1"], 3), f"{name}_val_top5": round(result["top5"], 3),
                             f"{name}_val_loss": round(result["loss"], 4)})
             self.metrics.write(row)
-        knn_every = self.config.eval.knn_every_epochs
-        if knn_every and epoch % knn_every == 0 and self.monitor is not None and self.step < self.total_steps:
-            result = self.monitor.evaluate(self.objective.eval_backbone())
+        if knn and self.monitor is not None:
+            result = self.monitor.evaluate(whole.eval_backbone())
             self.metrics.write({"step": self.step, "epoch": epoch, **_flatten_knn(result)})
+
+    def _whole_objective(self) -> Optional[Objective]:
+        """The objective to evaluate and export: the trained one, or when it is sharded an unsharded copy on rank
+        0 (None elsewhere). Collective when sharded: every rank calls it at the same point."""
+        if not self.shard_units:
+            return self.objective
+        state = sharding.full_state(self.objective.state_dict(), keep=self.is_main)
+        if not self.is_main:
+            return None
+        if self._whole is None:
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                self._whole = build_objective(self.config, self._make_backbone, self.source).to(self.device)
+        self._whole.load_state_dict(state)
+        return self._whole.eval()
 
     # ------------------------------------------------------------------------------------------- evaluation
 
@@ -467,18 +511,21 @@ class Trainer:
                 pixels = self.monitor.raw_pixels()
                 if pixels:
                     self.results["knn_raw_pixels"] = pixels
-            if self.monitor is not None and e.knn_at_start and fresh:
-                self.results["knn_start"] = self.monitor.evaluate(self.objective.eval_backbone())
+            if e.knn_at_start and fresh:
+                whole = self._whole_objective()
+                if self.monitor is not None:
+                    self.results["knn_start"] = self.monitor.evaluate(whole.eval_backbone())
             self.train()
+            whole = self._whole_objective()
             if self.is_main:
-                self.results["exported"] = [str(p) for p in self.objective.export(self.output_dir)]
+                self.results["exported"] = [str(p) for p in whole.export(self.output_dir)]
                 if self.validation is not None:
                     self.results["val"] = {name: self._classify(network, name)
-                                           for name, network in self.objective.classifiers().items()}
+                                           for name, network in whole.classifiers().items()}
                 if self.monitor is not None and e.knn:
-                    self.results["knn_end"] = self.monitor.evaluate(self.objective.eval_backbone())
+                    self.results["knn_end"] = self.monitor.evaluate(whole.eval_backbone())
                 if e.attention_images:
-                    self.results["attention_figure"] = str(self._attention_figure(e.attention_images))
+                    self.results["attention_figure"] = str(self._attention_figure(whole, e.attention_images))
                 self._write_loss_curve()
                 (self.output_dir / "results.json").write_text(json.dumps(self.results, indent=2))
         finally:
@@ -489,12 +536,12 @@ class Trainer:
                 handler.close()
         return self.results
 
-    def _attention_figure(self, count: int) -> Path:
+    def _attention_figure(self, whole: Objective, count: int) -> Path:
         from distill.eval.attention import attention_figure
 
         source = self.monitor.val_source if self.monitor is not None else self.source
         view = self.monitor.view if self.monitor is not None else None
-        return attention_figure(self.objective.eval_backbone(), source, view, count,
+        return attention_figure(whole.eval_backbone(), source, view, count,
                                 self.output_dir / "attention.png", self.device)
 
 

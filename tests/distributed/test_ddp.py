@@ -1,20 +1,13 @@
 """Two gloo processes give the run one process gives with the same global batch: DINO's losses, its center
 (reduced over ranks) and every weight of student and teacher."""
 
-import json
-import os
-import socket
-import subprocess
-import sys
-
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from distill.engine.checkpointing import LATEST
 from distill.models import read_checkpoint
-from tests.tiny_dino import TINY_DINO, tiny_model
+from tests.distributed.ranks import image_folder, run_ranks
+from tests.tiny_dino import TINY_DINO, losses, tiny_model
 
 TINY = TINY_DINO + [
     tiny_model(0.0), "optim.lr=1e-3", "optim.warmup_epochs=0", "train.epochs=2", "train.max_steps=6",
@@ -22,52 +15,17 @@ TINY = TINY_DINO + [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _images(folder, count=96):
-    """Files: their crops are drawn per image (not per batch), so they do not depend on how a batch is split."""
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(count):
-        Image.fromarray(rng.integers(0, 255, size=(20, 20), dtype=np.uint8)).save(folder / f"{i:03d}.png")
-    return folder
-
-
 def _run(output, images, batch, world, *extra):
-    port = str(_free_port())
-    overrides = TINY + [f"data.batch_size={batch}", "data.dataset.kind=folder", f"data.dataset.path={images}",
-                        f"train.output_dir={output}", *extra]
-    processes = []
-    for rank in range(world):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=port, OMP_NUM_THREADS="1")
-        if world == 1:
-            for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-                env.pop(key)
-        processes.append(subprocess.Popen([sys.executable, "-m", "distill.cli", "train", *overrides], env=env,
-                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outputs = [p.communicate(timeout=300)[0] for p in processes]
-    for p, out in zip(processes, outputs):
-        assert p.returncode == 0, out[-3000:]
-    return outputs
-
-
-def _losses(folder):
-    return {r["step"]: r["loss"] for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())
-            if "loss" in r}
+    return run_ranks(TINY, output, images, batch, world, *extra)
 
 
 @pytest.mark.timeout(600)
 def test_two_gloo_processes_train_as_one_process_with_the_same_global_batch(tmp_path):
-    images = _images(tmp_path / "images")
+    images = image_folder(tmp_path / "images")
     _run(tmp_path / "one", images, batch=16, world=1)
     outputs = _run(tmp_path / "two", images, batch=8, world=2)
     assert "run folder" in outputs[0] and "run folder" not in outputs[1]  # rank 0 reports, once
-    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert sorted(one) == sorted(two) == list(range(1, 7))
     for step in one:
         assert two[step] == pytest.approx(one[step], rel=1e-5, abs=1e-6), step
@@ -89,12 +47,12 @@ def test_two_gloo_processes_train_as_one_process_with_the_same_global_batch(tmp_
 
 @pytest.mark.timeout(600)
 def test_a_two_process_run_resumes_exactly_with_each_rank_s_random_state(tmp_path):
-    images = _images(tmp_path / "images")
+    images = image_folder(tmp_path / "images")
     noisy = tiny_model(0.2)  # stochastic depth draws from each rank's own generator
     _run(tmp_path / "once", images, 8, 2, noisy)
     _run(tmp_path / "twice", images, 8, 2, noisy, "train.max_steps=3")
     _run(tmp_path / "twice", images, 8, 2, noisy)
-    one, two = _losses(tmp_path / "once"), _losses(tmp_path / "twice")
+    one, two = losses(tmp_path / "once"), losses(tmp_path / "twice")
     for step in range(1, 7):
         assert two[step] == pytest.approx(one[step], rel=1e-6, abs=1e-6), step
     a, b = read_checkpoint(tmp_path / "once" / LATEST), read_checkpoint(tmp_path / "twice" / LATEST)

@@ -1,6 +1,5 @@
 """The trainer: resume equality (also after a real kill), atomic saves, non-finite losses, bad input."""
 
-import json
 import os
 import random
 import signal
@@ -16,16 +15,7 @@ from distill.engine.checkpointing import LATEST, save_atomic
 from distill.engine.trainer import Trainer, TrainingDiverged
 from distill.errors import InputError
 from distill.models import create_backbone, read_checkpoint
-
-
-def _losses(folder):
-    """Loss per step from metrics.jsonl; a step redone after a resume keeps its last record."""
-    records = {}
-    for line in (folder / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "loss" in record:
-            records[record["step"]] = record["loss"]
-    return records
+from tests.tiny_dino import losses
 
 
 def _weights(folder):
@@ -33,7 +23,7 @@ def _weights(folder):
 
 
 def _assert_same_run(a, b):
-    losses_a, losses_b = _losses(a), _losses(b)
+    losses_a, losses_b = losses(a), losses(b)
     assert sorted(losses_a) == sorted(losses_b) == list(range(1, 13))
     for step in losses_a:
         assert losses_a[step] == pytest.approx(losses_b[step], rel=1e-6, abs=1e-6), step

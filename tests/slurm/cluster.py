@@ -12,18 +12,14 @@ import time
 from pathlib import Path
 from typing import Dict, List
 
+from tests.distributed.ranks import free_port
+
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "sinfo", "squeue", "scontrol")
 
 
 def available() -> List[str]:
     """The daemons and commands this machine lacks."""
     return [name for name in DAEMONS if shutil.which(name) is None and not Path(f"/usr/sbin/{name}").exists()]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _exe(name: str) -> str:
@@ -50,8 +46,8 @@ class Cluster:
         (f / "slurm.conf").write_text(f"""\
 ClusterName=distilltest
 SlurmctldHost={self.node}(127.0.0.1)
-SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
