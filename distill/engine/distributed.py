@@ -1,5 +1,7 @@
 """The few torch.distributed facts the rest of the code needs, valid with or without a process group."""
 
+from typing import List, Tuple
+
 import torch
 import torch.distributed as dist
 
@@ -108,13 +110,16 @@ def any_rank(flag: bool) -> bool:
     return bool(value.item())
 
 
-def from_main(value: float) -> float:
-    """Rank 0's value of a number, on every rank."""
+def agree(main_value: float, *flags: bool) -> Tuple[float, List[bool]]:
+    """Rank 0's value of a non-negative number and, for each flag, whether it is true on any rank: one collective
+    where a step would otherwise make one per fact (each forces a device sync with NCCL)."""
     if not several():
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64, device=_device())
-    dist.broadcast(tensor, src=0)
-    return float(tensor.item())
+        return main_value, list(flags)
+    values = [main_value if is_main_process() else 0.0] + [1.0 if f else 0.0 for f in flags]
+    tensor = torch.tensor(values, dtype=torch.float64, device=_device())
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    out = tensor.tolist()
+    return out[0], [v > 0 for v in out[1:]]
 
 
 def rank_from_env() -> int:

@@ -370,7 +370,9 @@ class Trainer:
                        disable=not self.is_main)
         smoothed_rate = None
         self.objective.train()
-        while self.step < self.total_steps and self.stop_reason is None:
+        # the loop ends on decisions all ranks share: a signal handler sets stop_reason at any moment, on some ranks
+        _, (stop,) = distributed.agree(0.0, self.stop_reason is not None)
+        while self.step < self.total_steps and not stop:
             epoch, position = divmod(self.step, self.steps_per_epoch)
             if data is None:
                 self.sampler.set_epoch(epoch, start=position * c.optim.accumulate_steps)
@@ -378,8 +380,11 @@ class Trainer:
             tick = time.perf_counter()
             micro_batches = [next(data) for _ in range(c.optim.accumulate_steps)]
             logged = self._train_step(micro_batches)
-            # rank 0's clock for every rank: budgets, time limits and refits then decide alike everywhere
-            seconds = distributed.from_main(time.perf_counter() - tick)
+            # rank 0's clock for every rank (budgets, time limits and refits then decide alike everywhere), whether
+            # any rank is due for a periodic save, and whether any rank was signalled to stop
+            save_due = time.monotonic() - self.last_save_time > c.train.checkpoint_every_minutes * 60
+            seconds, (save_due, signalled) = distributed.agree(time.perf_counter() - tick, save_due,
+                                                               self.stop_reason is not None)
             self.train_seconds += seconds
             if self.step - start_step >= BUDGET_WARMUP_STEPS:
                 self.budget_window[0] += 1
@@ -402,18 +407,19 @@ class Trainer:
             if self.step % self.steps_per_epoch == 0:
                 data = None
                 self._end_of_epoch(self.step // self.steps_per_epoch)
-            elif distributed.any_rank(time.monotonic() - self.last_save_time > c.train.checkpoint_every_minutes * 60):
+            elif save_due:
                 self.save_checkpoint()
-            if max_steps and self.step >= max_steps:
-                self.stop_reason = f"train.max_steps={max_steps}"
-            if limit > 0 and self.train_seconds >= limit and self.step < self.total_steps:
-                self.stop_reason = f"time budget of {c.train.time_limit_minutes} min"
-            if distributed.any_rank(self.stop_reason is not None) and self.stop_reason is None:
-                self.stop_reason = "another rank was told to stop"  # a signal that reached only some ranks
+            reasons = [("another rank was told to stop", signalled),  # a signal that reached only some ranks
+                       (f"train.max_steps={max_steps}", max_steps and self.step >= max_steps),
+                       (f"time budget of {c.train.time_limit_minutes} min",
+                        limit > 0 and self.train_seconds >= limit and self.step < self.total_steps)]
+            stop = any(due for _, due in reasons)
+            if stop and self.stop_reason is None:
+                self.stop_reason = next(reason for reason, due in reasons if due)
         bar.close()
-        if self.stop_reason:
+        if stop:
             logger.info("stopped at step %d of %d: %s", self.step, self.total_steps, self.stop_reason)
-        if self.step % self.steps_per_epoch or self.stop_reason:  # the epoch-end save covered the rest
+        if self.step % self.steps_per_epoch or stop:  # the epoch-end save covered the rest
             self.save_checkpoint()
         if self.stop_signal is not None:
             self._hand_on_signal()
