@@ -127,25 +127,22 @@ def _rgb_to_hsv(rgb: torch.Tensor) -> torch.Tensor:
     minc, _ = rgb.min(dim=1)
     delta = maxc - minc
     s = delta / torch.where(maxc == 0, torch.ones_like(maxc), maxc)
-    safe = torch.where(delta == 0, torch.ones_like(delta), delta)
-    rc, gc, bc = (maxc - r) / safe, (maxc - g) / safe, (maxc - b) / safe
+    inverse = 1.0 / torch.where(delta == 0, torch.ones_like(delta), delta)
+    rc, gc, bc = (maxc - r) * inverse, (maxc - g) * inverse, (maxc - b) * inverse
     h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
     h = torch.where(delta == 0, torch.zeros_like(h), (h / 6.0) % 1.0)
     return torch.stack([h, s, maxc], dim=1)
 
 
+_HSV_OFFSETS = torch.tensor([5.0, 3.0, 1.0]).view(1, 3, 1, 1)
+
+
 def _hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
-    h, s, v = hsv.unbind(1)
-    i = torch.floor(h * 6.0)
-    f = h * 6.0 - i
-    i = i.long() % 6
-    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
-    choices = [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)]
-    out = torch.zeros_like(hsv)
-    for index, (r, g, b) in enumerate(choices):
-        mask = (i == index).unsqueeze(1)
-        out = torch.where(mask, torch.stack([r, g, b], dim=1), out)
-    return out
+    """The branch-free form of the six-sector formula: channel n is v - v s clamp(min(k, 4 - k), 0, 1) with
+    k = (n + 6 h) mod 6 and n = 5, 3, 1 for red, green, blue (one pass over the pixels instead of six)."""
+    h, s, v = hsv[:, 0:1], hsv[:, 1:2], hsv[:, 2:3]
+    k = torch.remainder(_HSV_OFFSETS.to(hsv.dtype) + 6.0 * h, 6.0)
+    return v - v * s * torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
 
 
 def _jitter_op(images: torch.Tensor, op: int, params: Dict[str, torch.Tensor]) -> torch.Tensor:
