@@ -60,7 +60,8 @@ def cmd_embed(args) -> None:
 
     kwargs = dict(data=args.data, output=args.output, checkpoint=args.checkpoint, backbone=args.backbone,
                   split=args.split, shard_size=args.shard_size, batch_size=args.batch_size, device=args.device,
-                  npy=args.npy, limit=args.limit, flip_average=args.flip_average, parts=args.parts)
+                  npy=args.npy, limit=args.limit, flip_average=args.flip_average, parts=args.parts,
+                  precision=args.precision, workers=args.workers)
     if args.submit:
         from distill.launch.submit import Resources, check_cluster, make_executor
 
@@ -186,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--batch-size", type=int, default=256)
     embed.add_argument("--limit", type=int, default=0)
     embed.add_argument("--device", default="cpu")
+    embed.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                       help="auto: bf16 on GPUs and on CPUs that multiply bf16 natively, else fp32")
+    embed.add_argument("--workers", type=int, default=0, help="processes decoding images beside the forward")
     embed.add_argument("--parts", type=int, default=1, help="split the images into this many parts (part_NNNN)")
     embed.add_argument("--part", type=int, default=0, help="embed only this part (0-based)")
     embed.add_argument("--submit", choices=("slurm", "local"), help="one job-array task per part (submitit)")

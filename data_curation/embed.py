@@ -47,7 +47,8 @@ def _names(source, data: str, split: Optional[str]) -> List[str]:
     return [fields[0] for fields in filelist_entries(data)][: len(source.images)]
 
 
-def _embed_shard(model, source, view, batch_size: int, device: str, flip_average: bool):
+def _embed_shard(model, source, view, batch_size: int, device: str, flip_average: bool, precision: str = "auto",
+                 workers: int = 0):
     """(L2-normalised features [n, D], positions of images that could not be read: their rows are zero)."""
     from distill.eval.features import extract_source_features
 
@@ -59,8 +60,8 @@ def _embed_shard(model, source, view, batch_size: int, device: str, flip_average
             out = normalize(out + normalize(model(images.flip(-1)).float(), dim=1), dim=1)
         return out
 
-    features, _, used = extract_source_features(encode, source, view, batch_size, "auto", device, desc="shard",
-                                                with_indices=True)
+    features, _, used = extract_source_features(encode, source, view, batch_size, precision, device, workers,
+                                                desc="shard", with_indices=True)
     unreadable = torch.arange(len(used))[used != torch.arange(len(used))]  # replaced by the loader
     features = features.numpy().copy()
     features[unreadable.numpy()] = 0
@@ -70,7 +71,7 @@ def _embed_shard(model, source, view, batch_size: int, device: str, flip_average
 def embed_images(data: str, output: str, checkpoint: Optional[str] = None, backbone: Optional[str] = None,
                  split: Optional[str] = None, shard_size: int = 50_000, batch_size: int = 256, device: str = "cpu",
                  npy: Optional[str] = None, limit: int = 0, flip_average: bool = False, part: int = 0,
-                 parts: int = 1) -> int:
+                 parts: int = 1, precision: str = "auto", workers: int = 0) -> int:
     """Write the embeddings of every readable image of `data` to `output`; returns the number of rows there.
 
     With parts > 1, only the part-th of `parts` contiguous slices of the images, into output/part_NNNN (one
@@ -130,7 +131,8 @@ def embed_images(data: str, output: str, checkpoint: Optional[str] = None, backb
     with progress(total=len(source), initial=done, desc="embed", unit="img") as bar:
         for start in range(done, len(source), shard_size):
             end = min(start + shard_size, len(source))
-            features, bad = _embed_shard(model, _subset(source, start, end), view, batch_size, device, flip_average)
+            features, bad = _embed_shard(model, _subset(source, start, end), view, batch_size, device, flip_average,
+                                         precision, workers)
             store.append(features, names[start:end])
             unreadable += [names[start + i] for i in bad]
             bar.update(end - start)

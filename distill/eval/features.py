@@ -60,7 +60,7 @@ def extract_source_features(
     with progress(total=len(source), desc=desc, unit="img", leave=False) as bar:
         for batch in loader:
             images = batch["crops"][0].to(device, non_blocking=True)
-            with autocast(precision, device):
+            with torch.inference_mode(), autocast(precision, device):
                 features.append(encode(images).float().cpu())
             if batch["labels"] is not None:
                 labels.append(batch["labels"])
