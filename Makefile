@@ -39,8 +39,17 @@ baseline: install data
 test: install data slurm
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-bench: install
-	$(BIN)/python tools/bench_backbone.py
+# Speed figures, each a ratio measured side by side in one run, written to docs/benchmarks.md (about 15 minutes).
+BENCH_STAMP := $(VENV)/.bench-installed
+$(BENCH_STAMP): setup.py $(STAMP)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev,bench]"
+	touch $@
+
+bench: install data $(BENCH_STAMP)
+	$(BIN)/python tools/bench_train.py
+	$(BIN)/python tools/bench_data.py
+	$(BIN)/python tools/bench_embed.py
+	$(BIN)/python tools/bench_report.py
 
 clean:
 	rm -rf $(VENV) .data runs .pytest_cache *.egg-info

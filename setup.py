@@ -29,6 +29,8 @@ EXTRAS_REQUIRE = {
     "gpu": ["xformers", "faiss-gpu"],
     # scikit-learn: only the k-means comparison of tools/curation_scale.py.
     "dev": ["pytest>=8", "pytest-xdist", "pytest-timeout", "scikit-learn"],
+    # make bench: the peer library compared against, and the sample photos of the data and embedding figures.
+    "bench": ["lightly", "scikit-image"],
 }
 
 setup(

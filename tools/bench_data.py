@@ -1,0 +1,219 @@
+#!/usr/bin/env python
+"""Multi-crop data pipeline throughput: ours against a per-image torchvision/PIL pipeline of the DINO reference.
+
+The reference is DINO's DataAugmentationDINO (main_dino.py): per image, PIL RandomResizedCrop (bicubic), flip,
+colour jitter, greyscale, PIL Gaussian blur and solarization, ToTensor and Normalize, for 2 global + 8 local
+crops, in a DataLoader with the default collate. Ours is the trainer's loader: geometry per image on uint8,
+photometric augmentation batched. Both use the same workers and batch; views/s counts every crop.
+
+  Fashion-MNIST (in memory, 28 / 14 px crops, the demo's settings) and a folder of JPEG photos (scikit-image's
+  sample images resized to 224-500 px; 224 / 96 px crops, DINO's settings).
+
+    .venv/bin/python tools/bench_data.py [--rounds 5] [--workers 2]
+    .venv/bin/python tools/bench_data.py --profile      # each stage of both photo pipelines, ms per image
+"""
+
+import argparse
+import random
+import tempfile
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageFilter, ImageOps
+from torchvision import transforms
+
+import bench_common
+
+
+class _Blur:
+    def __init__(self, p: float, low: float = 0.1, high: float = 2.0) -> None:
+        self.p, self.low, self.high = p, low, high
+
+    def __call__(self, image):
+        if random.random() > self.p:
+            return image
+        return image.filter(ImageFilter.GaussianBlur(radius=random.uniform(self.low, self.high)))
+
+
+class _Solarize:
+    def __init__(self, p: float) -> None:
+        self.p = p
+
+    def __call__(self, image):
+        return ImageOps.solarize(image) if random.random() < self.p else image
+
+
+class ReferenceDINO:
+    """DataAugmentationDINO of the DINO reference (crop sizes and scales as arguments)."""
+
+    def __init__(self, global_size, local_size, global_scale, local_scale, local_number, mean, std) -> None:
+        flip_and_color_jitter = transforms.Compose([
+            transforms.RandomHorizontalFlip(p=0.5),
+            transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+            transforms.RandomGrayscale(p=0.2),
+        ])
+        normalize = transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean, std)])
+        bicubic = transforms.InterpolationMode.BICUBIC
+        self.global1 = transforms.Compose([transforms.RandomResizedCrop(global_size, global_scale, interpolation=bicubic),
+                                           flip_and_color_jitter, _Blur(1.0), normalize])
+        self.global2 = transforms.Compose([transforms.RandomResizedCrop(global_size, global_scale, interpolation=bicubic),
+                                           flip_and_color_jitter, _Blur(0.1), _Solarize(0.2), normalize])
+        self.local = transforms.Compose([transforms.RandomResizedCrop(local_size, local_scale, interpolation=bicubic),
+                                         flip_and_color_jitter, _Blur(0.5), normalize])
+        self.local_number = local_number
+
+    def __call__(self, image):
+        return [self.global1(image), self.global2(image)] + [self.local(image) for _ in range(self.local_number)]
+
+
+class ArrayPIL(torch.utils.data.Dataset):
+    def __init__(self, images, transform) -> None:
+        self.images, self.transform = images, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):
+        return self.transform(Image.fromarray(self.images[index])), 0
+
+
+class FilesPIL(torch.utils.data.Dataset):
+    """ImageFolder's loading: open, convert to RGB, transform."""
+
+    def __init__(self, paths, transform) -> None:
+        self.paths, self.transform = paths, transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        with open(self.paths[index], "rb") as handle:
+            image = Image.open(handle).convert("RGB")
+        return self.transform(image), 0
+
+
+class Batches:
+    """views/s of `count` batches of a DataLoader, from a fresh iterator that is closed after the round: no worker
+    of one side keeps preparing batches while the other side is timed."""
+
+    def __init__(self, loader, views_per_image: int, batch_size: int, start=None) -> None:
+        self.loader, self.views, self.batch_size, self.start = loader, views_per_image, batch_size, start
+
+    def rate(self, count: int) -> float:
+        def work():
+            if self.start:
+                self.start()
+            data = iter(self.loader)
+            for _ in range(count):
+                next(data)
+            del data  # stops the workers
+            return count * self.batch_size * self.views
+        return bench_common.rate(work)
+
+
+def pipelines(kind: str, batch: int, workers: int, photos: Path):
+    from distill.data.datasets import DatasetConfig, build_image_source
+    from distill.data.loader import build_loader
+    from distill.data.views import MultiCrop, MultiCropConfig
+
+    if kind == "fashion_mnist":
+        config = MultiCropConfig(global_crops_size=28, local_crops_size=14, local_crops_scale=[0.1, 0.4],
+                                 blur_sigma=[0.1, 1.0], mean=[0.286], std=[0.353])
+        source = build_image_source(DatasetConfig(kind="fashion_mnist"))
+        channels = 1
+        reference_set = ArrayPIL(source.images[:, 0].numpy(), None)
+    else:
+        config = MultiCropConfig()
+        source = build_image_source(DatasetConfig(kind="folder", path=str(photos)))
+        channels = 3
+        reference_set = FilesPIL(source.paths, None)
+    views = MultiCrop(config, channels)
+    loader, sampler = build_loader(source, views, batch, seed=0, num_workers=workers)
+    epoch = iter(range(10 ** 6))
+    ours = Batches(loader, len(views.specs), batch, start=lambda: sampler.set_epoch(next(epoch)))
+    reference_set.transform = ReferenceDINO(config.global_crops_size, config.local_crops_size,
+                                            config.global_crops_scale, config.local_crops_scale,
+                                            config.local_crops_number, config.mean, config.std)
+    reference = Batches(torch.utils.data.DataLoader(reference_set, batch_size=batch, shuffle=True, drop_last=True,
+                                                    num_workers=workers),
+                        len(views.specs), batch)
+    return ours, reference
+
+
+def profile(folder: Path, images: int = 64) -> None:
+    """Milliseconds per image of each stage, one thread, both sides: where the time goes."""
+    import time
+
+    torch.set_num_threads(1)
+    ours, reference = pipelines("photos", 32, 0, folder)
+    dataset, views = ours.loader.dataset, ours.loader.dataset.views
+    from distill.data.loader import derived_generator
+
+    stages = {"decode": 0.0, "crop and resize": 0.0, "batched photometric + normalise": 0.0}
+    samples = []
+    for index in range(images):
+        start = time.perf_counter()
+        _, image = dataset._decode(index)
+        middle = time.perf_counter()
+        samples.append(views.image_sample(image, derived_generator(0, 0, index, 2)))
+        stages["decode"] += middle - start
+        stages["crop and resize"] += time.perf_counter() - middle
+    for first in range(0, images, 32):
+        start = time.perf_counter()
+        views.collate(samples[first : first + 32])
+        stages["batched photometric + normalise"] += time.perf_counter() - start
+    print("ours, ms per image: " + ", ".join(f"{k} {v / images * 1000:.2f}" for k, v in stages.items()))
+
+    ref = reference.loader.dataset.transform
+    timed = {}
+
+    def tick(name, function, *inputs):
+        start = time.perf_counter()
+        out = function(*inputs)
+        timed[name] = timed.get(name, 0.0) + time.perf_counter() - start
+        return out
+
+    for path in reference.loader.dataset.paths[:images]:
+        image = tick("decode", lambda: Image.open(path).convert("RGB"))
+        for crop_index, pipeline in enumerate([ref.global1, ref.global2] + [ref.local] * ref.local_number):
+            out = image
+            for step in pipeline.transforms:
+                name = type(step).__name__.lstrip("_")
+                if isinstance(step, transforms.Compose):  # flip, jitter, greyscale
+                    for inner in step.transforms:
+                        out = tick(type(inner).__name__, inner, out)
+                else:
+                    out = tick(name, step, out)
+    print("reference, ms per image: " + ", ".join(f"{k} {v / images * 1000:.2f}" for k, v in timed.items()))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--photos", type=int, default=400, help="photos in the folder")
+    parser.add_argument("--fashion-batches", type=int, default=40, help="batches of 64 per timed round")
+    parser.add_argument("--photo-batches", type=int, default=10, help="batches of 32 per timed round")
+    parser.add_argument("--profile", action="store_true", help="only time each stage of both photo pipelines")
+    args = parser.parse_args()
+
+    folder = bench_common.photo_folder(Path(tempfile.gettempdir()) / "distill_bench_photos", args.photos)
+    if args.profile:
+        return profile(folder)
+    figures = []
+    for kind, batch, count in (("fashion_mnist", 64, args.fashion_batches), ("photos", 32, args.photo_batches)):
+        ours, reference = pipelines(kind, batch, args.workers, folder)
+        for side in (ours, reference):  # warm-up: start the workers, fill their queues once
+            side.rate(2)
+        results = bench_common.alternate({"ours": lambda: ours.rate(count), "reference": lambda: reference.rate(count)},
+                                         args.rounds)
+        label = "Fashion-MNIST, 2 x 28 + 8 x 14 px" if kind == "fashion_mnist" else \
+            f"{args.photos} JPEG photos (224-500 px), 2 x 224 + 8 x 96 px"
+        figures.append(bench_common.figure(f"multi-crop views/s, {label}, {args.workers} workers, ours vs DINO "
+                                           "reference per-image pipeline", results["ours"], results["reference"],
+                                           "views/s", 2.0, id=f"data_{kind}"))
+    bench_common.write("data", figures)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,292 @@
+#!/usr/bin/env python
+"""DINO training throughput of the demo recipe against lightly's DINO modules, and the hardware efficiency of a step.
+
+Both sides train the same architecture (the demo's ViT: 4 blocks, width 128, patch 7, 28 px, one channel; a
+3-layer head to 1024 prototypes) on Fashion-MNIST with the same batch and crops (2 x 28 px + 8 x 14 px).
+lightly runs as its documentation shows: a timm ViT as backbone, DINOProjectionHead, DINOLoss, DINOTransform on PIL
+images in a DataLoader, one forward per view, Adam, update_momentum. Ours is the trainer's own step and loader.
+
+Figures (rounds alternate between the sides, medians):
+  1. images/s, data loading included: ours at default settings (precision auto) vs lightly as documented (fp32);
+     ours vs lightly at the same precision (fp32, and bf16 autocast);
+  2. model FLOP/s of our step (fvcore: 3 x the student's forward + 1 x the teacher's) over the FLOP/s of a large
+     matrix product at the same precision, measured in the same run.
+
+    .venv/bin/python tools/bench_train.py [--rounds 5] [--steps 20]
+    .venv/bin/python tools/bench_train.py --profile      # where our step's time goes
+"""
+
+import argparse
+import copy
+import tempfile
+import time
+from typing import Callable, Dict
+
+import numpy as np
+import torch
+from torch import nn
+
+import bench_common
+
+DEMO = "configs/demo/dino_fashion_mnist.yaml"
+VIT_S = "configs/dino/vit_small_16_100ep.yaml"
+# DINO's ViT-S/16 recipe (2 x 224 + 8 x 96 px crops, 65536 prototypes) on Fashion-MNIST images, one channel
+VIT_S_ON_FASHION = ["data.dataset.kind=fashion_mnist", "data.dataset.path=null", "model.overrides={in_chans: 1}",
+                    "objective.views.mean=[0.286]", "objective.views.std=[0.353]"]
+ARCH = dict(depth=4, embed_dim=128, num_heads=4, patch_size=7, img_size=28, in_chans=1)
+
+
+# ----------------------------------------------------------------------------------------------- ours
+
+class OurStep:
+    """The trainer's set-up (model, optimizer, loader) and its _train_step, at a given precision."""
+
+    def __init__(self, precision: str, batch: int, workers: int, output: str, recipe: str = DEMO,
+                 overrides=()) -> None:
+        from distill.engine.train_config import load_train_config
+        from distill.engine.trainer import Trainer
+
+        config = load_train_config(recipe, [*overrides, 
+            f"train.precision={precision}", f"data.batch_size={batch}", f"data.num_workers={workers}",
+            f"train.output_dir={output}", "train.time_limit_minutes=0", "eval.knn=false", "eval.knn_at_start=false",
+            "eval.raw_pixels=false", "eval.attention_images=0"])
+        self.trainer = Trainer(config)
+        self.trainer._setup()
+        self.trainer.skipped_in_a_row = self.trainer.skipped_total = 0
+        self.trainer.step = self.trainer.total_steps // 2  # past warm-ups and the frozen last layer
+        self.trainer.objective.train()
+        self.batch = batch
+        self._data = None
+
+    def next_batch(self):
+        if self._data is None:
+            self.trainer.sampler.set_epoch(0)
+            self._data = iter(self.trainer.loader)
+        try:
+            return next(self._data)
+        except StopIteration:
+            self._data = None
+            return self.next_batch()
+
+    def steps(self, count: int, batch=None) -> int:
+        for _ in range(count):
+            self.trainer._train_step([batch if batch is not None else self.next_batch()])
+        self._data = None  # a fresh iterator each round: no worker prepares batches while the other side is timed
+        return count * self.batch
+
+
+# ----------------------------------------------------------------------------------------------- lightly
+
+class LightlyDINO(nn.Module):
+    """The model class of lightly's DINO example."""
+
+    def __init__(self, backbone: nn.Module, input_dim: int) -> None:
+        from lightly.models.modules import DINOProjectionHead
+        from lightly.models.utils import deactivate_requires_grad
+
+        super().__init__()
+        self.student_backbone = backbone
+        self.student_head = DINOProjectionHead(input_dim, 512, 128, 1024, freeze_last_layer=1)
+        self.teacher_backbone = copy.deepcopy(backbone)
+        self.teacher_head = DINOProjectionHead(input_dim, 512, 128, 1024)
+        deactivate_requires_grad(self.teacher_backbone)
+        deactivate_requires_grad(self.teacher_head)
+
+    def forward(self, x):
+        return self.student_head(self.student_backbone(x).flatten(start_dim=1))
+
+    def forward_teacher(self, x):
+        return self.teacher_head(self.teacher_backbone(x).flatten(start_dim=1))
+
+
+class FashionPIL(torch.utils.data.Dataset):
+    """Fashion-MNIST images as PIL images through a transform (what a torchvision dataset gives)."""
+
+    def __init__(self, images: np.ndarray, transform) -> None:
+        self.images, self.transform = images, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.images[index])), 0
+
+
+class LightlyStep:
+    def __init__(self, precision: str, batch: int, workers: int) -> None:
+        import timm
+        from lightly.loss import DINOLoss
+        from lightly.transforms.dino_transform import DINOTransform
+
+        from distill.data.fashion_mnist import load_fashion_mnist
+
+        backbone = timm.models.vision_transformer.VisionTransformer(
+            num_classes=0, dynamic_img_size=True, **ARCH)
+        self.model = LightlyDINO(backbone, ARCH["embed_dim"])
+        self.criterion = DINOLoss(output_dim=1024, warmup_teacher_temp_epochs=0)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=0.001)
+        transform = DINOTransform(global_crop_size=28, global_crop_scale=(0.4, 1.0), local_crop_size=14,
+                                  local_crop_scale=(0.1, 0.4), n_local_views=8,
+                                  normalize={"mean": [0.286], "std": [0.353]})
+        images, _ = load_fashion_mnist("train")
+        self.loader = torch.utils.data.DataLoader(FashionPIL(images, transform), batch_size=batch, shuffle=True,
+                                                  drop_last=True, num_workers=workers)
+        self.precision, self.batch, self.epoch = precision, batch, 1
+        self._data = None
+
+    def next_batch(self):
+        if self._data is None:
+            self._data = iter(self.loader)
+        try:
+            return next(self._data)
+        except StopIteration:
+            self._data = None
+            return self.next_batch()
+
+    def step(self, views) -> None:
+        from lightly.models.utils import update_momentum
+
+        from distill.precision import autocast
+
+        model = self.model
+        update_momentum(model.student_backbone, model.teacher_backbone, m=0.99)
+        update_momentum(model.student_head, model.teacher_head, m=0.99)
+        with autocast(self.precision, torch.device("cpu")):
+            teacher_out = [model.forward_teacher(view) for view in views[:2]]
+            student_out = [model.forward(view) for view in views]
+            loss = self.criterion(teacher_out, student_out, epoch=self.epoch)
+        loss.backward()
+        model.student_head.cancel_last_layer_gradients(current_epoch=self.epoch)
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+
+    def steps(self, count: int, views=None) -> int:
+        for _ in range(count):
+            self.step(views if views is not None else self.next_batch()[0])
+        self._data = None  # a fresh iterator each round: no worker prepares batches while the other side is timed
+        return count * self.batch
+
+
+# ----------------------------------------------------------------------------------------------- efficiency
+
+def matmul_flops_per_second(precision: str, size: int = 2048, repeats: int = 10) -> float:
+    """FLOP/s (2 n^3 per product) of a large square matrix product at this precision."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * size ** 3 * repeats / (time.perf_counter() - start)
+
+
+def step_flops(ours: OurStep, batch) -> float:
+    """Model FLOPs of one training step (2 per multiply-add): student forward x 3 (forward and backward) plus the
+    teacher's forward, counted by fvcore on the step's own crops."""
+    from distill.eval.flops import count_flops
+
+    objective = ours.trainer.objective
+    crops = batch["crops"]
+    with torch.no_grad():
+        student = count_flops(objective.student, (crops,))
+        teacher = count_flops(objective.teacher, (crops[: objective.config.views.global_crops_number],))
+    return 2.0 * (3 * student + teacher)
+
+
+def profile(args) -> None:
+    """Where a step of the demo recipe spends its time, at default precision (PyTorch's profiler, 10 steps)."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    from distill.precision import resolve_precision
+
+    ours = OurStep(resolve_precision("auto", torch.device("cpu")), args.batch_size, 0, tempfile.mkdtemp())
+    batch = ours.next_batch()
+    ours.steps(5, batch)
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        ours.steps(10, batch)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+
+
+def run(args) -> None:
+    from distill.precision import resolve_precision
+
+    default = resolve_precision("auto", torch.device("cpu"))
+    output = tempfile.mkdtemp(prefix="bench_train_")
+    ours = {p: OurStep(p, args.batch_size, args.workers, f"{output}/{p}") for p in sorted({default, "fp32", "bf16"})}
+    theirs = {p: LightlyStep(p, args.batch_size, args.lightly_workers) for p in ("fp32", "bf16")}
+
+    def timed(side, count) -> Callable[[], float]:
+        return lambda: bench_common.rate(lambda: side.steps(count))
+
+    for side in [*ours.values(), *theirs.values()]:  # warm-up: workers, allocator, kernels
+        side.steps(3)
+    pairs: Dict[str, Dict[str, Callable[[], float]]] = {
+        "default": {"ours": timed(ours[default], args.steps), "lightly": timed(theirs["fp32"], args.steps)},
+        "fp32": {"ours": timed(ours["fp32"], args.steps), "lightly": timed(theirs["fp32"], args.steps)},
+        "bf16": {"ours": timed(ours["bf16"], args.steps), "lightly": timed(theirs["bf16"], args.steps)},
+    }
+    figures = []
+    labels = {"default": (f"DINO demo step with data, ours at default ({default}) vs lightly as documented (fp32)", 3.0),
+              "fp32": ("DINO demo step with data, same precision fp32", 1.3),
+              "bf16": ("DINO demo step with data, same precision bf16 autocast", 1.3)}
+    for key, pair in pairs.items():
+        results = bench_common.alternate(pair, args.rounds)
+        name, target = labels[key]
+        figures.append(bench_common.figure(name, results["ours"], results["lightly"], "images/s", target,
+                                           id=f"train_{key}"))
+
+    # the step alone, on one fixed batch each: how much of the gap is the model and how much the data
+    for precision in ("fp32", "bf16"):
+        our_batch, their_views = ours[precision].next_batch(), theirs[precision].next_batch()[0]
+        results = bench_common.alternate({
+            "ours": lambda: bench_common.rate(lambda: ours[precision].steps(args.steps, our_batch)),
+            "lightly": lambda: bench_common.rate(lambda: theirs[precision].steps(args.steps, their_views)),
+        }, args.rounds)
+        figures.append(bench_common.figure(f"DINO demo step without data loading, {precision}", results["ours"],
+                                           results["lightly"], "images/s", id=f"step_{precision}"))
+
+    # hardware efficiency: the step's model FLOP/s over a large matrix product's, alternating
+    batch = ours[default].next_batch()
+    flops = step_flops(ours[default], batch)
+    results = bench_common.alternate({
+        "step": lambda: bench_common.rate(lambda: ours[default].steps(args.steps, batch)) / args.batch_size * flops,
+        "matmul": lambda: matmul_flops_per_second(default),
+    }, args.rounds)
+    figures.append(bench_common.figure(f"DINO demo step model FLOP/s over a 2048^3 matrix product's, {default}",
+                                       results["step"], results["matmul"], "FLOP/s", 0.5, id="efficiency",
+                                       step_gflop=flops / 1e9))
+
+    # the same on DINO's ViT-S/16 recipe, whose matrices are large enough to use the machine
+    if args.vit_s_batch:
+        big = OurStep(default, args.vit_s_batch, 0, f"{output}/vit_s", VIT_S, VIT_S_ON_FASHION)
+        batch = big.next_batch()
+        big.steps(2, batch)
+        flops = step_flops(big, batch)
+        results = bench_common.alternate({
+            "step": lambda: bench_common.rate(lambda: big.steps(2, batch)) / args.vit_s_batch * flops,
+            "matmul": lambda: matmul_flops_per_second(default),
+        }, args.rounds)
+        figures.append(bench_common.figure(
+            f"DINO ViT-S/16 step (batch {args.vit_s_batch}, 2 x 224 + 8 x 96 px) model FLOP/s over a 2048^3 matrix "
+            f"product's, {default}", results["step"], results["matmul"], "FLOP/s", 0.5, id="efficiency_vit_s",
+            step_gflop=flops / 1e9))
+    bench_common.write("train", figures)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=20, help="steps per timed round")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--workers", type=int, default=0, help="our loader's workers (the demo recipe's: 0)")
+    parser.add_argument("--lightly-workers", type=int, default=2, help="lightly's DataLoader workers")
+    parser.add_argument("--vit-s-batch", type=int, default=8, help="images per ViT-S/16 step (0: skip that figure)")
+    parser.add_argument("--profile", action="store_true", help="only profile our step (where the time goes)")
+    args = parser.parse_args()
+    profile(args) if args.profile else run(args)
+
+
+if __name__ == "__main__":
+    main()
