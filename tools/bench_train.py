@@ -36,6 +36,17 @@ VIT_S_ON_FASHION = ["data.dataset.kind=fashion_mnist", "data.dataset.path=null",
 ARCH = dict(depth=4, embed_dim=128, num_heads=4, patch_size=7, img_size=28, in_chans=1)
 
 
+def next_batch(side, loader):
+    """The next batch of side._data, an iterator of the loader started again whenever it is None or runs out."""
+    if side._data is None:
+        side._data = iter(loader)
+    try:
+        return next(side._data)
+    except StopIteration:
+        side._data = iter(loader)
+        return next(side._data)
+
+
 # ----------------------------------------------------------------------------------------------- ours
 
 class OurStep:
@@ -59,14 +70,8 @@ class OurStep:
         self._data = None
 
     def next_batch(self):
-        if self._data is None:
-            self.trainer.sampler.set_epoch(0)
-            self._data = iter(self.trainer.loader)
-        try:
-            return next(self._data)
-        except StopIteration:
-            self._data = None
-            return self.next_batch()
+        self.trainer.sampler.set_epoch(0)  # read when an iterator starts
+        return next_batch(self, self.trainer.loader)
 
     def steps(self, count: int, batch=None) -> int:
         for _ in range(count):
@@ -137,13 +142,7 @@ class LightlyStep:
         self._data = None
 
     def next_batch(self):
-        if self._data is None:
-            self._data = iter(self.loader)
-        try:
-            return next(self._data)
-        except StopIteration:
-            self._data = None
-            return self.next_batch()
+        return next_batch(self, self.loader)
 
     def step(self, views) -> None:
         from lightly.models.utils import update_momentum
