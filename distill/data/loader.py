@@ -121,8 +121,8 @@ class _FileSamples(Dataset):
                     self._warned.add(path)
                     logger.warning("skipping unreadable image %s (%s)", path, error)
                 continue
-            array = np.asarray(image)
-            tensor = torch.from_numpy(array.copy()).permute(2, 0, 1) if array.ndim == 3 else torch.from_numpy(array.copy())[None]
+            array = np.array(image)  # one writable copy
+            tensor = torch.from_numpy(array).permute(2, 0, 1) if array.ndim == 3 else torch.from_numpy(array)[None]
             return candidate, tensor
         raise RuntimeError("no readable image left in the data source")
 

@@ -6,10 +6,12 @@ same views after a resume, whatever the number of workers. The geometry of file 
 in the loader workers (bicubic, antialiased, on uint8); everything photometric runs batched.
 """
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
+from torch.utils.data import get_worker_info
 import torchvision.transforms.v2.functional as TF
 from torchvision.transforms.v2 import InterpolationMode
 
@@ -18,6 +20,15 @@ from distill.errors import InputError
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+def _batch_tensor(shape: Sequence[int]) -> torch.Tensor:
+    """An empty float tensor for crops that leave a loader worker: allocated in shared memory there, as the
+    default collate does, so that sending the batch to the training process is not one more copy of it."""
+    if get_worker_info() is None:
+        return torch.empty(shape)
+    numel = math.prod(shape)
+    return torch.empty(0).new(torch.empty(0)._typed_storage()._new_shared(numel)).view(*shape)
 
 
 @dataclass
@@ -43,6 +54,9 @@ class MultiCropConfig:
     local_solarize_prob: float = 0.0
     mean: List[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
     std: List[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    # "fused": jitter, greyscale and normalisation as one colour matrix per crop (hue rotated about the grey
+    # axis, one clamp at the end; several times faster); "exact": torchvision's operations one by one.
+    color: str = "fused"
 
     def validate(self) -> None:
         if self.global_crops_number < 1 or self.local_crops_number < 0:
@@ -59,6 +73,8 @@ class MultiCropConfig:
             raise InputError("views: probabilities must lie in [0, 1] (blur/solarize lists need one value or more)")
         if len(self.mean) != len(self.std) or len(self.mean) not in (1, 3) or min(self.std) <= 0:
             raise InputError("views.mean and views.std need 1 or 3 values each, std positive")
+        if self.color not in ("fused", "exact"):
+            raise InputError(f"views.color must be 'fused' or 'exact', not {self.color!r}")
 
 
 @dataclass(frozen=True)
@@ -114,8 +130,14 @@ class MultiCrop:
         return params
 
     def _finish(self, crops: torch.Tensor, params: Dict[str, torch.Tensor], count: int) -> List[torch.Tensor]:
-        """Float crops [count * B, C, S, S] in [0, 1] -> photometric augmentation -> `count` normalised batches."""
-        crops = augment.normalize(augment.photometric(crops, params), self.mean, self.std, self.channels)
+        """Crops [count * B, C, S, S] (uint8, or float in [0, 1]) -> photometric augmentation -> `count`
+        normalised float batches."""
+        if self.config.color == "fused":
+            shape = (crops.shape[0], self.channels, *crops.shape[2:])
+            crops = augment.photometric_fused(crops, params, self.mean, self.std, self.channels, _batch_tensor(shape))
+        else:
+            floats = crops.float().div_(255.0) if crops.dtype == torch.uint8 else crops
+            crops = augment.normalize(augment.photometric(floats, params), self.mean, self.std, self.channels)
         return list(crops.chunk(count))
 
     # ---------------------------------------------------------------- whole batches of in-memory images
@@ -135,24 +157,29 @@ class MultiCrop:
     # ---------------------------------------------------------------- image by image (files), then collate
 
     def image_sample(self, image: torch.Tensor, generator: Optional[torch.Generator]) -> Dict[str, Any]:
-        """uint8 image [C, H, W] -> its uint8 crops (bicubic, antialiased) and their photometric parameters."""
+        """uint8 image [C, H, W] -> its uint8 crops (bicubic, antialiased) and their photometric parameters, drawn
+        once per group of same-spec crops."""
         height, width = image.shape[-2:]
         crops, params = [], []
-        for spec in self.specs:
-            p = self._params(spec, 1, height, width, generator)
-            top, left, h, w = augment.crop_box_tuple(p["boxes"][0])
-            crop = TF.resized_crop(image, top, left, h, w, [spec.size, spec.size],
-                                   interpolation=InterpolationMode.BICUBIC, antialias=True)
-            crops.append(TF.horizontal_flip(crop) if p["flip"][0] else crop)
+        for group in self.groups:
+            spec = self.specs[group[0]]
+            p = self._params(spec, len(group), height, width, generator)
+            for box, flip in zip(p["boxes"].tolist(), p["flip"].tolist()):
+                top, left, h, w = box
+                crop = TF.resized_crop(image, top, left, h, w, [spec.size, spec.size],
+                                       interpolation=InterpolationMode.BICUBIC, antialias=True)
+                crops.append(TF.horizontal_flip(crop) if flip else crop)
             params.append(p)
         return {"crops": crops, "params": params}
 
     def collate(self, samples: List[Dict[str, Any]]) -> List[torch.Tensor]:
-        """Per-image uint8 crops -> batches; photometric augmentation once per group of same-spec crops."""
+        """Per-image uint8 crops -> batches; photometric augmentation once per group of same-spec crops.
+
+        A group's batch holds its first crop of every image, then its second, and so on (as `array_batch`)."""
         outputs: List[torch.Tensor] = []
-        for group in self.groups:
-            crops = torch.cat([torch.stack([s["crops"][i] for s in samples]) for i in group]).float().div_(255.0)
-            keys = samples[0]["params"][group[0]]
-            params = {key: torch.cat([s["params"][i][key] for i in group for s in samples]) for key in keys}
+        for number, group in enumerate(self.groups):
+            crops = torch.cat([torch.stack([s["crops"][i] for s in samples]) for i in group])
+            params = {key: torch.stack([s["params"][number][key] for s in samples], dim=1).flatten(0, 1)
+                      for key in samples[0]["params"][number]}
             outputs.extend(self._finish(crops, params, len(group)))
         return outputs

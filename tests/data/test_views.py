@@ -76,6 +76,63 @@ def test_blur_kernels_are_normalised_and_tiny_sigma_is_identity():
     assert blurred[0].std() < images[0].std() and torch.equal(blurred[1], images[1])
 
 
+def _mid_range(n, channels=3):
+    """Images far enough from 0 and 1 that no colour operation below clamps."""
+    return torch.rand(n, channels, 9, 10, generator=torch.Generator().manual_seed(n)) * 0.3 + 0.35
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_fused_colour_equals_the_operations_one_by_one_where_nothing_clamps(channels):
+    images = _mid_range(40, channels)
+    # every sample its own order, brightness / contrast / saturation, greyscale, blur, solarize; no hue here
+    params = augment.sample_color_params(40, 0.8, 0.2, 0.2, 0.2, 0.0, 0.3, 0.5, (0.1, 2.0), 0.3, derived_generator(9))
+    mean, std = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]) if channels == 3 else ([0.3], [0.4])
+    exact = augment.normalize(augment.photometric(images, params), mean, std, channels)
+    fused = augment.photometric_fused(images, params, mean, std, channels)
+    assert params["jitter"].sum() > 20 and params["grayscale"].any() and params["solarize"].any()
+    assert torch.allclose(fused, exact, atol=1e-4)
+    as_uint8 = (images * 255).round().to(torch.uint8)
+    assert torch.allclose(augment.photometric_fused(as_uint8, params, mean, std, channels),
+                          augment.photometric_fused(as_uint8.float() / 255, params, mean, std, channels), atol=1e-4)
+
+
+def test_fused_hue_is_a_rotation_about_the_grey_axis_in_hsvs_direction():
+    shifts = torch.tensor([0.1, -0.07, 1 / 3, -1 / 3])
+    rotations = augment.hue_rotations(shifts)
+    eye = torch.eye(3, dtype=torch.float64)
+    assert torch.allclose(rotations @ rotations.transpose(1, 2), eye.expand(4, 3, 3), atol=1e-12)
+    assert torch.allclose(rotations @ torch.ones(3, dtype=torch.float64), torch.ones(4, 3, dtype=torch.float64))
+    # a third of a turn permutes the channels for every colour, in HSV and about the grey axis alike
+    images = torch.rand(2, 3, 6, 7)
+    params = augment.sample_color_params(2, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, (0.1, 1.0), 0.0)
+    for turn in (1 / 3, -1 / 3):
+        params["hue"] = torch.full((2,), turn)
+        hsv = augment.photometric(images, params)
+        fused = augment.photometric_fused(images, params, [0.0] * 3, [1.0] * 3, 3)
+        assert torch.allclose(fused, hsv, atol=1e-5) and not torch.allclose(fused, images, atol=0.1)
+    # small shifts move red towards yellow (green up, blue down), as HSV's hue
+    red = torch.tensor([0.9, 0.2, 0.2], dtype=torch.float64)
+    turned = rotations[0] @ red
+    assert turned[1] > red[1] and turned[2] < red[2]
+
+
+def test_fused_colour_stays_in_the_normalised_range_of_zero_to_one():
+    images = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8)
+    params = augment.sample_color_params(64, 1.0, 0.9, 0.9, 0.9, 0.5, 0.2, 0.5, (0.1, 2.0), 0.5, derived_generator(4))
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    out = augment.photometric_fused(images, params, mean.tolist(), std.tolist(), 3)
+    pixels = out * std.view(1, 3, 1, 1) + mean.view(1, 3, 1, 1)
+    assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5 and pixels.std() > 0.1
+
+
+def test_exact_colour_path_is_selectable():
+    images = torch.randint(0, 256, (4, 3, 28, 28), dtype=torch.uint8)
+    fused = MultiCrop(_config(mean=[0.5] * 3, std=[0.25] * 3), 3).array_batch(images, derived_generator(3))
+    exact = MultiCrop(_config(mean=[0.5] * 3, std=[0.25] * 3, color="exact"), 3).array_batch(images, derived_generator(3))
+    assert [c.shape for c in fused] == [c.shape for c in exact]
+    assert (fused[0] - exact[0]).abs().mean() < 0.2 and not torch.equal(fused[0], exact[0])
+
+
 def test_views_are_a_function_of_the_seed():
     images = torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8)
     views = MultiCrop(_config(), channels=1)
@@ -91,6 +148,8 @@ def test_bad_view_config():
         MultiCrop(_config(global_crops_scale=[0.5, 0.2]), 1)
     with pytest.raises(InputError, match="probabilities"):
         MultiCrop(_config(flip_prob=1.5), 1)
+    with pytest.raises(InputError, match="views.color must be 'fused' or 'exact'"):
+        MultiCrop(_config(color="fast"), 1)
 
 
 def _array_source(n=40):
