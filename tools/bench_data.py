@@ -4,13 +4,15 @@
 The reference is DINO's DataAugmentationDINO (main_dino.py): per image, PIL RandomResizedCrop (bicubic), flip,
 colour jitter, greyscale, PIL Gaussian blur and solarization, ToTensor and Normalize, for 2 global + 8 local
 crops, in a DataLoader with the default collate. Ours is the trainer's loader: geometry per image on uint8,
-photometric augmentation batched. Both use the same workers and batch; views/s counts every crop.
+photometric augmentation batched (views.color=fused, and =exact for one more figure). Both use the same workers
+and batch; views/s counts every crop.
 
   Fashion-MNIST (in memory, 28 / 14 px crops, the demo's settings) and a folder of JPEG photos (scikit-image's
   sample images resized to 224-500 px; 224 / 96 px crops, DINO's settings).
 
     .venv/bin/python tools/bench_data.py [--rounds 5] [--workers 2]
-    .venv/bin/python tools/bench_data.py --profile      # each stage of both photo pipelines, ms per image
+    .venv/bin/python tools/bench_data.py --profile      # each stage of both photo pipelines, ms per image, and
+                                                        # how far fused colour lands from the exact operations
 """
 
 import argparse
@@ -111,7 +113,7 @@ class Batches:
         return bench_common.rate(work)
 
 
-def pipelines(kind: str, batch: int, workers: int, photos: Path):
+def pipelines(kind: str, batch: int, workers: int, photos: Path, color: str = "fused"):
     from distill.data.datasets import DatasetConfig, build_image_source
     from distill.data.loader import build_loader
     from distill.data.views import MultiCrop, MultiCropConfig
@@ -123,7 +125,7 @@ def pipelines(kind: str, batch: int, workers: int, photos: Path):
         channels = 1
         reference_set = ArrayPIL(source.images[:, 0].numpy(), None)
     else:
-        config = MultiCropConfig()
+        config = MultiCropConfig(color=color)
         source = build_image_source(DatasetConfig(kind="folder", path=str(photos)))
         channels = 3
         reference_set = FilesPIL(source.paths, None)
@@ -187,6 +189,25 @@ def profile(folder: Path, images: int = 64) -> None:
     print("reference, ms per image: " + ", ".join(f"{k} {v / images * 1000:.2f}" for k, v in timed.items()))
 
 
+def fidelity(folder: Path, images: int = 200) -> None:
+    """How far the fused colour path lands from the operation-by-operation one on real photos, next to how far
+    the jitter moves pixels at all (DINO's jitter, greyscale and probabilities; mean absolute difference)."""
+    import numpy as np
+
+    from distill.data import augment
+    from distill.data.loader import derived_generator
+
+    paths = sorted(folder.glob("*.jpg"))[:images]
+    pixels = torch.stack([torch.from_numpy(np.array(Image.open(p).convert("RGB").resize((64, 64)))).permute(2, 0, 1)
+                          for p in paths]).float() / 255
+    params = augment.sample_color_params(len(paths), 0.8, 0.4, 0.4, 0.2, 0.1, 0.2, 0.0, (0.1, 2.0), 0.0,
+                                         derived_generator(7))
+    exact = augment.photometric(pixels, params)
+    fused = augment.photometric_fused(pixels, params, [0.0] * 3, [1.0] * 3, 3)
+    print(f"{len(paths)} photos, colour jitter + greyscale: fused vs exact {(fused - exact).abs().mean():.4f} per "
+          f"pixel on average; exact vs unaugmented {(exact - pixels).abs().mean():.4f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -199,19 +220,27 @@ def main() -> None:
 
     folder = bench_common.photo_folder(Path(tempfile.gettempdir()) / "distill_bench_photos", args.photos)
     if args.profile:
+        fidelity(folder)
         return profile(folder)
     figures = []
     for kind, batch, count in (("fashion_mnist", 64, args.fashion_batches), ("photos", 32, args.photo_batches)):
         ours, reference = pipelines(kind, batch, args.workers, folder)
-        for side in (ours, reference):  # warm-up: start the workers, fill their queues once
+        sides = {"ours": ours, "reference": reference}
+        if kind == "photos":  # the operation-by-operation colour path, for what fusing it is worth
+            sides["exact"] = pipelines(kind, batch, args.workers, folder, color="exact")[0]
+        for side in sides.values():  # warm-up: start the workers, fill their queues once
             side.rate(2)
-        results = bench_common.alternate({"ours": lambda: ours.rate(count), "reference": lambda: reference.rate(count)},
+        results = bench_common.alternate({name: (lambda side=side: side.rate(count)) for name, side in sides.items()},
                                          args.rounds)
         label = "Fashion-MNIST, 2 x 28 + 8 x 14 px" if kind == "fashion_mnist" else \
             f"{args.photos} JPEG photos (224-500 px), 2 x 224 + 8 x 96 px"
         figures.append(bench_common.figure(f"multi-crop views/s, {label}, {args.workers} workers, ours vs DINO "
                                            "reference per-image pipeline", results["ours"], results["reference"],
                                            "views/s", 2.0, id=f"data_{kind}"))
+        if "exact" in results:
+            figures.append(bench_common.figure(f"multi-crop views/s, {label}, {args.workers} workers, ours with "
+                                               "views.color=fused (default) vs views.color=exact", results["ours"],
+                                               results["exact"], "views/s", id=f"data_{kind}_fused_vs_exact"))
     bench_common.write("data", figures)
 
 

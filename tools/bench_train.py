@@ -10,7 +10,8 @@ Figures (rounds alternate between the sides, medians):
   1. images/s, data loading included: ours at default settings (precision auto) vs lightly as documented (fp32);
      ours vs lightly at the same precision (fp32, and bf16 autocast);
   2. model FLOP/s of our step (fvcore: 3 x the student's forward + 1 x the teacher's) over the FLOP/s of a large
-     matrix product at the same precision, measured in the same run.
+     matrix product at the same precision, measured in the same run; the same with train.compile=true; and on
+     DINO's ViT-S/16 recipe (large matrices).
 
     .venv/bin/python tools/bench_train.py [--rounds 5] [--steps 20]
     .venv/bin/python tools/bench_train.py --profile      # where our step's time goes
@@ -170,15 +171,17 @@ class LightlyStep:
 
 # ----------------------------------------------------------------------------------------------- efficiency
 
-def matmul_flops_per_second(precision: str, size: int = 2048, repeats: int = 10) -> float:
-    """FLOP/s (2 n^3 per product) of a large square matrix product at this precision."""
+def matmul_flops_per_second(precision: str, size=2048, repeats: int = 10) -> float:
+    """FLOP/s (2 m k n per product) of a matrix product at this precision: square of side `size`, or of shape
+    (m, k, n) for [m x k] @ [k x n]."""
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    m, k, n = (size, size, size) if isinstance(size, int) else size
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
     a @ b
     start = time.perf_counter()
     for _ in range(repeats):
         a @ b
-    return 2 * size ** 3 * repeats / (time.perf_counter() - start)
+    return 2 * m * k * n * repeats / (time.perf_counter() - start)
 
 
 def step_flops(ours: OurStep, batch) -> float:
@@ -206,6 +209,19 @@ def profile(args) -> None:
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
         ours.steps(10, batch)
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+
+    # the rate of the step's own matrix shapes, to tell slow products from time spent outside them
+    backbone = ours.trainer.objective.student.backbone
+    width, patch = backbone.embed_dim, backbone.patch_size
+    rows = sum(len(c) * ((c.shape[-1] // patch) * (c.shape[-2] // patch) + 1) for c in batch["crops"])
+    precision = resolve_precision("auto", torch.device("cpu"))
+    peak = matmul_flops_per_second(precision)
+    for name, (m, k, n) in {"qkv": (rows, width, 3 * width), "projection": (rows, width, width),
+                            "mlp in": (rows, width, 4 * width), "mlp out": (rows, 4 * width, width),
+                            "weight gradient of mlp in": (width, rows, 4 * width)}.items():
+        rate = matmul_flops_per_second(precision, size=(m, k, n), repeats=50)
+        print(f"{name} [{m} x {k}] @ [{k} x {n}]: {rate / 1e9:.0f} GFLOP/s, {rate / peak:.2f} of the 2048^3 product's "
+              f"{peak / 1e9:.0f}")
 
 
 def run(args) -> None:
@@ -249,13 +265,22 @@ def run(args) -> None:
     # hardware efficiency: the step's model FLOP/s over a large matrix product's, alternating
     batch = ours[default].next_batch()
     flops = step_flops(ours[default], batch)
-    results = bench_common.alternate({
+    sides = {
         "step": lambda: bench_common.rate(lambda: ours[default].steps(args.steps, batch)) / args.batch_size * flops,
         "matmul": lambda: matmul_flops_per_second(default),
-    }, args.rounds)
+    }
+    if args.compiled:  # the same step with train.compile=true (inductor's fused kernels), compiled before timing
+        compiled = OurStep(default, args.batch_size, 0, f"{output}/compiled", overrides=["train.compile=true"])
+        compiled.steps(3, batch)
+        sides["compiled"] = lambda: bench_common.rate(lambda: compiled.steps(args.steps, batch)) / args.batch_size * flops
+    results = bench_common.alternate(sides, args.rounds)
     figures.append(bench_common.figure(f"DINO demo step model FLOP/s over a 2048^3 matrix product's, {default}",
                                        results["step"], results["matmul"], "FLOP/s", 0.5, id="efficiency",
                                        step_gflop=flops / 1e9))
+    if args.compiled:
+        figures.append(bench_common.figure(
+            f"DINO demo step compiled (train.compile=true) model FLOP/s over a 2048^3 matrix product's, {default}",
+            results["compiled"], results["matmul"], "FLOP/s", id="efficiency_compiled", step_gflop=flops / 1e9))
 
     # the same on DINO's ViT-S/16 recipe, whose matrices are large enough to use the machine
     if args.vit_s_batch:
@@ -282,6 +307,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0, help="our loader's workers (the demo recipe's: 0)")
     parser.add_argument("--lightly-workers", type=int, default=2, help="lightly's DataLoader workers")
     parser.add_argument("--vit-s-batch", type=int, default=8, help="images per ViT-S/16 step (0: skip that figure)")
+    parser.add_argument("--compiled", type=int, default=1, help="also time the demo step compiled (1) or not (0)")
     parser.add_argument("--profile", action="store_true", help="only profile our step (where the time goes)")
     args = parser.parse_args()
     profile(args) if args.profile else run(args)

@@ -3,7 +3,9 @@
 Every random choice of a view (crop box, flip, colour jitter, grey, blur, solarize) is drawn from a generator
 the loader seeds per sample (file images) or per batch (in-memory images), so the same data order gives the
 same views after a resume, whatever the number of workers. The geometry of file images runs image by image
-in the loader workers (bicubic, antialiased, on uint8); everything photometric runs batched.
+in the loader workers (bicubic, antialiased, on uint8); everything photometric runs batched: one colour matrix
+per crop for jitter, greyscale and normalisation (`color: fused`), or torchvision's operations one by one
+(`color: exact`).
 """
 
 import math
