@@ -202,7 +202,7 @@ def gaussian_blur(images: torch.Tensor, flags: torch.Tensor, sigmas: torch.Tenso
 
     The flagged samples go in order of sigma, a few at a time (about half a million values per grouped
     convolution, channels last): each piece stays in cache and takes the radius its largest sigma needs. One
-    convolution over a whole batch of 224 px crops at the largest radius is about five times slower."""
+    convolution over a whole batch of 224 px crops at the largest radius is several times slower."""
     selected = flags.nonzero().flatten()
     if not len(selected):
         return images
