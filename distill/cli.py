@@ -61,10 +61,12 @@ def _cmd_train(args: argparse.Namespace) -> None:
     from distill.engine import distributed
 
     config = load_train_config(args.config, args.overrides)
+    finished = False
     try:
         results = Trainer(config).run()
+        finished = True
     finally:
-        distributed.shutdown()
+        distributed.shutdown(meet=finished)
     if distributed.rank_from_env() == 0:
         print_training_summary(results, config.eval.knn_k)
         print(f"run folder: {config.train.output_dir}/")

@@ -73,9 +73,15 @@ def init_from_env(device: torch.device) -> bool:
     return True
 
 
-def shutdown() -> None:
-    if is_initialized():
-        dist.destroy_process_group()
+def shutdown(meet: bool = False) -> None:
+    """Leave the process group. meet=True (after a run that ended normally on every rank) first waits for every
+    rank to get here: a rank that tears its connections down while rank 0 is still writing the last checkpoint
+    can abort rank 0 ("terminate called without an active exception") as it leaves in turn."""
+    if not is_initialized():
+        return
+    if meet and dist.get_world_size() > 1:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def broadcast_state(module: torch.nn.Module) -> None:

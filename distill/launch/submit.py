@@ -66,10 +66,12 @@ class TrainJob:
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         config = load_train_config(self.config, self.overrides + ["train.resume=auto"])
         trainer = Trainer(config)
+        finished = False
         try:
             results = trainer.run()
+            finished = True
         finally:
-            distributed.shutdown()
+            distributed.shutdown(meet=finished)
         if trainer.stop_signal == signal.SIGTERM and "SLURM_JOB_ID" in os.environ:
             # SLURM requeues (or cancels) with SIGTERM, then SIGKILL: the checkpoint is written; returning now would
             # report a finished job that is about to run again, so wait to be ended, as submitit does
