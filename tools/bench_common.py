@@ -19,6 +19,28 @@ import torch
 RESULTS = Path(os.environ.get("BENCH_RESULTS", "runs/bench"))
 
 
+class PILImages(torch.utils.data.Dataset):
+    """Images as a torchvision dataset hands them to a per-image PIL pipeline: arrays through Image.fromarray,
+    files opened and converted to RGB as ImageFolder does; each item is (transform(image), 0)."""
+
+    def __init__(self, items, transform=None) -> None:
+        self.items, self.transform = items, transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        from PIL import Image
+
+        item = self.items[index]
+        if isinstance(item, (str, Path)):
+            with open(item, "rb") as handle:
+                image = Image.open(handle).convert("RGB")
+        else:
+            image = Image.fromarray(item)
+        return self.transform(image), 0
+
+
 def alternate(candidates: Dict[str, Callable[[], float]], rounds: int) -> Dict[str, List[float]]:
     """Run each candidate once per round, in alternating order; each call returns a rate (items per second)."""
     results: Dict[str, List[float]] = {name: [] for name in candidates}

@@ -68,32 +68,6 @@ class ReferenceDINO:
         return [self.global1(image), self.global2(image)] + [self.local(image) for _ in range(self.local_number)]
 
 
-class ArrayPIL(torch.utils.data.Dataset):
-    def __init__(self, images, transform) -> None:
-        self.images, self.transform = images, transform
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int):
-        return self.transform(Image.fromarray(self.images[index])), 0
-
-
-class FilesPIL(torch.utils.data.Dataset):
-    """ImageFolder's loading: open, convert to RGB, transform."""
-
-    def __init__(self, paths, transform) -> None:
-        self.paths, self.transform = paths, transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int):
-        with open(self.paths[index], "rb") as handle:
-            image = Image.open(handle).convert("RGB")
-        return self.transform(image), 0
-
-
 class Batches:
     """views/s of `count` batches of a DataLoader, from a fresh iterator that is closed after the round: no worker
     of one side keeps preparing batches while the other side is timed."""
@@ -123,12 +97,12 @@ def pipelines(kind: str, batch: int, workers: int, photos: Path, color: str = "f
                                  blur_sigma=[0.1, 1.0], mean=[0.286], std=[0.353])
         source = build_image_source(DatasetConfig(kind="fashion_mnist"))
         channels = 1
-        reference_set = ArrayPIL(source.images[:, 0].numpy(), None)
+        reference_set = bench_common.PILImages(source.images[:, 0].numpy())
     else:
         config = MultiCropConfig(color=color)
         source = build_image_source(DatasetConfig(kind="folder", path=str(photos)))
         channels = 3
-        reference_set = FilesPIL(source.paths, None)
+        reference_set = bench_common.PILImages(source.paths)
     views = MultiCrop(config, channels)
     loader, sampler = build_loader(source, views, batch, seed=0, num_workers=workers)
     epoch = iter(range(10 ** 6))
@@ -175,7 +149,7 @@ def profile(folder: Path, images: int = 64) -> None:
         timed[name] = timed.get(name, 0.0) + time.perf_counter() - start
         return out
 
-    for path in reference.loader.dataset.paths[:images]:
+    for path in reference.loader.dataset.items[:images]:
         image = tick("decode", lambda: Image.open(path).convert("RGB"))
         for crop_index, pipeline in enumerate([ref.global1, ref.global2] + [ref.local] * ref.local_number):
             out = image

@@ -23,7 +23,6 @@ import tempfile
 import time
 from typing import Callable, Dict
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -105,21 +104,6 @@ class LightlyDINO(nn.Module):
         return self.teacher_head(self.teacher_backbone(x).flatten(start_dim=1))
 
 
-class FashionPIL(torch.utils.data.Dataset):
-    """Fashion-MNIST images as PIL images through a transform (what a torchvision dataset gives)."""
-
-    def __init__(self, images: np.ndarray, transform) -> None:
-        self.images, self.transform = images, transform
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int):
-        from PIL import Image
-
-        return self.transform(Image.fromarray(self.images[index])), 0
-
-
 class LightlyStep:
     def __init__(self, precision: str, batch: int, workers: int) -> None:
         import timm
@@ -137,7 +121,7 @@ class LightlyStep:
                                   local_crop_scale=(0.1, 0.4), n_local_views=8,
                                   normalize={"mean": [0.286], "std": [0.353]})
         images, _ = load_fashion_mnist("train")
-        self.loader = torch.utils.data.DataLoader(FashionPIL(images, transform), batch_size=batch, shuffle=True,
+        self.loader = torch.utils.data.DataLoader(bench_common.PILImages(images, transform), batch_size=batch, shuffle=True,
                                                   drop_last=True, num_workers=workers)
         self.precision, self.batch, self.epoch = precision, batch, 1
         self._data = None

@@ -197,6 +197,12 @@ def gaussian_kernels(sigmas: torch.Tensor, radius: int) -> torch.Tensor:
     return kernels / kernels.sum(dim=1, keepdim=True)
 
 
+def _chunks(n: int, values_per_sample: int, budget: int = 1 << 19):
+    """Slices of about `budget` values over n samples: pieces that stay in cache between passes."""
+    step = max(1, budget // values_per_sample)
+    return [slice(start, min(start + step, n)) for start in range(0, n, step)]
+
+
 def gaussian_blur(images: torch.Tensor, flags: torch.Tensor, sigmas: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     """Separable Gaussian blur with a per-sample sigma (pixels), on the samples whose flag is set.
 
@@ -210,9 +216,8 @@ def gaussian_blur(images: torch.Tensor, flags: torch.Tensor, sigmas: torch.Tenso
         images = images.clone()
     selected = selected[sigmas[selected].argsort()]
     _, channels, height, width = images.shape
-    step = max(1, (1 << 19) // (channels * height * width))
-    for start in range(0, len(selected), step):
-        index = selected[start : start + step]
+    for piece in _chunks(len(selected), channels * height * width):
+        index = selected[piece]
         radius = max(1, min(int(math.ceil(3 * float(sigmas[index].max()))), min(height, width) // 2 - 1 or 1))
         mode = "reflect" if radius < min(height, width) else "replicate"
         kernels = gaussian_kernels(sigmas[index], radius).to(images.dtype).repeat_interleave(channels, dim=0)
@@ -295,12 +300,6 @@ def color_matrices(params: Dict[str, torch.Tensor], means: torch.Tensor) -> Tupl
         matrix = torch.where(grey, luma @ matrix, matrix)
         offset = torch.where(grey.view(n, 1), offset @ luma.T, offset)
     return matrix, offset
-
-
-def _chunks(n: int, values_per_sample: int, budget: int = 1 << 19):
-    """Slices of about `budget` values over n samples: pieces that stay in cache between passes."""
-    step = max(1, budget // values_per_sample)
-    return [slice(start, min(start + step, n)) for start in range(0, n, step)]
 
 
 def photometric_fused(crops: torch.Tensor, params: Dict[str, torch.Tensor], mean: Sequence[float],

@@ -79,8 +79,8 @@ def shutdown(meet: bool = False) -> None:
     can abort rank 0 ("terminate called without an active exception") as it leaves in turn."""
     if not is_initialized():
         return
-    if meet and dist.get_world_size() > 1:
-        dist.barrier()
+    if meet:
+        barrier()
     dist.destroy_process_group()
 
 
