@@ -28,7 +28,8 @@ EXTRAS_REQUIRE = {
     # module as faiss-cpu: uninstall faiss-cpu after installing this extra.
     "gpu": ["xformers", "faiss-gpu"],
     # scikit-learn: only the k-means comparison of tools/curation_scale.py.
-    "dev": ["pytest>=8", "pytest-xdist", "pytest-timeout", "scikit-learn"],
+    # import-linter: the layering contracts of .importlinter, checked by tests/test_layering.py.
+    "dev": ["pytest>=8", "pytest-xdist", "pytest-timeout", "scikit-learn", "import-linter>=2.17"],
     # make bench: the peer library compared against, and the sample photos of the data and embedding figures.
     "bench": ["lightly", "scikit-image"],
 }

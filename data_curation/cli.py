@@ -19,7 +19,7 @@ from typing import List, Optional
 
 import numpy as np
 
-from distill.engine.logs import configure_logging
+from distill.logs import configure_logging
 from distill.errors import DistillError, InputError
 
 logger = logging.getLogger("data_curation")
@@ -63,7 +63,7 @@ def cmd_embed(args) -> None:
                   npy=args.npy, limit=args.limit, flip_average=args.flip_average, parts=args.parts,
                   precision=args.precision, workers=args.workers)
     if args.submit:
-        from distill.launch.submit import Resources, check_cluster, make_executor
+        from distill.launch.slurm import Resources, check_cluster, make_executor
 
         if args.parts < 2:
             raise InputError("--submit runs one task per part: give --parts N (N >= 2)")

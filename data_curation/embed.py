@@ -10,7 +10,7 @@ import torch
 
 from data_curation.embeddings import EmbeddingStore, from_npy
 from distill.data.datasets import ArrayImages, DatasetConfig, build_image_source, filelist_entries
-from distill.data.eval_views import EvalView
+from distill.data.eval_views import EvalView, default_normalisation
 from distill.data.fashion_mnist import fashion_mnist_path
 from distill.errors import InputError
 from distill.progress import progress
@@ -110,8 +110,8 @@ def embed_images(data: str, output: str, checkpoint: Optional[str] = None, backb
         view = EvalView(setup.image_size, setup.mean, setup.std, model.config["in_chans"])
     elif backbone:
         model = create_backbone(backbone, in_chans=1 if fashion else 3, img_size=28 if fashion else 224).eval()
-        view = EvalView(model.config["img_size"][0], [0.286] if fashion else [0.485, 0.456, 0.406],
-                        [0.353] if fashion else [0.229, 0.224, 0.225], model.config["in_chans"])
+        mean, std = default_normalisation(fashion)
+        view = EvalView(model.config["img_size"][0], mean, std, model.config["in_chans"])
     else:
         raise InputError("give --checkpoint (any file distill loads) or --backbone (random weights, for tests)")
     model = model.to(device)

@@ -8,7 +8,7 @@ import argparse
 import sys
 from typing import List, Optional
 
-from distill.engine.logs import configure_logging
+from distill.logs import configure_logging
 from distill.errors import DistillError
 
 
@@ -55,25 +55,18 @@ def print_training_summary(results, ks) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
-    from distill.engine.train_config import load_train_config
-    from distill.engine.trainer import Trainer
+    from distill import distributed
+    from distill.engine.trainer import run_training
 
-    from distill.engine import distributed
-
-    config = load_train_config(args.config, args.overrides)
-    finished = False
-    try:
-        results = Trainer(config).run()
-        finished = True
-    finally:
-        distributed.shutdown(meet=finished)
+    trainer = run_training(args.config, args.overrides)
     if distributed.rank_from_env() == 0:
-        print_training_summary(results, config.eval.knn_k)
-        print(f"run folder: {config.train.output_dir}/")
+        print_training_summary(trainer.results, trainer.config.eval.knn_k)
+        print(f"run folder: {trainer.config.train.output_dir}/")
 
 
 def _cmd_submit(args) -> None:
-    from distill.launch.submit import Resources, submit
+    from distill.launch.slurm import Resources
+    from distill.launch.submit import submit
 
     resources = Resources(nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node,
                           cpus_per_task=args.cpus_per_task, timeout_min=args.timeout, partition=args.partition,

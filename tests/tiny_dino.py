@@ -16,6 +16,14 @@ def tiny_model(drop_path_rate=None) -> str:
             + drop + "}")
 
 
+# A DINO run small enough for a unit test: 16 steps per epoch of 256 Fashion-MNIST images.
+UNIT_RUN = TINY_DINO + [
+    tiny_model(0.1), "data.dataset.kind=fashion_mnist", "data.dataset.limit=256", "data.batch_size=16",
+    "optim.lr=1e-3", "optim.warmup_epochs=1", "train.epochs=4", "objective.views.mean=[0.286]",
+    "objective.views.std=[0.353]",
+]
+
+
 def losses(folder) -> dict:
     """Loss per step from a run's metrics.jsonl; a step redone after a resume keeps its last record."""
     import json

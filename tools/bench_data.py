@@ -123,7 +123,7 @@ def profile(folder: Path, images: int = 64) -> None:
     torch.set_num_threads(1)
     ours, reference = pipelines("photos", 32, 0, folder)
     dataset, views = ours.loader.dataset, ours.loader.dataset.views
-    from distill.data.loader import derived_generator
+    from distill.seeds import Stream, derived_generator
 
     stages = {"decode": 0.0, "crop and resize": 0.0, "batched photometric + normalise": 0.0}
     samples = []
@@ -131,7 +131,7 @@ def profile(folder: Path, images: int = 64) -> None:
         start = time.perf_counter()
         _, image = dataset._decode(index)
         middle = time.perf_counter()
-        samples.append(views.image_sample(image, derived_generator(0, 0, index, 2)))
+        samples.append(views.image_sample(image, derived_generator(0, 0, index, Stream.IMAGE_VIEWS)))
         stages["decode"] += middle - start
         stages["crop and resize"] += time.perf_counter() - middle
     for first in range(0, images, 32):
@@ -169,7 +169,7 @@ def fidelity(folder: Path, images: int = 200) -> None:
     import numpy as np
 
     from distill.data import augment
-    from distill.data.loader import derived_generator
+    from distill.seeds import derived_generator
 
     paths = sorted(folder.glob("*.jpg"))[:images]
     pixels = torch.stack([torch.from_numpy(np.array(Image.open(p).convert("RGB").resize((64, 64)))).permute(2, 0, 1)

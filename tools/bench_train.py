@@ -50,7 +50,7 @@ def next_batch(side, loader):
 # ----------------------------------------------------------------------------------------------- ours
 
 class OurStep:
-    """The trainer's set-up (model, optimizer, loader) and its _train_step, at a given precision."""
+    """The trainer's set-up (model, optimizer, loader) and its train_step, at a given precision."""
 
     def __init__(self, precision: str, batch: int, workers: int, output: str, recipe: str = DEMO,
                  overrides=()) -> None:
@@ -62,8 +62,7 @@ class OurStep:
             f"train.output_dir={output}", "train.time_limit_minutes=0", "eval.knn=false", "eval.knn_at_start=false",
             "eval.raw_pixels=false", "eval.attention_images=0"])
         self.trainer = Trainer(config)
-        self.trainer._setup()
-        self.trainer.skipped_in_a_row = self.trainer.skipped_total = 0
+        self.trainer.setup()
         self.trainer.step = self.trainer.total_steps // 2  # past warm-ups and the frozen last layer
         self.trainer.objective.train()
         self.batch = batch
@@ -75,7 +74,7 @@ class OurStep:
 
     def steps(self, count: int, batch=None) -> int:
         for _ in range(count):
-            self.trainer._train_step([batch if batch is not None else self.next_batch()])
+            self.trainer.train_step([batch if batch is not None else self.next_batch()])
         self._data = None  # a fresh iterator each round: no worker prepares batches while the other side is timed
         return count * self.batch
 

@@ -7,23 +7,19 @@ augmented with all three seeded from the loader's per-sample (or per-batch) gene
 so a resumed run sees the views the uninterrupted one would have, and training's own randomness is untouched.
 """
 
-import contextlib
-import random
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-import numpy as np
 import torch
 from PIL import Image
 
-from distill.data.augment import match_channels
-from distill.data.eval_views import EvalView
-from distill.data.views import IMAGENET_MEAN, IMAGENET_STD
+from distill.data.eval_views import EvalView, ViewsConfig
 from distill.errors import InputError
+from distill.seeds import seeded_globals
 
 
 @dataclass
-class ClassificationViewsConfig:
+class ClassificationViewsConfig(ViewsConfig):
     input_size: int = 224
     scale: List[float] = field(default_factory=lambda: [0.08, 1.0])
     ratio: List[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
@@ -37,10 +33,9 @@ class ClassificationViewsConfig:
     remode: str = "pixel"
     recount: int = 1
     eval_crop_pct: float = 0.875
-    mean: List[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
-    std: List[float] = field(default_factory=lambda: list(IMAGENET_STD))
 
     def validate(self) -> None:
+        super().validate()
         if self.input_size < 1:
             raise InputError("views.input_size must be positive")
         if self.crop not in ("auto", "random_resized", "pad"):
@@ -49,26 +44,12 @@ class ClassificationViewsConfig:
             raise InputError("views.eval_crop_pct must lie in (0, 1]")
         if not (0 <= self.hflip <= 1 and 0 <= self.reprob <= 1):
             raise InputError("views.hflip and views.reprob are probabilities in [0, 1]")
-        if len(self.mean) != len(self.std) or len(self.mean) not in (1, 3) or min(self.std) <= 0:
-            raise InputError("views.mean and views.std need 1 or 3 values each, std positive")
 
-    def channel_stats(self, channels: int):
-        return match_channels(self.mean, self.std, channels)
-
-
-@contextlib.contextmanager
-def seeded_globals(seed: int):
-    """Python, NumPy and PyTorch global generators seeded for a block, then restored."""
-    py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    try:
-        yield
-    finally:
-        random.setstate(py_state)
-        np.random.set_state(np_state)
-        torch.random.set_rng_state(torch_state)
+    def eval_view(self, channels: int) -> EvalView:
+        """DeiT's evaluation transform: resize to input_size / crop_pct, centre crop (images already at the input
+        size, such as Fashion-MNIST's, are used whole)."""
+        mean, std = self.channel_stats(channels)
+        return EvalView(self.input_size, mean, std, channels, resize_ratio=1 / self.eval_crop_pct)
 
 
 class ClassificationViews:
@@ -131,10 +112,3 @@ def _keep_old_posterize(transform) -> None:
         for op in getattr(step, "ops", []):
             if op.name.startswith("Posterize"):
                 op.aug_fn = _posterize
-
-
-def classification_eval_view(config: ClassificationViewsConfig, channels: int) -> EvalView:
-    """DeiT's evaluation transform: resize to input_size / crop_pct, centre crop (images already at the input
-    size, such as Fashion-MNIST's, are used whole)."""
-    mean, std = config.channel_stats(channels)
-    return EvalView(config.input_size, mean, std, channels, resize_ratio=1 / config.eval_crop_pct)

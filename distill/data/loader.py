@@ -9,14 +9,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from distill.data.datasets import ArrayImages, FileImages
+from distill.seeds import Stream, derived_generator
 
 logger = logging.getLogger(__name__)
-
-
-def derived_generator(*keys: int) -> torch.Generator:
-    """A torch generator seeded from a tuple of integers (seed, epoch, index, ...), well mixed."""
-    state = np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in keys]).generate_state(2, dtype=np.uint64)
-    return torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
 
 
 class EpochBatchSampler(Sampler):
@@ -93,7 +88,7 @@ class _ArrayBatches(Dataset):
     def __getitem__(self, key: Tuple[int, int, List[int]]) -> Dict[str, Any]:
         epoch, number, indices = key
         index = torch.as_tensor(indices, dtype=torch.long)
-        generator = derived_generator(self.seed, epoch, number, self.rank, 1)
+        generator = derived_generator(self.seed, epoch, number, self.rank, Stream.BATCH_VIEWS)
         batch = {"crops": self.views.array_batch(self.source.images[index], generator), "indices": index}
         batch["labels"] = self.source.labels[index] if self.source.labels is not None else None
         return batch
@@ -129,7 +124,7 @@ class _FileSamples(Dataset):
     def __getitem__(self, key: Tuple[int, int]) -> Dict[str, Any]:
         epoch, index = key
         used, image = self._decode(index)
-        sample = self.views.image_sample(image, derived_generator(self.seed, epoch, index, 2))
+        sample = self.views.image_sample(image, derived_generator(self.seed, epoch, index, Stream.IMAGE_VIEWS))
         sample["index"] = used
         sample["label"] = int(self.source.labels[used]) if self.source.labels is not None else -1
         return sample

@@ -18,11 +18,8 @@ import torchvision.transforms.v2.functional as TF
 from torchvision.transforms.v2 import InterpolationMode
 
 from distill.data import augment
+from distill.data.eval_views import EvalView, ViewsConfig
 from distill.errors import InputError
-
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
-
 
 def _batch_tensor(shape: Sequence[int]) -> torch.Tensor:
     """An empty float tensor for crops that leave a loader worker: allocated in shared memory there, as the
@@ -34,7 +31,7 @@ def _batch_tensor(shape: Sequence[int]) -> torch.Tensor:
 
 
 @dataclass
-class MultiCropConfig:
+class MultiCropConfig(ViewsConfig):
     global_crops_number: int = 2
     global_crops_size: int = 224
     global_crops_scale: List[float] = field(default_factory=lambda: [0.4, 1.0])
@@ -54,13 +51,12 @@ class MultiCropConfig:
     blur_sigma: List[float] = field(default_factory=lambda: [0.1, 2.0])  # pixels of the output crop
     global_solarize_probs: List[float] = field(default_factory=lambda: [0.0, 0.2])
     local_solarize_prob: float = 0.0
-    mean: List[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
-    std: List[float] = field(default_factory=lambda: list(IMAGENET_STD))
     # "fused": jitter, greyscale and normalisation as one colour matrix per crop (hue rotated about the grey
     # axis, one clamp at the end; several times faster); "exact": torchvision's operations one by one.
     color: str = "fused"
 
     def validate(self) -> None:
+        super().validate()
         if self.global_crops_number < 1 or self.local_crops_number < 0:
             raise InputError("views: global_crops_number must be >= 1 and local_crops_number >= 0")
         if self.global_crops_size < 1 or (self.local_crops_number and self.local_crops_size < 1):
@@ -73,10 +69,13 @@ class MultiCropConfig:
                          self.local_solarize_prob, *self.global_blur_probs, *self.global_solarize_probs]
         if any(not 0 <= p <= 1 for p in probabilities) or not self.global_blur_probs or not self.global_solarize_probs:
             raise InputError("views: probabilities must lie in [0, 1] (blur/solarize lists need one value or more)")
-        if len(self.mean) != len(self.std) or len(self.mean) not in (1, 3) or min(self.std) <= 0:
-            raise InputError("views.mean and views.std need 1 or 3 values each, std positive")
         if self.color not in ("fused", "exact"):
             raise InputError(f"views.color must be 'fused' or 'exact', not {self.color!r}")
+
+    def eval_view(self, channels: int) -> EvalView:
+        """The whole image at the global crop size (resized to 256/224 of it, centre-cropped), as DINO evaluates."""
+        mean, std = self.channel_stats(channels)
+        return EvalView(self.global_crops_size, mean, std, channels)
 
 
 @dataclass(frozen=True)
@@ -110,7 +109,7 @@ class MultiCrop:
                 self.groups[-1].append(index)
             else:
                 self.groups.append([index])
-        self.mean, self.std = augment.match_channels(config.mean, config.std, channels)
+        self.mean, self.std = config.channel_stats(channels)
 
     @property
     def num_global(self) -> int:

@@ -8,7 +8,8 @@ from typing import Any, Dict, Optional, Union
 import numpy as np
 import torch
 
-from distill.models.checkpoint import read_checkpoint
+from distill.errors import CheckpointError
+from distill.models.checkpoint import TrainingCheckpoint, is_training_checkpoint, read_checkpoint
 
 LATEST = "checkpoint.pth"
 
@@ -80,5 +81,10 @@ def find_resume_checkpoint(output_dir: Union[str, Path], resume: str) -> Optiona
     return Path(resume)
 
 
-def load_training_checkpoint(path: Union[str, Path]) -> Dict[str, Any]:
-    return read_checkpoint(path)
+def load_training_checkpoint(path: Union[str, Path]) -> TrainingCheckpoint:
+    """A checkpoint to resume from; any other file is refused with the option it was probably meant for."""
+    payload = read_checkpoint(path)
+    if not is_training_checkpoint(payload):
+        raise CheckpointError(f"{path} is not a distill training checkpoint; to start from weights, use "
+                              "model.pretrained instead of train.resume")
+    return TrainingCheckpoint(payload, str(path))

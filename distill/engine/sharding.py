@@ -13,27 +13,13 @@ from typing import Any, Dict, Iterable, List, Optional
 import torch
 from torch import nn
 
-from distill.engine import distributed
+from distill import distributed
+from distill.distributed import is_sharded
 
 logger = logging.getLogger(__name__)
 
 # methods the objectives call on a backbone besides forward(): they gather the backbone's own weights too
 BACKBONE_METHODS = ("forward_features", "forward_features_packed")
-
-
-def _dtensor():
-    from torch.distributed.tensor import DTensor
-
-    return DTensor
-
-
-def is_sharded(tensor: Any) -> bool:
-    return isinstance(tensor, _dtensor())
-
-
-def local(tensor: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a sharded tensor; a plain tensor as it is."""
-    return tensor.to_local() if is_sharded(tensor) else tensor
 
 
 def _parameters(modules: Iterable[nn.Module]) -> set:

@@ -3,7 +3,10 @@
 The trainer owns what every paradigm shares: devices and precision, the data loader, the optimiser and its
 parameter groups, the schedules of learning rate and weight decay, gradient accumulation and clipping,
 non-finite losses, checkpoints and resuming, logs, progress, time budgets and evaluation. What is trained,
-and how, belongs to the objective (distill/objectives).
+and how, belongs to the objective (distill/objectives): the trainer only calls the Objective contract.
+
+Public seams: setup() builds everything, train_step(micro_batches) runs one optimizer step, train() the loop
+(resuming first), run() all of it with the evaluations and exports.
 """
 
 import json
@@ -12,28 +15,30 @@ import math
 import signal
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
 
+from distill import distributed
 from distill.config import save_config
 from distill.data.datasets import build_image_source
-from distill.data.eval_views import EvalView
 from distill.data.loader import build_loader
-from distill.engine import checkpointing, distributed, sharding
-from distill.engine.logs import MetricsWriter, plot_loss_curve, read_metrics
+from distill.engine import checkpointing, sharding
+from distill.engine.evaluation import RunEvaluation, flatten_knn
+from distill.engine.metrics import MetricsWriter, plot_loss_curve, read_metrics
 from distill.engine.optim import build_optimizer, set_lr_and_wd
 from distill.engine.param_groups import param_groups
 from distill.engine.runtime import configure_runtime, resolve_device
-from distill.engine.schedules import cosine_schedule, epochs_to_steps
 from distill.engine.train_config import TrainConfig
 from distill.errors import CheckpointError, DistillError, InputError
-from distill.models import backbone_kwargs, create_backbone
+from distill.models.checkpoint import TRAINING_FORMAT
 from distill.objectives import Objective, StepInfo, build_objective
 from distill.objectives.base import scalar
 from distill.precision import autocast, resolve_precision
 from distill.progress import progress
+from distill.schedules import cosine_schedule, epochs_to_steps
 
 logger = logging.getLogger(__name__)
 
@@ -46,33 +51,89 @@ class TrainingDiverged(DistillError):
     """The loss or the gradients stopped being finite."""
 
 
+@dataclass
+class TimeBudget:
+    """train.time_limit_minutes as a plan: the first fit after BUDGET_PROBE_STEPS timed steps; early steps are often
+    slower (workers and caches warming up), so the plan is fitted again after each share of the budget in
+    BUDGET_REFIT_AT to the pace of the steps timed since the last fit. A resumed run keeps the plan it made when
+    it started (close())."""
+
+    limit_seconds: float
+    fits: int = 0  # plans fitted so far
+    window_steps: int = 0  # steps timed since the last fit
+    window_seconds: float = 0.0
+    pace: float = 0.0  # seconds per step at the last fit
+
+    def record(self, seconds: float) -> None:
+        self.window_steps += 1
+        self.window_seconds += seconds
+
+    def close(self) -> None:
+        self.fits = len(BUDGET_REFIT_AT) + 1
+
+    def steps_that_fit(self, step: int, train_seconds: float) -> Optional[int]:
+        """When a fit is due: the number of steps in all that fit the budget at the recent pace (the window is
+        then started again); None when no fit is due."""
+        if self.limit_seconds <= 0 or self.fits > len(BUDGET_REFIT_AT) or self.window_steps < BUDGET_PROBE_STEPS:
+            return None
+        if self.fits and train_seconds < BUDGET_REFIT_AT[self.fits - 1] * self.limit_seconds:
+            return None
+        self.pace = self.window_seconds / self.window_steps
+        self.fits += 1
+        self.window_steps, self.window_seconds = 0, 0.0
+        return step + int((self.limit_seconds - train_seconds) / self.pace)
+
+
+@dataclass
+class SkippedSteps:
+    """Steps skipped for a non-finite loss or gradient (train.nan_policy=skip)."""
+
+    in_a_row: int = 0
+    total: int = 0
+
+
 class Trainer:
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
         self.output_dir = Path(config.train.output_dir)
+        # progress and outcome
         self.step = 0
         self.train_seconds = 0.0
+        self.total_steps = 1
+        self.budget = TimeBudget(config.train.time_limit_minutes * 60)
+        self.skipped = SkippedSteps()
         self.stop_reason: Optional[str] = None
         self.stop_signal: Optional[int] = None
         self.previous_handlers: Dict[int, Any] = {}
         self.results: Dict[str, Any] = {}
         self.losses: List[float] = []
-        self.monitor = None
-        self.validation = None
+        self.last_save_time = time.monotonic()
+        # built by setup()
+        self.device: Optional[torch.device] = None
+        self.precision = "fp32"
+        self.is_main = True
+        self.source = None
+        self.objective: Optional[Objective] = None
+        self.channels = 0
+        self.eval_view = None
+        self.loader = self.sampler = None
+        self.steps_per_epoch = 0
+        self.global_batch = 0
+        self.configured_steps = 0
+        self.optimizer: Optional[torch.optim.Optimizer] = None
+        self.scaler: Optional[torch.amp.GradScaler] = None
+        self.lr_schedule = self.wd_schedule = None
+        self.metrics: Optional[MetricsWriter] = None
+        self.evaluation: Optional[RunEvaluation] = None
         self.shard_units: List[torch.nn.Module] = []
+        self._log_handler: Optional[logging.Handler] = None
         self._whole: Optional[Objective] = None
 
     # ------------------------------------------------------------------------------------------- set-up
 
-    def _make_backbone(self, role: str) -> torch.nn.Module:
-        model = self.config.model
-        overrides = dict(model.overrides)
-        if role == "teacher" and "drop_path_rate" in backbone_kwargs(model.backbone):
-            overrides["drop_path_rate"] = 0.0
-        pretrained = model.pretrained if role in ("student", "teacher") else None
-        return create_backbone(model.backbone, pretrained=pretrained, checkpoint_key=model.checkpoint_key, **overrides)
-
-    def _setup(self) -> None:
+    def setup(self) -> None:
+        """Process group, device and precision, run folder, data, objective, loader, optimiser, schedules, metrics
+        and the evaluations. run() calls it when it has not been called."""
         c = self.config
         self.device = resolve_device(c.train.device)
         distributed.init_from_env(self.device)
@@ -80,36 +141,26 @@ class Trainer:
         self.precision = resolve_precision(c.train.precision, self.device)
         configure_runtime(c.train.threads, self.device)
         if self.is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            checkpointing.remove_stale_temporaries(self.output_dir)
-            save_config(c, self.output_dir / "config.yaml")
-            handler = logging.FileHandler(self.output_dir / "train.log")
-            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-            logging.getLogger("distill").addHandler(handler)
-            self._log_handler = handler
+            self._open_run_folder()
         torch.manual_seed(c.train.seed + distributed.rank())
 
         self.source = build_image_source(c.data.dataset)
         if self.source.unreadable and self.is_main:
             (self.output_dir / "unreadable_images.txt").write_text("\n".join(self.source.unreadable) + "\n")
-        self.objective: Objective = build_objective(c, self._make_backbone, self.source).to(self.device)
+        self.objective = build_objective(c, self.source).to(self.device)
         distributed.broadcast_state(self.objective)
         if c.train.parallel == "fsdp" and distributed.several():
-            if self.precision == "fp16":
-                raise InputError("train.parallel=fsdp runs in bf16 or fp32, not fp16: set train.precision=bf16")
             self.shard_units = sharding.shard(self.objective, self.precision, self.device)
-        backbone = self.objective.eval_backbone()
-        self.channels = backbone.config["in_chans"]
-        views = self.objective.views(self.channels)
+        self.channels = self.objective.eval_backbone().config["in_chans"]
+        self.eval_view = self.objective.eval_view(self.channels)
         self.loader, self.sampler = build_loader(
-            self.source, views, c.data.batch_size, c.train.seed, c.data.num_workers,
+            self.source, self.objective.views(self.channels), c.data.batch_size, c.train.seed, c.data.num_workers,
             distributed.rank(), distributed.world_size(), repeats=self.objective.sampler_repeats())
         self.steps_per_epoch = self.sampler.batches_per_epoch // c.optim.accumulate_steps
-        if self.steps_per_epoch < 1:
-            raise InputError(
-                f"one optimizer step needs {c.data.batch_size * c.optim.accumulate_steps * distributed.world_size()} "
-                f"images but {self.source.name} has {len(self.source)}: lower data.batch_size or optim.accumulate_steps")
         self.global_batch = c.data.batch_size * c.optim.accumulate_steps * distributed.world_size()
+        if self.steps_per_epoch < 1:
+            raise InputError(f"one optimizer step needs {self.global_batch} images but {self.source.name} has "
+                             f"{len(self.source)}: lower data.batch_size or optim.accumulate_steps")
 
         groups = param_groups(self.objective.trainable_module(), exclude_tokens=c.optim.exclude_tokens_from_wd,
                               layer_decay=c.optim.layer_decay, patch_embed_lr_mult=c.optim.patch_embed_lr_mult)
@@ -118,22 +169,48 @@ class Trainer:
         if c.train.compile:
             self.objective.compile_backbones()
         self.configured_steps = math.ceil(c.train.epochs * self.steps_per_epoch)
-        self._plan(self.configured_steps)
+        self.plan(self.configured_steps)
         self.metrics = MetricsWriter(self.output_dir, enabled=self.is_main)
+        if self.is_main:
+            self.evaluation = RunEvaluation(c, self.source, self.eval_view, bool(self.objective.classifiers()),
+                                            self.precision, self.device)
 
-    def _scaled_lr(self) -> float:
+    def _open_run_folder(self) -> None:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        checkpointing.remove_stale_temporaries(self.output_dir)
+        save_config(self.config, self.output_dir / "config.yaml")
+        handler = logging.FileHandler(self.output_dir / "train.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.getLogger("distill").addHandler(handler)
+        self._log_handler = handler
+
+    def scaled_lr(self) -> float:
+        """optim.lr scaled from optim.lr_reference_batch images to the global batch (linear, sqrt or none)."""
         o = self.config.optim
         ratio = self.global_batch / o.lr_reference_batch
         return o.lr * {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[o.lr_scaling]
 
-    def _plan(self, total_steps: int) -> None:
+    def plan(self, total_steps: int) -> None:
         """Schedules for a run of total_steps optimizer steps; lengths in epochs keep their share of the run."""
         o, epochs = self.config.optim, self.config.train.epochs
         self.total_steps = max(1, total_steps)
         warmup = epochs_to_steps(o.warmup_epochs, epochs, self.total_steps)
-        self.lr_schedule = cosine_schedule(self._scaled_lr(), o.min_lr, self.total_steps, warmup)
+        self.lr_schedule = cosine_schedule(self.scaled_lr(), o.min_lr, self.total_steps, warmup)
         self.wd_schedule = cosine_schedule(o.weight_decay, o.weight_decay_end, self.total_steps)
-        self.objective.plan(self.total_steps, self.steps_per_epoch, epochs)
+        self.objective.plan(self.total_steps, epochs)
+
+    def fit_budget(self) -> None:
+        """Fit the plan to train.time_limit_minutes when a fit is due (see TimeBudget); never past the configured
+        epochs."""
+        fits = self.budget.steps_that_fit(self.step, self.train_seconds)
+        if fits is None:
+            return
+        planned = min(max(fits, self.step + 1), self.configured_steps)
+        if planned != self.total_steps:
+            logger.info("time budget %.1f min at %.3f s/step: %d steps instead of %d (%.2f epochs)",
+                        self.budget.limit_seconds / 60, self.budget.pace, planned, self.total_steps,
+                        planned / self.steps_per_epoch)
+            self.plan(planned)
 
     # ------------------------------------------------------------------------------------------- checkpoints
 
@@ -141,9 +218,10 @@ class Trainer:
         from omegaconf import OmegaConf
 
         return {
-            "format": "distill-train-1",
+            "format": TRAINING_FORMAT,
             "objective": objective,
             "eval_network": self.objective.eval_backbone_prefix(),
+            "eval_view": self.eval_view.describe(),
             "optimizer": optimizer,
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "step": self.step,
@@ -172,7 +250,8 @@ class Trainer:
         self._write_loss_curve()
         return path
 
-    def _resume(self) -> None:
+    def resume(self) -> None:
+        """Continue from train.resume's checkpoint (auto: the run folder's), or start afresh where none is."""
         path = checkpointing.find_resume_checkpoint(self.output_dir, self.config.train.resume)
         existing = self.output_dir / checkpointing.LATEST
         if path is None and existing.is_file():
@@ -185,15 +264,12 @@ class Trainer:
             return
         if not path.is_file():
             raise InputError(f"train.resume={self.config.train.resume}: no checkpoint at {path}")
-        state = checkpointing.load_training_checkpoint(path)
-        if not isinstance(state, dict) or state.get("format") != "distill-train-1":
-            raise CheckpointError(f"{path} is not a distill training checkpoint; to start from weights, use "
-                                  "model.pretrained instead of train.resume")
-        if state["steps_per_epoch"] != self.steps_per_epoch:
+        run = checkpointing.load_training_checkpoint(path)
+        if run["steps_per_epoch"] != self.steps_per_epoch:
             raise CheckpointError(
-                f"{path} was written with {state['steps_per_epoch']} steps per epoch, this run has "
+                f"{path} was written with {run['steps_per_epoch']} steps per epoch, this run has "
                 f"{self.steps_per_epoch}: resume with the same data and batch size (or train.resume=never)")
-        weights = state["objective"]
+        weights = run.weights
         if self.shard_units:  # whole tensors in the file, whatever the number of ranks that wrote it
             weights = sharding.shard_like(weights, self.objective.state_dict())
         try:
@@ -201,56 +277,34 @@ class Trainer:
         except RuntimeError as error:
             raise CheckpointError(f"{path} does not fit this run's networks: {str(error).splitlines()[0]}") from None
         if self.shard_units:
-            sharding.load_optimizer_state(self.optimizer, state["optimizer"])
+            sharding.load_optimizer_state(self.optimizer, run["optimizer"])
         else:
-            self.optimizer.load_state_dict(state["optimizer"])
-        if self.scaler is not None and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        self.step, self.train_seconds = state["step"], state["train_seconds"]
-        self._plan(state["total_steps"])
-        self.budget_fits = len(BUDGET_REFIT_AT) + 1  # a budgeted run keeps the plan it made when it started
-        rng = state["rng"]
-        if isinstance(rng, list):  # one per rank; on another number of ranks, rank 0's with a per-rank offset
-            checkpointing.set_rng_state(rng[distributed.rank()] if len(rng) == distributed.world_size() else rng[0])
-            if len(rng) != distributed.world_size() and distributed.world_size() > 1:
-                torch.manual_seed(int(torch.randint(2**31, (1,)).item()) + distributed.rank())
-        else:
-            checkpointing.set_rng_state(rng)
+            self.optimizer.load_state_dict(run["optimizer"])
+        if self.scaler is not None and run["scaler"]:
+            self.scaler.load_state_dict(run["scaler"])
+        self.step, self.train_seconds = run["step"], run["train_seconds"]
+        self.plan(run["total_steps"])
+        self.budget.close()
+        self._restore_random_states(run["rng"])
         logger.info("resumed from %s at step %d of %d (epoch %.2f)", path, self.step, self.total_steps,
                     self.step / self.steps_per_epoch)
 
-    # ------------------------------------------------------------------------------------------- the loop
-
-    def _install_signal_handlers(self) -> None:
-        """SIGTERM / SIGUSR1 (preemption, time limits): finish the step, checkpoint, and stop."""
-        if threading.current_thread() is not threading.main_thread():
+    @staticmethod
+    def _restore_random_states(rng: Any) -> None:
+        if not isinstance(rng, list):
+            checkpointing.set_rng_state(rng)
             return
+        # one per rank; on another number of ranks, rank 0's with a per-rank offset
+        same_ranks = len(rng) == distributed.world_size()
+        checkpointing.set_rng_state(rng[distributed.rank()] if same_ranks else rng[0])
+        if not same_ranks and distributed.world_size() > 1:
+            torch.manual_seed(int(torch.randint(2**31, (1,)).item()) + distributed.rank())
 
-        received: List[signal.Signals] = []
-
-        def request_stop(signum, frame):
-            received.append(signal.Signals(signum))
-            self.stop_reason = "signal " + " + ".join(s.name for s in dict.fromkeys(received))
-            # the launcher's requeue signal wins over a SIGTERM that came with it (scancel sends both)
-            self.stop_signal = signal.SIGUSR2 if signal.SIGUSR2 in received else received[0]
-
-        # USR2 is submitit's preemption / time-limit signal; its own handler (which requeues the job) is called
-        # after the checkpoint is written (see _hand_on_signal)
-        self.previous_handlers = {sig: signal.signal(sig, request_stop)
-                                  for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)}
-
-    def _hand_on_signal(self) -> None:
-        """After the stop's checkpoint: give the signal to the handler it replaced (submitit requeues there)."""
-        handler = self.previous_handlers.get(self.stop_signal)
-        for sig, previous in self.previous_handlers.items():
-            signal.signal(sig, previous)
-        if callable(handler):
-            logger.info("checkpoint written; handing %s on to the launcher", signal.Signals(self.stop_signal).name)
-            handler(self.stop_signal, None)
+    # ------------------------------------------------------------------------------------------- one step
 
     def _clip(self, parameters: List[torch.nn.Parameter]) -> float:
         """Gradient clipping; returns the total gradient norm before clipping."""
-        grads = [sharding.local(p.grad) for p in parameters if p.grad is not None]
+        grads = [distributed.local(p.grad) for p in parameters if p.grad is not None]
         if not grads:
             return 0.0
         squares = torch.stack(torch._foreach_norm(grads)).double() ** 2
@@ -277,13 +331,15 @@ class Trainer:
             "optim.lr or more optim.warmup_epochs, or set train.nan_policy=skip to skip such steps")
         if self.config.train.nan_policy == "stop":
             raise TrainingDiverged(message)
-        self.skipped_in_a_row += 1
-        self.skipped_total += 1
-        logger.warning("skipping step %d: %s is %s (%d in a row)", info.step, what, value, self.skipped_in_a_row)
-        if self.skipped_in_a_row > self.config.train.max_skipped_steps:
-            raise TrainingDiverged(f"{self.skipped_in_a_row} non-finite steps in a row. " + message)
+        self.skipped.in_a_row += 1
+        self.skipped.total += 1
+        logger.warning("skipping step %d: %s is %s (%d in a row)", info.step, what, value, self.skipped.in_a_row)
+        if self.skipped.in_a_row > self.config.train.max_skipped_steps:
+            raise TrainingDiverged(f"{self.skipped.in_a_row} non-finite steps in a row. " + message)
 
-    def _train_step(self, micro_batches: List[Dict[str, Any]]) -> Optional[Dict[str, float]]:
+    def train_step(self, micro_batches: List[Dict[str, Any]]) -> Optional[Dict[str, float]]:
+        """One optimizer step over the micro-batches (gradient accumulation) at self.step; returns the values to
+        log (means over ranks), or None for a step skipped as non-finite. Does not advance self.step."""
         info = StepInfo(self.step, self.total_steps, self.steps_per_epoch)
         set_lr_and_wd(self.optimizer, float(self.lr_schedule[self.step]), float(self.wd_schedule[self.step]))
         trainable = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -322,48 +378,65 @@ class Trainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.objective.after_optimizer_step(info)
-        self.skipped_in_a_row = 0
+        self.skipped.in_a_row = 0
         logged = distributed.mean_over_ranks(logged)  # each rank's losses are over its share of the batch
         logged["grad_norm"] = grad_norm
         return logged
 
-    def _maybe_fit_budget(self) -> None:
-        """Fit the plan to train.time_limit_minutes at the pace of the steps timed since the last fit.
+    # ------------------------------------------------------------------------------------------- the loop
 
-        The first fit comes after BUDGET_PROBE_STEPS timed steps; early steps are often slower (workers and
-        caches warming up), so the plan is fitted again after each share of the budget in BUDGET_REFIT_AT,
-        and may grow back up to the configured epochs. A resumed run keeps the plan it made when it started.
-        """
-        limit = self.config.train.time_limit_minutes * 60
-        window_steps, window_seconds = self.budget_window
-        if limit <= 0 or self.budget_fits > len(BUDGET_REFIT_AT) or window_steps < BUDGET_PROBE_STEPS:
+    def _install_signal_handlers(self) -> None:
+        """SIGTERM / SIGUSR1 (preemption, time limits): finish the step, checkpoint, and stop."""
+        if threading.current_thread() is not threading.main_thread():
             return
-        if self.budget_fits and self.train_seconds < BUDGET_REFIT_AT[self.budget_fits - 1] * limit:
-            return
-        self.budget_fits += 1
-        self.budget_window = [0, 0.0]
-        per_step = window_seconds / window_steps
-        fits = self.step + int((limit - self.train_seconds) / per_step)
-        planned = min(max(fits, self.step + 1), self.configured_steps)
-        if planned != self.total_steps:
-            logger.info("time budget %.1f min at %.3f s/step: %d steps instead of %d (%.2f epochs)",
-                        limit / 60, per_step, planned, self.total_steps, planned / self.steps_per_epoch)
-            self._plan(planned)
 
-    def _write_loss_curve(self) -> None:
-        if self.is_main:
-            plot_loss_curve(read_metrics(self.metrics.path), self.output_dir / "loss_curve.png",
-                            f"{self.config.objective.name} on {self.source.name}")
+        received: List[signal.Signals] = []
+
+        def request_stop(signum, frame):
+            received.append(signal.Signals(signum))
+            self.stop_reason = "signal " + " + ".join(s.name for s in dict.fromkeys(received))
+            # the launcher's requeue signal wins over a SIGTERM that came with it (scancel sends both)
+            self.stop_signal = signal.SIGUSR2 if signal.SIGUSR2 in received else received[0]
+
+        # USR2 is submitit's preemption / time-limit signal; its own handler (which requeues the job) is called
+        # after the checkpoint is written (see _hand_on_signal)
+        self.previous_handlers = {sig: signal.signal(sig, request_stop)
+                                  for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)}
+
+    def _hand_on_signal(self) -> None:
+        """After the stop's checkpoint: give the signal to the handler it replaced (submitit requeues there)."""
+        handler = self.previous_handlers.get(self.stop_signal)
+        for sig, previous in self.previous_handlers.items():
+            signal.signal(sig, previous)
+        if callable(handler):
+            logger.info("checkpoint written; handing %s on to the launcher", signal.Signals(self.stop_signal).name)
+            handler(self.stop_signal, None)
+
+    def _log_step(self, logged: Dict[str, float], images_per_second: float, bar) -> None:
+        self.losses.append(logged["loss"])
+        bar.set_postfix(loss=f"{logged['loss']:.4f}", img_s=f"{images_per_second:.0f}", refresh=False)
+        if self.step % self.config.train.log_every_steps == 0 or self.step == 1:
+            self.metrics.write({
+                "step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4), **logged,
+                "lr": float(self.lr_schedule[self.step - 1]), "wd": float(self.wd_schedule[self.step - 1]),
+                **self.objective.scheduled_values(self.step - 1), "images_per_second": round(images_per_second, 1),
+                "train_seconds": round(self.train_seconds, 2)})
+
+    def _stop_due(self, signalled: bool) -> Optional[str]:
+        """Why the loop ends after this step, from facts every rank shares (rank 0's clock, any rank's signal)."""
+        t = self.config.train
+        reasons = [("another rank was told to stop", signalled),  # a signal that reached only some ranks
+                   (f"train.max_steps={t.max_steps}", t.max_steps and self.step >= t.max_steps),
+                   (f"time budget of {t.time_limit_minutes} min", self.budget.limit_seconds > 0
+                    and self.train_seconds >= self.budget.limit_seconds and self.step < self.total_steps)]
+        return next((reason for reason, due in reasons if due), None)
 
     def train(self) -> None:
+        """Resume (or start), then train until the plan is done or a stop is due; the last state is saved."""
         c = self.config
-        self.budget_fits, self.budget_window = 0, [0, 0.0]
-        self.skipped_in_a_row = self.skipped_total = 0
-        self._resume()
+        self.resume()
         self._install_signal_handlers()
         self.last_save_time = time.monotonic()
-        limit = c.train.time_limit_minutes * 60
-        max_steps = c.train.max_steps or None
         data = None
         start_step = self.step
         bar = progress(total=self.total_steps, initial=self.step, desc=f"{c.objective.name}", unit="step",
@@ -378,8 +451,7 @@ class Trainer:
                 self.sampler.set_epoch(epoch, start=position * c.optim.accumulate_steps)
                 data = iter(self.loader)
             tick = time.perf_counter()
-            micro_batches = [next(data) for _ in range(c.optim.accumulate_steps)]
-            logged = self._train_step(micro_batches)
+            logged = self.train_step([next(data) for _ in range(c.optim.accumulate_steps)])
             # rank 0's clock for every rank (budgets, time limits and refits then decide alike everywhere), whether
             # any rank is due for a periodic save, and whether any rank was signalled to stop
             save_due = time.monotonic() - self.last_save_time > c.train.checkpoint_every_minutes * 60
@@ -387,35 +459,24 @@ class Trainer:
                                                                self.stop_reason is not None)
             self.train_seconds += seconds
             if self.step - start_step >= BUDGET_WARMUP_STEPS:
-                self.budget_window[0] += 1
-                self.budget_window[1] += seconds
+                self.budget.record(seconds)
             self.step += 1
             rate = self.global_batch / seconds
             smoothed_rate = rate if smoothed_rate is None else 0.9 * smoothed_rate + 0.1 * rate
             if logged is not None:
-                self.losses.append(logged["loss"])
-                bar.set_postfix(loss=f"{logged['loss']:.4f}", img_s=f"{smoothed_rate:.0f}", refresh=False)
-                if self.step % c.train.log_every_steps == 0 or self.step == 1:
-                    self.metrics.write({
-                        "step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4), **logged,
-                        "lr": float(self.lr_schedule[self.step - 1]), "wd": float(self.wd_schedule[self.step - 1]),
-                        **self.objective.scheduled_values(self.step - 1), "images_per_second": round(smoothed_rate, 1),
-                        "train_seconds": round(self.train_seconds, 2)})
+                self._log_step(logged, smoothed_rate, bar)
             bar.total = self.total_steps
             bar.update(1)
-            self._maybe_fit_budget()
+            self.fit_budget()
             if self.step % self.steps_per_epoch == 0:
                 data = None
                 self._end_of_epoch(self.step // self.steps_per_epoch)
             elif save_due:
                 self.save_checkpoint()
-            reasons = [("another rank was told to stop", signalled),  # a signal that reached only some ranks
-                       (f"train.max_steps={max_steps}", max_steps and self.step >= max_steps),
-                       (f"time budget of {c.train.time_limit_minutes} min",
-                        limit > 0 and self.train_seconds >= limit and self.step < self.total_steps)]
-            stop = any(due for _, due in reasons)
+            due = self._stop_due(signalled)
+            stop = due is not None
             if stop and self.stop_reason is None:
-                self.stop_reason = next(reason for reason, due in reasons if due)
+                self.stop_reason = due
         bar.close()
         if stop:
             logger.info("stopped at step %d of %d: %s", self.step, self.total_steps, self.stop_reason)
@@ -423,11 +484,12 @@ class Trainer:
             self.save_checkpoint()
         if self.stop_signal is not None:
             self._hand_on_signal()
-        self.results["steps"] = self.step
-        self.results["total_steps"] = self.total_steps
-        self.results["epochs"] = round(self.step / self.steps_per_epoch, 3)
-        self.results["train_minutes"] = round(self.train_seconds / 60, 2)
-        self.results["skipped_steps"] = self.skipped_total
+        self._summarise(start_step)
+
+    def _summarise(self, start_step: int) -> None:
+        self.results.update(steps=self.step, total_steps=self.total_steps,
+                            epochs=round(self.step / self.steps_per_epoch, 3),
+                            train_minutes=round(self.train_seconds / 60, 2), skipped_steps=self.skipped.total)
         if self.train_seconds > 0:
             done = self.step - start_step
             self.results["images_per_second"] = round(done * self.global_batch / max(self.train_seconds, 1e-9), 1)
@@ -437,118 +499,91 @@ class Trainer:
         self.save_checkpoint(keep_epoch=epoch if every and epoch % every == 0 else None)
         # decided from the config alone, so that every rank takes part in gathering sharded weights
         classify_every, knn_every = self.config.eval.classify_every_epochs, self.config.eval.knn_every_epochs
-        classify = bool(self.objective.classifiers()) and classify_every and epoch % classify_every == 0
+        classify = bool(self.objective.epoch_classifiers()) and classify_every and epoch % classify_every == 0
         knn = knn_every and epoch % knn_every == 0 and self.step < self.total_steps
         if not (classify or knn):
             return
         whole = self._whole_objective()
-        if classify and self.validation is not None:
-            networks = whole.classifiers()
+        if whole is None:
+            return
+        if classify:
             row = {"step": self.step, "epoch": epoch}
-            for name in [n for n in networks if n != "teacher"]:
-                result = self._classify(networks[name], name)
+            for name, result in self.evaluation.classify(whole.epoch_classifiers()).items():
                 row.update({f"{name}_val_top1": round(result["top1"], 3), f"{name}_val_top5": round(result["top5"], 3),
                             f"{name}_val_loss": round(result["loss"], 4)})
-            self.metrics.write(row)
-        if knn and self.monitor is not None:
-            result = self.monitor.evaluate(whole.eval_backbone())
-            self.metrics.write({"step": self.step, "epoch": epoch, **_flatten_knn(result)})
+            if len(row) > 2:
+                self.metrics.write(row)
+        if knn:
+            result = self.evaluation.knn(whole.eval_backbone())
+            if result is not None:
+                self.metrics.write({"step": self.step, "epoch": epoch, **flatten_knn(result)})
 
     def _whole_objective(self) -> Optional[Objective]:
         """The objective to evaluate and export: the trained one, or when it is sharded an unsharded copy on rank
         0 (None elsewhere). Collective when sharded: every rank calls it at the same point."""
         if not self.shard_units:
-            return self.objective
+            return self.objective if self.is_main else None
         state = sharding.full_state(self.objective.state_dict(), keep=self.is_main)
         if not self.is_main:
             return None
         if self._whole is None:
             with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-                self._whole = build_objective(self.config, self._make_backbone, self.source).to(self.device)
+                self._whole = build_objective(self.config, self.source).to(self.device)
         self._whole.load_state_dict(state)
         return self._whole.eval()
 
-    # ------------------------------------------------------------------------------------------- evaluation
+    def _write_loss_curve(self) -> None:
+        if self.is_main:
+            plot_loss_curve(read_metrics(self.metrics.path), self.output_dir / "loss_curve.png",
+                            f"{self.config.objective.name} on {self.source.name}")
 
-    def _build_validation(self):
-        """The labelled validation images and their view, for objectives with classifiers (DeiT)."""
-        import dataclasses
-
-        e = self.config.eval
-        if not self.objective.classifiers() or not self.is_main:
-            return None
-        dataset = dataclasses.replace(e.dataset or self.config.data.dataset, limit=e.val_limit)
-        source = build_image_source(dataset, e.val_split)
-        view = self.objective.eval_view(self.channels)
-        return source, view
-
-    def _classify(self, network: torch.nn.Module, name: str) -> Dict[str, float]:
-        from distill.eval.classify import evaluate_classifier
-
-        source, view = self.validation
-        e = self.config.eval
-        return evaluate_classifier(network, source, view, e.batch_size, self.precision, str(self.device),
-                                   self.config.data.num_workers, desc=f"{name} validation")
-
-    def _build_monitor(self):
-        e, c = self.config.eval, self.config
-        if not (e.knn or e.knn_at_start or e.knn_every_epochs) or not self.is_main:
-            return None
-        from distill.eval.monitor import KnnMonitor
-
-        views_config = getattr(c.objective, "views", None)
-        size = e.image_size or getattr(views_config, "global_crops_size", None) or getattr(views_config, "input_size", 224)
-        mean = views_config.mean if views_config else [0.485, 0.456, 0.406]
-        std = views_config.std if views_config else [0.229, 0.224, 0.225]
-        dataset = e.dataset or c.data.dataset
-        return KnnMonitor(dataset, e.train_split, e.val_split, EvalView(size, mean, std, self.channels), e.knn_k,
-                          e.knn_temperature, e.batch_size, self.precision, self.device, c.data.num_workers,
-                          e.train_limit, e.val_limit)
+    # ------------------------------------------------------------------------------------------- the whole run
 
     def run(self) -> Dict[str, Any]:
-        """Set up, train (or resume), evaluate, export; returns the results also written to results.json."""
-        self._setup()
+        """Set up (unless done), train (or resume), evaluate, export; returns the results also written to
+        results.json."""
+        if self.objective is None:
+            self.setup()
         e = self.config.eval
-        self.monitor = self._build_monitor()
-        self.validation = self._build_validation()
         try:
             fresh = checkpointing.find_resume_checkpoint(self.output_dir, self.config.train.resume) is None
-            if self.monitor is not None and e.raw_pixels:
-                pixels = self.monitor.raw_pixels()
+            if self.is_main and e.raw_pixels:
+                pixels = self.evaluation.raw_pixels()
                 if pixels:
                     self.results["knn_raw_pixels"] = pixels
             if e.knn_at_start and fresh:
                 whole = self._whole_objective()
-                if self.monitor is not None:
-                    self.results["knn_start"] = self.monitor.evaluate(whole.eval_backbone())
+                start = self.evaluation.knn(whole.eval_backbone()) if whole is not None else None
+                if start is not None:
+                    self.results["knn_start"] = start
             self.train()
             whole = self._whole_objective()
             if self.is_main:
-                self.results["exported"] = [str(p) for p in whole.export(self.output_dir)]
-                if self.validation is not None:
-                    self.results["val"] = {name: self._classify(network, name)
-                                           for name, network in whole.classifiers().items()}
-                if self.monitor is not None and e.knn:
-                    self.results["knn_end"] = self.monitor.evaluate(whole.eval_backbone())
-                if e.attention_images:
-                    self.results["attention_figure"] = str(self._attention_figure(whole, e.attention_images))
-                self._write_loss_curve()
-                (self.output_dir / "results.json").write_text(json.dumps(self.results, indent=2))
+                self._finish(whole)
         finally:
             self.metrics.close()
-            handler = getattr(self, "_log_handler", None)
-            if handler is not None:
-                logging.getLogger("distill").removeHandler(handler)
-                handler.close()
+            if self._log_handler is not None:
+                logging.getLogger("distill").removeHandler(self._log_handler)
+                self._log_handler.close()
         return self.results
 
-    def _attention_figure(self, whole: Objective, count: int) -> Path:
-        from distill.eval.attention import attention_figure
-
-        source = self.monitor.val_source if self.monitor is not None else self.source
-        view = self.monitor.view if self.monitor is not None else None
-        return attention_figure(whole.eval_backbone(), source, view, count,
-                                self.output_dir / "attention.png", self.device)
+    def _finish(self, whole: Objective) -> None:
+        """Exports, the last evaluations, the loss curve and results.json (rank 0)."""
+        e = self.config.eval
+        self.results["exported"] = [str(p) for p in whole.export(self.output_dir)]
+        classified = self.evaluation.classify(whole.classifiers())
+        if classified:
+            self.results["val"] = classified
+        if e.knn:
+            end = self.evaluation.knn(whole.eval_backbone())
+            if end is not None:
+                self.results["knn_end"] = end
+        if e.attention_images:
+            path = self.evaluation.attention_figure(whole.eval_backbone(), e.attention_images,
+                                                    self.output_dir / "attention.png")
+            self.results["attention_figure"] = str(path)
+        self._write_loss_curve()
+        (self.output_dir / "results.json").write_text(json.dumps(self.results, indent=2))
 
 
 def _to_device(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
@@ -565,6 +600,16 @@ def _to_device(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
     return moved
 
 
-def _flatten_knn(result: Dict[int, Dict[str, float]], prefix: str = "knn") -> Dict[str, float]:
-    return {f"{prefix}_top1_k{k}": v["top1"] for k, v in result.items()}
+def run_training(config_path: Optional[str], overrides: List[str]) -> Trainer:
+    """`distill train` and a submitted job alike: load and check the config, run, leave the process group (after
+    the ranks meet, when the run ended normally everywhere). Returns the trainer (its results, its stop signal)."""
+    from distill.engine.train_config import load_train_config
 
+    trainer = Trainer(load_train_config(config_path, overrides))
+    finished = False
+    try:
+        trainer.run()
+        finished = True
+    finally:
+        distributed.shutdown(meet=finished)
+    return trainer

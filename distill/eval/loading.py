@@ -6,11 +6,11 @@ from typing import Any, Dict, List, Optional
 
 from torch import nn
 
-from distill.data.fashion_mnist import FASHION_MNIST_MEAN, FASHION_MNIST_STD
-from distill.data.views import IMAGENET_MEAN, IMAGENET_STD
+from distill.data.eval_views import default_normalisation
 from distill.errors import CheckpointError
 from distill.models import create_backbone, load_pretrained, read_checkpoint
-from distill.models.checkpoint import extract_state_dict, guess_backbone_name
+from distill.models.checkpoint import TrainingCheckpoint, extract_state_dict, is_training_checkpoint
+from distill.models.diagnosis import guess_backbone_name
 
 
 @dataclass
@@ -34,16 +34,14 @@ def load_backbone(
     """(backbone in eval mode, EvalSetup) for a checkpoint file."""
     obj = read_checkpoint(checkpoint)
     overrides = dict(overrides or {})
-    mean, std = (([FASHION_MNIST_MEAN], [FASHION_MNIST_STD]) if fashion_mnist else (IMAGENET_MEAN, IMAGENET_STD))
+    mean, std = default_normalisation(fashion_mnist)
     size = None
-    if isinstance(obj, dict) and obj.get("format") == "distill-train-1":
-        config = obj["config"]
-        backbone = backbone or config["model"]["backbone"]
-        overrides = {**config["model"]["overrides"], **overrides}
-        views = (config.get("objective") or {}).get("views")
-        if views:
-            mean, std = views["mean"], views["std"]
-            size = views.get("global_crops_size") or views.get("input_size")  # DINO / DINOv2, or DeiT
+    if is_training_checkpoint(obj):
+        run = TrainingCheckpoint(obj, str(checkpoint))
+        backbone = backbone or run.backbone
+        overrides = {**run.backbone_overrides, **overrides}
+        view = run.eval_view()
+        mean, std, size = view["mean"] or mean, view["std"] or std, view["size"]
     elif backbone is None:
         state, _ = extract_state_dict(obj, checkpoint_key)
         backbone = guess_backbone_name(state)

@@ -2,15 +2,11 @@
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from distill.engine import distributed
-from distill.losses.sinkhorn import sinkhorn_knopp
-
-CENTERINGS = ("center", "sinkhorn_knopp")
+from distill.losses.centering import CenteredTeacherLoss
 
 
-class DINOLoss(nn.Module):
+class DINOLoss(CenteredTeacherLoss):
     """loss = mean over (teacher view t, student view s != t) of
     mean_batch( -sum_k softmax((teacher_t - center) / tau_t)_k * log_softmax(student_s / tau_s)_k ).
 
@@ -21,14 +17,9 @@ class DINOLoss(nn.Module):
 
     def __init__(self, out_dim: int, num_global: int = 2, student_temp: float = 0.1, center_momentum: float = 0.9,
                  centering: str = "center"):
-        super().__init__()
-        if centering not in CENTERINGS:
-            raise ValueError(f"centering {centering!r}: choose one of {', '.join(CENTERINGS)}")
-        self.centering = centering
+        super().__init__(out_dim, center_momentum, centering)
         self.num_global = num_global
         self.student_temp = student_temp
-        self.center_momentum = center_momentum
-        self.register_buffer("center", torch.zeros(1, out_dim))
 
     def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor, teacher_temp: float) -> torch.Tensor:
         """student_output [num_crops * B, K] (crop-major), teacher_output [num_global * B, K]."""
@@ -37,25 +28,11 @@ class DINOLoss(nn.Module):
         with torch.autocast(student_output.device.type, enabled=False):  # the loss itself always in fp32
             log_p = F.log_softmax(student_output.float() / self.student_temp, dim=-1).view(num_crops, batch, -1)
             teacher = teacher_output.detach().float()
-            if self.centering == "sinkhorn_knopp":
-                q = sinkhorn_knopp(teacher, teacher_temp)
-            else:
-                q = F.softmax((teacher - self.center) / teacher_temp, dim=-1)
-            q = q.view(self.num_global, batch, -1)
+            q = self.teacher_targets(teacher, teacher_temp).view(self.num_global, batch, -1)
             # cross[t, s] = mean_b sum_k q[t, b, k] * log_p[s, b, k]: one contraction for all pairs
             cross = torch.einsum("tbk,sbk->ts", q, log_p) / batch
         same_view = torch.diagonal(cross[:, : self.num_global]).sum()
         pairs = self.num_global * num_crops - min(self.num_global, num_crops)
         loss = -(cross.sum() - same_view) / pairs
-        if self.centering == "center":
-            self.update_center(teacher)
+        self.update_center(teacher)
         return loss
-
-    @torch.no_grad()
-    def update_center(self, teacher_output: torch.Tensor) -> None:
-        batch_center = teacher_output.sum(dim=0, keepdim=True)
-        count = torch.tensor([teacher_output.shape[0]], dtype=batch_center.dtype, device=batch_center.device)
-        batch_center, count = distributed.all_reduce_sum(batch_center), distributed.all_reduce_sum(count)
-        if not torch.isfinite(batch_center).all():  # a broken batch must not poison the center for good
-            return
-        self.center.mul_(self.center_momentum).add_(batch_center / count, alpha=1 - self.center_momentum)

@@ -3,7 +3,7 @@ equal mass per prototype, instead of centering."""
 
 import torch
 
-from distill.engine import distributed
+from distill import distributed
 
 
 @torch.no_grad()

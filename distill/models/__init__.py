@@ -1,7 +1,8 @@
 """Vision Transformer backbones behind registry names, and loading of official checkpoints."""
 
 from distill.models.checkpoint import LoadReport, load_pretrained, read_checkpoint
-from distill.models.registry import backbone_kwargs, create_backbone, get_spec, list_backbones
+from distill.models.factory import create_backbone
+from distill.models.registry import backbone_kwargs, get_spec, list_backbones
 from distill.models.vit import VisionTransformer
 
 __all__ = [

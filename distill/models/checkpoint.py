@@ -1,9 +1,10 @@
 """Loading backbone weights from the checkpoint files users already have, safely and strictly.
 
-Reading never runs code from the file (`weights_only`). The layouts of REFERENCE.md are recognised and
-converted to this package's parameter names: bare backbones (DINO, DINOv2 hub), DINO training checkpoints
-(teacher by default), DeiT `model` files, DINOv2 teacher and training checkpoints with chunked blocks, timm
-state dicts and anything prefixed by DDP, FSDP or torch.compile. After conversion every key and shape must
+Reading never runs code from the file (`weights_only`). The layouts of the official releases are recognised and
+converted to this package's parameter names: bare backbones (DINO's and DINOv2's hub files), DINO training
+checkpoints (teacher by default; facebookresearch/dino main_dino.py), DeiT `model` files (facebookresearch/deit),
+DINOv2 teacher and training checkpoints with chunked blocks (facebookresearch/dinov2), timm state dicts and anything
+prefixed by DDP, FSDP or torch.compile; and the training checkpoints `distill train` writes. After conversion every key and shape must
 match; otherwise one error lists what differs and which registered name the file looks like.
 """
 
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 
 from distill.errors import CheckpointError
+from distill.models.diagnosis import mismatch_report, perfect_square_root
 from distill.models.layers import resize_pos_embed
 
 logger = logging.getLogger(__name__)
@@ -82,6 +84,81 @@ def read_checkpoint(path: Union[str, Path]) -> Any:
         ) from None
 
 
+# ---------------------------------------------------------------------------------------------- training runs
+
+TRAINING_FORMAT = "distill-train-1"
+
+
+class TrainingCheckpoint:
+    """A checkpoint that `distill train` wrote, read in one place.
+
+    Its entries: format (TRAINING_FORMAT), objective (the objective's state dict: every trained network, keys such
+    as "teacher.backbone.blocks.0..."), eval_network (the prefix of the evaluated backbone in it), eval_view (the
+    size and normalisation it is evaluated at), optimizer, scaler, step, total_steps, steps_per_epoch,
+    train_seconds, rng and config (the resolved run config as plain containers).
+    """
+
+    def __init__(self, payload: Dict[str, Any], source: str = "the checkpoint") -> None:
+        if not is_training_checkpoint(payload):
+            raise CheckpointError(f"{source} is not a distill training checkpoint (no format {TRAINING_FORMAT!r})")
+        self.payload, self.source = payload, source
+
+    def __getitem__(self, key: str) -> Any:
+        return self.payload[key]
+
+    @property
+    def weights(self) -> StateDict:
+        """The objective's state dict."""
+        return self.payload["objective"]
+
+    @property
+    def config(self) -> Dict[str, Any]:
+        return self.payload["config"]
+
+    @property
+    def eval_network(self) -> str:
+        """Where the evaluated backbone sits among the weights, e.g. "teacher.backbone." or "student."."""
+        return self.payload["eval_network"]
+
+    def network(self, prefix: str) -> StateDict:
+        """The weights under `prefix` ("teacher.", "student.backbone.", ...), the prefix removed."""
+        return _select_prefix(self.weights, prefix)
+
+    def networks(self) -> List[str]:
+        """The networks the objective holds (the first segment of its keys)."""
+        return sorted({k.split(".")[0] for k in self.weights})
+
+    def eval_owner(self) -> str:
+        """The prefix of the network that holds the evaluated backbone with its heads ("teacher." for
+        "teacher.backbone.")."""
+        return self.eval_network.rsplit("backbone.", 1)[0]
+
+    @property
+    def backbone(self) -> str:
+        """The registry name the run's backbones were built from."""
+        return self.config["model"]["backbone"]
+
+    @property
+    def backbone_overrides(self) -> Dict[str, Any]:
+        return dict(self.config["model"]["overrides"])
+
+    def eval_view(self) -> Dict[str, Any]:
+        """{"size", "mean", "std", "resize_ratio"} of the evaluation view the objective declared."""
+        stored = self.payload.get("eval_view")
+        if stored is not None:
+            return dict(stored)
+        # files written before eval_view was stored: the views section of the config of the objectives then known
+        views = (self.config.get("objective") or {}).get("views") or {}
+        size = views.get("global_crops_size") or views.get("input_size")
+        crop_pct = views.get("eval_crop_pct")
+        return {"size": size, "mean": views.get("mean"), "std": views.get("std"),
+                "resize_ratio": 1 / crop_pct if crop_pct else None}
+
+
+def is_training_checkpoint(obj: Any) -> bool:
+    return isinstance(obj, dict) and obj.get("format") == TRAINING_FORMAT
+
+
 def _is_state_dict(obj: Any) -> bool:
     """Tensors at the top level and no nested dicts (a stray number or string beside them is tolerated)."""
     values = obj.values() if isinstance(obj, dict) else ()
@@ -112,8 +189,8 @@ def extract_state_dict(obj: Any, checkpoint_key: Optional[str] = None) -> Tuple[
     """
     if not isinstance(obj, dict):
         raise CheckpointError(f"the file holds a {type(obj).__name__}, not a state dict or a checkpoint dict")
-    if obj.get("format") == "distill-train-1":  # this package's own training checkpoints
-        return _from_training_checkpoint(obj, checkpoint_key)
+    if is_training_checkpoint(obj):  # this package's own training checkpoints
+        return _from_training_checkpoint(TrainingCheckpoint(obj), checkpoint_key)
     role = checkpoint_key if checkpoint_key in ("teacher", "student") else "teacher"
     if _is_state_dict(obj) and checkpoint_key is None:
         state, where = obj, "bare state dict"
@@ -143,24 +220,18 @@ def extract_state_dict(obj: Any, checkpoint_key: Optional[str] = None) -> Tuple[
     return state, where
 
 
-def _from_training_checkpoint(obj: Dict[str, Any], checkpoint_key: Optional[str]) -> Tuple[StateDict, str]:
+def _from_training_checkpoint(run: TrainingCheckpoint, checkpoint_key: Optional[str]) -> Tuple[StateDict, str]:
     """The evaluated backbone of a distill training checkpoint (e.g. DINO's teacher), or the network named
     by checkpoint_key ("teacher", "student", ...)."""
-    networks = obj["objective"]
-    prefix = f"{checkpoint_key}.backbone." if checkpoint_key else obj.get("eval_network", "teacher.backbone.")
-    state = _select_prefix(networks, prefix)
+    prefix = f"{checkpoint_key}.backbone." if checkpoint_key else run.eval_network
+    state = run.network(prefix)
     if not state:
-        roots = sorted({k.split(".")[0] for k in networks})
-        raise CheckpointError(f"checkpoint_key {checkpoint_key!r}: this training checkpoint holds {', '.join(roots)}")
+        raise CheckpointError(f"checkpoint_key {checkpoint_key!r}: this training checkpoint holds "
+                              f"{', '.join(run.networks())}")
     return state, f"training checkpoint -> {prefix.rstrip('.')}"
 
 
 # ---------------------------------------------------------------------------------------------- conversion
-
-
-def _perfect_square(n: int) -> Optional[int]:
-    root = int(round(n**0.5))
-    return root if root * root == n else None
 
 
 HEAD_PREFIXES = ("head.", "head_dist.")
@@ -185,7 +256,7 @@ def adapt_to_model(state: StateDict, model: torch.nn.Module, new_heads: bool = F
     if "reg_token" in state:  # timm: registers as reg_token, and no position embedding on the class token
         state["register_tokens"] = state.pop("reg_token")
         pos = state.get("pos_embed")
-        if pos is not None and _perfect_square(pos.shape[1]) is not None:
+        if pos is not None and perfect_square_root(pos.shape[1]) is not None:
             state["pos_embed"] = torch.cat([pos.new_zeros(1, n_pos, pos.shape[-1]), pos], dim=1)
         notes.append("converted timm register layout")
     if getattr(model, "config", {}).get("ffn_layer") == "swiglu" and any(".mlp.fc1." in k for k in state):
@@ -206,7 +277,7 @@ def adapt_to_model(state: StateDict, model: torch.nn.Module, new_heads: bool = F
         # A plain ViT (DINO, DINOv2, DeiT) starts a distilled student: the distillation token and its position
         # embedding start as copies of the class token's.
         state["dist_token"] = state["cls_token"].clone()
-        if _perfect_square(pos.shape[1] - 1) is not None:
+        if perfect_square_root(pos.shape[1] - 1) is not None:
             state["pos_embed"] = torch.cat([pos[:, :1], pos[:, :1], pos[:, 1:]], dim=1)
         notes.append("added a distillation token (copied from the class token)")
 
@@ -219,7 +290,7 @@ def adapt_to_model(state: StateDict, model: torch.nn.Module, new_heads: bool = F
 
     pos, own_pos = state.get("pos_embed"), own.get("pos_embed")
     if pos is not None and own_pos is not None and pos.shape != own_pos.shape and pos.shape[-1] == own_pos.shape[-1]:
-        side = _perfect_square(pos.shape[1] - n_pos)
+        side = perfect_square_root(pos.shape[1] - n_pos)
         if side is not None and hasattr(model, "pos_grid"):
             patch_pos = resize_pos_embed(
                 pos[:, n_pos:], (side, side), model.pos_grid, model.interpolate_offset, model.interpolate_antialias
@@ -227,116 +298,6 @@ def adapt_to_model(state: StateDict, model: torch.nn.Module, new_heads: bool = F
             state["pos_embed"] = torch.cat([pos[:, :n_pos], patch_pos], dim=1)
             notes.append(f"resized the position embedding from a {side}x{side} grid to {model.pos_grid}")
     return state, notes
-
-
-# ---------------------------------------------------------------------------------------------- diagnosis
-
-
-def infer_architecture(state: StateDict) -> Dict[str, Any]:
-    """What a ViT state dict says about its architecture (after conversion to this package's names)."""
-    blocks = {int(m.group(1)) for k in state for m in [re.match(r"blocks\.(\d+)\.", k)] if m}
-    arch: Dict[str, Any] = {"depth": max(blocks) + 1 if blocks else 0}
-    if "cls_token" in state:
-        arch["embed_dim"] = state["cls_token"].shape[-1]
-    proj = state.get("patch_embed.proj.weight")
-    if proj is not None:
-        arch["patch_size"] = proj.shape[-1]
-        arch["in_chans"] = proj.shape[1]
-    arch["num_register_tokens"] = state["register_tokens"].shape[1] if "register_tokens" in state else 0
-    arch["distilled"] = "dist_token" in state
-    arch["layerscale"] = "blocks.0.ls1.gamma" in state
-    arch["ffn_layer"] = "swiglu" if "blocks.0.mlp.w12.weight" in state else "mlp"
-    arch["num_classes"] = state["head.weight"].shape[0] if "head.weight" in state else 0
-    return arch
-
-
-def _spec_architecture(kwargs: Dict[str, Any]) -> Dict[str, Any]:
-    return {
-        "depth": kwargs["depth"],
-        "embed_dim": kwargs["embed_dim"],
-        "patch_size": kwargs.get("patch_size", 16),
-        "num_register_tokens": kwargs.get("num_register_tokens", 0),
-        "distilled": kwargs.get("distilled", False),
-        "layerscale": bool(kwargs.get("layerscale_init")),
-        "ffn_layer": kwargs.get("ffn_layer", "mlp"),
-    }
-
-
-def guess_backbone_name(state: StateDict) -> Optional[str]:
-    """The registered name whose architecture the state dict matches, official names first."""
-    from distill.models.registry import get_spec, list_backbones
-
-    arch = infer_architecture(state)
-    keys = ("depth", "embed_dim", "patch_size", "num_register_tokens", "distilled", "layerscale", "ffn_layer")
-    side = _perfect_square(state["pos_embed"].shape[1] - 1 - arch["distilled"]) if "pos_embed" in state else None
-    matches = []
-    for name in list_backbones():
-        spec = get_spec(name)
-        if "embed_dim" not in spec.kwargs:  # not a ViT
-            continue
-        if all(_spec_architecture(spec.kwargs).get(k) == arch.get(k) for k in keys):
-            same_grid = side is not None and side * spec.kwargs.get("patch_size", 16) == spec.img_size
-            matches.append((spec.family == "vit", not same_grid, name))
-    return min(matches)[2] if matches else None
-
-
-def _describe(arch: Dict[str, Any]) -> str:
-    parts = [f"embed_dim {arch.get('embed_dim', '?')}", f"depth {arch['depth']}", f"patch {arch.get('patch_size', '?')}"]
-    if arch["num_register_tokens"]:
-        parts.append(f"{arch['num_register_tokens']} registers")
-    if arch["distilled"]:
-        parts.append("distillation token")
-    if arch["layerscale"]:
-        parts.append("LayerScale")
-    if arch["ffn_layer"] != "mlp":
-        parts.append(arch["ffn_layer"])
-    if arch["num_classes"]:
-        parts.append(f"{arch['num_classes']}-class head")
-    return ", ".join(parts)
-
-
-def key_listing(keys: List[str], limit: int = 8) -> str:
-    """Keys with block indices folded (blocks.*.ls1.gamma x12), so that the distinctive ones stay visible."""
-    counts: Dict[str, int] = {}
-    for key in keys:
-        folded = re.sub(r"^blocks\.\d+\.", "blocks.*.", key)
-        counts[folded] = counts.get(folded, 0) + 1
-    items = [f"{k} x{n}" if n > 1 else k for k, n in counts.items()]
-    shown = ", ".join(items[:limit])
-    return f"{shown} (+{len(items) - limit} more)" if len(items) > limit else shown
-
-
-def mismatch_report(state: StateDict, model: torch.nn.Module, source: str) -> Optional[str]:
-    """None if the state dict fits the model exactly, else one message saying what differs and what to use."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = sorted(
-        f"{k} file {list(state[k].shape)} vs model {list(own[k].shape)}"
-        for k in set(own) & set(state)
-        if state[k].shape != own[k].shape
-    )
-    if not (missing or unexpected or shapes):
-        return None
-    name = getattr(model, "registry_name", type(model).__name__)
-    lines = [f"{source} does not fit backbone '{name}':"]
-    if missing:
-        lines.append(f"  missing keys ({len(missing)}): {key_listing(missing)}")
-    if unexpected:
-        lines.append(f"  unexpected keys ({len(unexpected)}): {key_listing(unexpected)}")
-    if shapes:
-        lines.append(f"  shape mismatches ({len(shapes)}): {key_listing(shapes, 4)}")
-    arch = infer_architecture(state)
-    guess = guess_backbone_name(state)
-    described = f"the file holds a ViT with {_describe(arch)}"
-    if guess and guess != name:
-        lines.append(f"  {described}: it looks like '{guess}' -> create_backbone('{guess}', pretrained=...)")
-    elif guess == name:
-        lines.append(f"  {described}, the architecture of '{name}': check the overrides passed to create_backbone")
-    else:
-        lines.append(f"  {described}; no registered name matches: build it with create_backbone('vit_...', "
-                     "embed_dim=..., depth=..., patch_size=...) to match")
-    return "\n".join(lines)
 
 
 @dataclass
@@ -356,11 +317,17 @@ def load_pretrained(
     label = label or (str(checkpoint) if isinstance(checkpoint, (str, Path)) else "the given state dict")
     obj = read_checkpoint(checkpoint) if isinstance(checkpoint, (str, Path)) else checkpoint
     state, where = extract_state_dict(obj, checkpoint_key)
+    return load_state(model, state, f"{label} ({where})", new_heads)
+
+
+def load_state(model: torch.nn.Module, state: StateDict, source: str, new_heads: bool = False) -> LoadReport:
+    """Load a backbone state dict (already unprefixed) into `model`: converted from a recognised foreign layout,
+    then strictly; a file that does not fit raises one error saying what differs and what to use."""
     state, notes = adapt_to_model(state, model, new_heads)
-    problem = mismatch_report(state, model, f"{label} ({where})")
+    problem = mismatch_report(state, model, source)
     if problem:
         raise CheckpointError(problem)
     model.load_state_dict(state, strict=True)
-    report = LoadReport(source=f"{label} ({where})", notes=notes)
+    report = LoadReport(source=source, notes=notes)
     logger.info("loaded %s%s", report.source, "".join(f"; {n}" for n in notes))
     return report

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from distill.errors import CheckpointError, InputError
-from distill.models.checkpoint import key_listing, read_checkpoint, strip_wrappers
+from distill.models.checkpoint import TrainingCheckpoint, is_training_checkpoint, read_checkpoint, strip_wrappers
+from distill.models.diagnosis import key_differences
 
 logger = logging.getLogger(__name__)
 
@@ -101,13 +102,10 @@ class Classifier(nn.Module):
                 f"teacher weights {path} classify {state[head].shape[0]} classes but the dataset has "
                 f"{own[head].shape[0]}: train a teacher on this dataset (configs/deit/*teacher*.yaml) or choose "
                 "the matching weights")
-        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-        shapes = [k for k in set(own) & set(state) if own[k].shape != state[k].shape]
-        if missing or unexpected or shapes:
-            raise CheckpointError(
-                f"{path} does not fit {self.source}'s {self.name}: missing {key_listing(missing) or 'none'}; "
-                f"unexpected {key_listing(unexpected) or 'none'}; "
-                f"other shapes {key_listing(sorted(shapes)) or 'none'}. Check the teacher name and its in_chans")
+        differences = key_differences(state, own)
+        if differences:
+            raise CheckpointError(f"{path} does not fit {self.source}'s {self.name}: "
+                                  f"{'; '.join(differences.lines())}. Check the teacher name and its in_chans")
         self.net.load_state_dict(state, strict=True)
         logger.info("loaded teacher weights %s into %s:%s", path, self.source, self.name)
 
@@ -125,9 +123,9 @@ def _network_state(obj, path: Path) -> Dict[str, torch.Tensor]:
     """The classifier's state dict inside a file: bare, under a usual key, or a distill export / checkpoint."""
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict")
-    if obj.get("format") == "distill-train-1":
-        prefix = obj.get("eval_network", "student.")
-        state = {k[len(prefix):]: v for k, v in obj["objective"].items() if k.startswith(prefix)}
+    if is_training_checkpoint(obj):
+        run = TrainingCheckpoint(obj, str(path))
+        state = run.network(run.eval_network)
     elif any(isinstance(v, torch.Tensor) for v in obj.values()):
         state = obj
     else:

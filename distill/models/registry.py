@@ -1,4 +1,5 @@
-"""Every backbone behind a name, in the manner of timm.create_model.
+"""Every backbone behind a name, in the manner of timm's model registry: what each name builds (create_backbone, in
+factory.py, builds it).
 
 Official names reproduce the released architectures exactly (so their checkpoints load strictly); the generic
 vit_* names are the same sizes with DINOv2-style defaults, at any patch size (`vit_small_patch8` or
@@ -18,7 +19,8 @@ from distill.errors import InputError
 from distill.models.resnet import ResNetBackbone
 from distill.models.vit import VisionTransformer
 
-# name: (embed_dim, depth, num_heads), as in REFERENCE.md
+# name: (embed_dim, depth, num_heads) of the ViT sizes (DeiT, Touvron et al. 2021; ViT-g/14 with 40 blocks of
+# width 1536, DINOv2, Oquab et al. 2023)
 SIZES = {
     "tiny": (192, 12, 3),
     "small": (384, 12, 6),
@@ -109,34 +111,16 @@ def get_spec(name: str) -> BackboneSpec:
     raise InputError(f"unknown backbone {name!r}{hint}")
 
 
+def backbone_options(name: str) -> List[str]:
+    """The constructor arguments a backbone of this name takes (what overrides may set)."""
+    return _allowed_overrides(get_spec(name).factory)
+
+
 def backbone_kwargs(name: str, **overrides: Any) -> Dict[str, Any]:
     """Constructor arguments of `name` with `overrides` applied; unknown override keys are an error."""
     spec = get_spec(name)
-    allowed = _allowed_overrides(spec.factory)
+    allowed = backbone_options(name)
     unknown = sorted(set(overrides) - set(allowed))
     if unknown:
         raise InputError(f"unknown backbone option(s) {', '.join(unknown)} for {name}; allowed: {', '.join(allowed)}")
     return {**spec.kwargs, **overrides}
-
-
-def create_backbone(
-    name: str,
-    pretrained: Optional[str] = None,
-    checkpoint_key: Optional[str] = None,
-    **overrides: Any,
-) -> VisionTransformer:
-    """Build a registered backbone, optionally loading weights from a checkpoint file.
-
-    name: a registered name (`list_backbones()`), e.g. "dinov2_vits14_reg" or "vit_small_patch8".
-    pretrained: path to any official checkpoint layout (DINO, DeiT, DINOv2, timm) or one written by distill.
-    checkpoint_key: which network of a training checkpoint to load ("teacher" by default, or "student",
-        "model_ema", ...).
-    overrides: constructor arguments that replace the registered defaults (img_size, patch_size, depth, ...).
-    """
-    model = get_spec(name).factory(**backbone_kwargs(name, **overrides))
-    model.registry_name = name
-    if pretrained is not None:
-        from distill.models.checkpoint import load_pretrained
-
-        load_pretrained(model, pretrained, checkpoint_key=checkpoint_key)
-    return model

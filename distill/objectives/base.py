@@ -12,9 +12,15 @@ from typing import Any, Dict, List, Tuple
 import torch
 from torch import nn
 
+from distill.data.eval_views import EvalView
+from distill.models import create_backbone
+from distill.models.registry import backbone_options
+
 
 @dataclass
 class ObjectiveConfig:
+    """The objective's section of a run's config; subclasses add their fields and check them in validate()."""
+
     name: str = "dino"
 
     def validate(self) -> None:
@@ -66,24 +72,31 @@ class Objective(nn.Module):
                 state.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
         return super().load_state_dict(state, strict, assign)
 
-    def plan(self, total_steps: int, steps_per_epoch: int, epochs: float) -> None:
-        """(Re)build the objective's own schedules for a run of total_steps optimizer steps."""
+    def plan(self, total_steps: int, epochs: float) -> None:
+        """(Re)build the objective's own schedules for a run of total_steps optimizer steps that stands for `epochs`
+        epochs (a time budget may compress the run: lengths given in epochs keep their share of it)."""
 
     def views(self, channels: int):
         """The training views the loader makes for this objective."""
         raise NotImplementedError
 
-    def eval_view(self, channels: int):
-        """The evaluation view of classifiers(), or None (the kNN monitor's own view)."""
-        return None
+    def eval_view(self, channels: int) -> EvalView:
+        """The view the evaluated networks see (kNN, classifiers, attention maps); by default the one that goes with
+        the config's `views` section (a ViewsConfig)."""
+        return self.config.views.eval_view(channels)
 
     def sampler_repeats(self) -> int:
         """Repeated augmentation: each image this many times per batch (0: off)."""
         return 0
 
     def classifiers(self) -> Dict[str, nn.Module]:
-        """Networks that map images to class logits, evaluated (top-1 / top-5) every epoch and at the end."""
+        """Networks that map images to class logits, evaluated (top-1 / top-5) at the end of training."""
         return {}
+
+    def epoch_classifiers(self) -> Dict[str, nn.Module]:
+        """The classifiers also evaluated at the end of each epoch (all by default; one that never changes, such as
+        a frozen teacher, need not be)."""
+        return self.classifiers()
 
     def trainable_module(self) -> nn.Module:
         """The network the optimizer updates (and DDP wraps)."""
@@ -134,3 +147,14 @@ class Objective(nn.Module):
 
 def scalar(value: Any) -> float:
     return float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
+
+
+def build_backbone(model: Any, stochastic_depth: bool = True, **overrides: Any) -> nn.Module:
+    """The backbone a run's `model` section describes: its registry name, its overrides (and `overrides` here) and
+    its starting weights (model.pretrained, model.checkpoint_key). stochastic_depth=False builds it without drop
+    path (an EMA teacher)."""
+    overrides = {**model.overrides, **overrides}
+    if not stochastic_depth and "drop_path_rate" in backbone_options(model.backbone):
+        overrides["drop_path_rate"] = 0.0
+    return create_backbone(model.backbone, pretrained=model.pretrained, checkpoint_key=model.checkpoint_key,
+                           **overrides)

@@ -12,16 +12,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from distill.data.augment import match_channels
-from distill.data.classification import ClassificationViews, ClassificationViewsConfig, classification_eval_view
+from distill.data.classification import ClassificationViews, ClassificationViewsConfig
 from distill.errors import InputError
 from distill.losses.deit import CRITERIA, DISTILLATION_TYPES, DistillationLoss, build_base_criterion
+from distill.models import create_backbone, load_pretrained
+from distill.models.classifiers import Classifier, create_classifier
 from distill.objectives.base import Objective, ObjectiveConfig, StepInfo
+from distill.seeds import derived_seed, seeded_globals
 
 logger = logging.getLogger(__name__)
 
@@ -140,9 +142,6 @@ class DeiTObjective(Objective):
     def views(self, channels: int) -> ClassificationViews:
         return ClassificationViews(self.config.views, channels)
 
-    def eval_view(self, channels: int):
-        return classification_eval_view(self.config.views, channels)
-
     def sampler_repeats(self) -> int:
         return self.config.repeated_aug
 
@@ -160,6 +159,10 @@ class DeiTObjective(Objective):
             networks["teacher"] = nn.Sequential(self.renormalize, self.teacher)
         return networks
 
+    def epoch_classifiers(self) -> Dict[str, nn.Module]:
+        """The frozen teacher never changes: evaluated once, at the end."""
+        return {name: net for name, net in self.classifiers().items() if name != "teacher"}
+
     @torch.no_grad()
     def teacher_logits(self, images: torch.Tensor) -> torch.Tensor:
         dtype = torch.bfloat16 if images.device.type == "cuda" else None
@@ -175,13 +178,8 @@ class DeiTObjective(Objective):
         if self.mixup is not None:
             if len(images) % 2:
                 raise InputError("mixup/cutmix need an even batch size (data.batch_size)")
-            generator = np.random.SeedSequence([self.seed, info.step]).generate_state(1)[0]
-            state = np.random.get_state()
-            np.random.seed(int(generator))
-            try:
+            with seeded_globals(derived_seed(self.seed, info.step)):  # timm's mixup draws from NumPy's generator
                 images, targets = self.mixup(images, labels)
-            finally:
-                np.random.set_state(state)
         outputs = self.student(images)
         teacher_logits = self.teacher_logits(images) if self.config.distillation_type != "none" else None
         return self.loss(outputs, targets, teacher_logits)
@@ -193,8 +191,6 @@ class DeiTObjective(Objective):
     def export(self, folder: Path) -> List[Path]:
         """The student in DeiT's release layout ({"model": state dict}); a timm / torchvision student (a teacher
         recipe) as the bare state dict of that library, which the teacher option loads as is."""
-        from distill.models.classifiers import Classifier
-
         written = []
         networks = {"model": self.student}
         if self.student_ema is not None:
@@ -214,9 +210,7 @@ class DeiTObjective(Objective):
         return written
 
 
-def build(config, make_backbone, source=None) -> DeiTObjective:
-    from distill.models import create_backbone
-    from distill.models.classifiers import create_classifier
+def build(config, source=None) -> DeiTObjective:
 
     c, m = config.objective, config.model
     num_classes = c.num_classes or (len(source.classes) if source is not None and source.classes else 0)
@@ -229,10 +223,7 @@ def build(config, make_backbone, source=None) -> DeiTObjective:
         student = create_classifier(m.backbone, num_classes, weights=m.pretrained, **overrides)
     else:
         student = create_backbone(m.backbone, num_classes=num_classes, **overrides)
-        student.registry_name = m.backbone
         if m.pretrained:
-            from distill.models.checkpoint import load_pretrained
-
             load_pretrained(student, m.pretrained, checkpoint_key=m.checkpoint_key, new_heads=c.new_heads)
     teacher = None
     if c.distillation_type != "none":

@@ -4,54 +4,26 @@ Student and teacher share an architecture; the teacher sees the global crops, th
 teacher is an exponential moving average of the student; its outputs are centred and sharpened.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List
 
 import torch
 from torch import nn
 
-from distill.data.views import MultiCrop, MultiCropConfig
-from distill.engine.ema import ema_update
-from distill.engine.schedules import cosine_schedule, epochs_to_steps, warmup_then_constant
-from distill.errors import InputError
+from distill.data.views import MultiCrop
+from distill.ema import ema_update
 from distill.losses.dino import DINOLoss
 from distill.models.heads import DINOHead
-from distill.objectives.base import Objective, ObjectiveConfig, StepInfo
+from distill.objectives.base import Objective, StepInfo, build_backbone
+from distill.objectives.self_distillation import SelfDistillationConfig, TeacherSchedules
 
 
 @dataclass
-class DINOConfig(ObjectiveConfig):
+class DINOConfig(SelfDistillationConfig):
     name: str = "dino"
-    out_dim: int = 65536
-    hidden_dim: int = 2048
-    bottleneck_dim: int = 256
-    head_layers: int = 3
     use_bn_in_head: bool = False
     norm_last_layer: bool = True
-    freeze_last_layer_epochs: float = 1.0
-    student_temp: float = 0.1
-    warmup_teacher_temp: float = 0.04
-    teacher_temp: float = 0.04
-    warmup_teacher_temp_epochs: float = 0.0
-    center_momentum: float = 0.9
-    centering: str = "center"  # center (DINO) | sinkhorn_knopp (DINOv2's alternative)
-    momentum_teacher: float = 0.996
-    momentum_teacher_end: float = 1.0
-    views: MultiCropConfig = field(default_factory=MultiCropConfig)
-
-    def validate(self) -> None:
-        self.views.validate()
-        if self.out_dim < 1 or self.hidden_dim < 1 or self.bottleneck_dim < 1 or self.head_layers < 1:
-            raise InputError("objective: out_dim, hidden_dim, bottleneck_dim and head_layers must be positive")
-        if not 0 <= self.momentum_teacher <= self.momentum_teacher_end <= 1:
-            raise InputError("objective: need 0 <= momentum_teacher <= momentum_teacher_end <= 1")
-        if min(self.student_temp, self.teacher_temp, self.warmup_teacher_temp) <= 0:
-            raise InputError("objective: temperatures must be positive")
-        if not 0 <= self.center_momentum < 1:
-            raise InputError("objective.center_momentum must lie in [0, 1)")
-        if self.centering not in ("center", "sinkhorn_knopp"):
-            raise InputError(f"objective.centering {self.centering!r}: choose center or sinkhorn_knopp")
 
 
 class MultiCropNetwork(nn.Module):
@@ -74,26 +46,6 @@ class MultiCropNetwork(nn.Module):
         return self.head(torch.cat(embeddings))
 
 
-class TeacherSchedules:
-    """What DINO and DINOv2 plan alike from their configs' fields of the same names: the teacher temperature
-    warm-up, the cosine EMA momentum and the steps during which the heads' last layers stay frozen."""
-
-    def plan(self, total_steps: int, steps_per_epoch: int, epochs: float) -> None:
-        c = self.config
-        self.teacher_temp_schedule = warmup_then_constant(
-            c.warmup_teacher_temp, c.teacher_temp, epochs_to_steps(c.warmup_teacher_temp_epochs, epochs, total_steps),
-            total_steps)
-        self.momentum_schedule = cosine_schedule(c.momentum_teacher, c.momentum_teacher_end, total_steps)
-        self.freeze_last_layer_steps = epochs_to_steps(c.freeze_last_layer_epochs, epochs, total_steps)
-
-    def freeze_last_layers(self, heads: List[nn.Module], info: StepInfo) -> None:
-        """Drop the gradients of the heads' last layers early on: the prototypes stay put while the rest settles."""
-        if info.step < self.freeze_last_layer_steps:
-            for head in heads:
-                for param in head.last_layer.parameters():
-                    param.grad = None
-
-
 class DINOObjective(TeacherSchedules, Objective):
     def __init__(self, config: DINOConfig, student_backbone: nn.Module, teacher_backbone: nn.Module) -> None:
         super().__init__()
@@ -108,7 +60,7 @@ class DINOObjective(TeacherSchedules, Objective):
             param.requires_grad = False
         self.loss = DINOLoss(config.out_dim, config.views.global_crops_number, config.student_temp,
                              config.center_momentum, config.centering)
-        self.plan(1, 1, 1.0)
+        self.plan(1, 1.0)
 
     def views(self, channels: int) -> MultiCrop:
         return MultiCrop(self.config.views, channels)
@@ -146,6 +98,7 @@ class DINOObjective(TeacherSchedules, Objective):
         return [path]
 
 
-def build(config, make_backbone, source=None) -> DINOObjective:
-    """make_backbone(role) builds the configured backbone; the teacher's has no stochastic depth."""
-    return DINOObjective(config.objective, make_backbone("student"), make_backbone("teacher"))
+def build(config, source=None) -> DINOObjective:
+    """Student and teacher backbones as config.model says; the teacher's without stochastic depth."""
+    return DINOObjective(config.objective, build_backbone(config.model),
+                         build_backbone(config.model, stochastic_depth=False))

@@ -18,17 +18,20 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import nn
 
-from distill.data.loader import derived_generator
 from distill.data.masking import batch_masks, mask_weights
 from distill.data.views import MultiCrop, MultiCropConfig
-from distill.engine.ema import ema_update
+from distill.ema import ema_update
 from distill.errors import InputError
 from distill.losses.dino import DINOLoss
 from distill.losses.ibot import IBOTPatchLoss
 from distill.losses.koleo import KoLeoLoss
+from distill.models import create_backbone, read_checkpoint
+from distill.models.checkpoint import (TrainingCheckpoint, extract_state_dict, flatten_block_chunks,
+                                       is_training_checkpoint, load_state, strip_wrappers)
 from distill.models.heads import DINOHead
-from distill.objectives.base import Objective, ObjectiveConfig, StepInfo
-from distill.objectives.dino import TeacherSchedules
+from distill.objectives.base import Objective, StepInfo, build_backbone
+from distill.objectives.self_distillation import SelfDistillationConfig, TeacherSchedules
+from distill.seeds import Stream, derived_generator
 
 logger = logging.getLogger(__name__)
 
@@ -47,27 +50,19 @@ class DistillationConfig:
 
 
 @dataclass
-class DINOv2Config(ObjectiveConfig):
+class DINOv2Config(SelfDistillationConfig):
+    """DINOv2's defaults (Oquab et al. 2023, facebookresearch/dinov2 ssl_default_config.yaml)."""
+
     name: str = "dinov2"
-    out_dim: int = 65536  # DINO head prototypes
     ibot_out_dim: int = 65536  # iBOT head prototypes (the DINO head's when shared)
     separate_heads: bool = False  # DINOv2's large configs: separate iBOT head (131072 prototypes, bottleneck 384)
-    hidden_dim: int = 2048
-    bottleneck_dim: int = 256
     ibot_bottleneck_dim: int = 256
-    head_layers: int = 3
     dino_loss_weight: float = 1.0
     ibot_loss_weight: float = 1.0
     koleo_loss_weight: float = 0.1
-    student_temp: float = 0.1
-    warmup_teacher_temp: float = 0.04
     teacher_temp: float = 0.07
     warmup_teacher_temp_epochs: float = 30.0
-    centering: str = "center"  # center | sinkhorn_knopp
-    center_momentum: float = 0.9
     momentum_teacher: float = 0.992
-    momentum_teacher_end: float = 1.0
-    freeze_last_layer_epochs: float = 1.0
     mask_ratio: List[float] = field(default_factory=lambda: [0.1, 0.5])
     mask_probability: float = 0.5
     max_mask_ratio: float = 0.5  # largest share of an image one mask block may cover
@@ -76,18 +71,12 @@ class DINOv2Config(ObjectiveConfig):
     views: MultiCropConfig = field(default_factory=_dinov2_views)
 
     def validate(self) -> None:
-        self.views.validate()
-        if min(self.out_dim, self.ibot_out_dim, self.hidden_dim, self.bottleneck_dim, self.head_layers) < 1:
-            raise InputError("objective: head sizes must be positive")
+        super().validate()
+        if self.ibot_out_dim < 1:
+            raise InputError("objective.ibot_out_dim must be positive")
         if not self.separate_heads and self.ibot_out_dim != self.out_dim:
             raise InputError("objective.ibot_out_dim differs from out_dim but the heads are shared: set "
                              "objective.separate_heads=true or make them equal")
-        if not 0 <= self.momentum_teacher <= self.momentum_teacher_end <= 1:
-            raise InputError("objective: need 0 <= momentum_teacher <= momentum_teacher_end <= 1")
-        if min(self.student_temp, self.teacher_temp, self.warmup_teacher_temp) <= 0:
-            raise InputError("objective: temperatures must be positive")
-        if self.centering not in ("center", "sinkhorn_knopp"):
-            raise InputError(f"objective.centering {self.centering!r}: choose center or sinkhorn_knopp")
         low, high = self.mask_ratio
         if not 0 <= low <= high <= 1 or not 0 <= self.mask_probability <= 1 or not 0 < self.max_mask_ratio <= 1:
             raise InputError("objective: mask_ratio [low, high] within [0, 1], mask_probability and max_mask_ratio "
@@ -116,7 +105,9 @@ class DINOv2Network(nn.Module):
 
 class DINOv2Objective(TeacherSchedules, Objective):
     def __init__(self, config: DINOv2Config, student_backbone: nn.Module, teacher_backbone: nn.Module,
-                 seed: int = 0, teacher_state: Optional[Dict[str, torch.Tensor]] = None) -> None:
+                 seed: int = 0, teacher_heads: Optional[Dict[str, torch.Tensor]] = None) -> None:
+        """Distilling, teacher_backbone holds the frozen teacher's weights already and teacher_heads its DINO / iBOT
+        heads from the same file (as DINOv2Network keys), when it has them."""
         super().__init__()
         self.config, self.seed = config, seed
         self.distilling = config.distillation.enabled
@@ -127,7 +118,7 @@ class DINOv2Objective(TeacherSchedules, Objective):
         self.student = DINOv2Network(student_backbone, config)
         self.teacher = DINOv2Network(teacher_backbone, config)
         if self.distilling:
-            self._load_frozen_teacher(teacher_state)
+            self._load_teacher_heads(teacher_heads or {})
             self.student_ema = copy.deepcopy(self.student)
             for param in self.student_ema.parameters():
                 param.requires_grad = False
@@ -140,21 +131,15 @@ class DINOv2Objective(TeacherSchedules, Objective):
         self.ibot_loss = IBOTPatchLoss(config.ibot_out_dim, config.student_temp, config.center_momentum,
                                        config.centering)
         self.koleo_loss = KoLeoLoss()
-        self.plan(1, 1, 1.0)
+        self.plan(1, 1.0)
 
-    def _load_frozen_teacher(self, teacher_state: Optional[Dict[str, torch.Tensor]]) -> None:
-        if teacher_state is None:
-            return
-        heads = {k: v for k, v in teacher_state.items() if not k.startswith("backbone.")}
-        own = self.teacher.state_dict()
-        fits = [k in heads and heads[k].shape == v.shape for k, v in own.items() if not k.startswith("backbone.")]
-        if heads and all(fits):
-            self.teacher.load_state_dict(teacher_state, strict=True)
+    def _load_teacher_heads(self, heads: Dict[str, torch.Tensor]) -> None:
+        own = {k: v for k, v in self.teacher.state_dict().items() if not k.startswith("backbone.")}
+        if own and all(k in heads and heads[k].shape == v.shape for k, v in own.items()):
+            self.teacher.load_state_dict({k: heads[k] for k in own}, strict=False)
             return
         logger.warning("the teacher checkpoint has no DINO/iBOT heads of this shape: the frozen teacher uses freshly "
                        "initialised heads (a random projection of its features)")
-        self.teacher.backbone.load_state_dict({k[len("backbone."):]: v for k, v in teacher_state.items()
-                                               if k.startswith("backbone.")}, strict=True)
 
     def views(self, channels: int) -> MultiCrop:
         return MultiCrop(self.config.views, channels)
@@ -176,7 +161,7 @@ class DINOv2Objective(TeacherSchedules, Objective):
         c = self.config
         if self.distilling:  # the paper's distillation: no masking, iBOT on every patch token
             return torch.ones(n_images, grid[0] * grid[1], dtype=torch.bool, device=device)
-        generator = derived_generator(self.seed, step, 3)  # a function of (seed, step): resumes mask alike
+        generator = derived_generator(self.seed, step, Stream.MASKS)  # a function of (seed, step): resumes mask alike
         masks = batch_masks(n_images, grid, c.mask_ratio, c.mask_probability, generator, c.max_mask_ratio)
         return masks.to(device)
 
@@ -246,41 +231,31 @@ class DINOv2Objective(TeacherSchedules, Objective):
         return [path]
 
 
-def _teacher_state(path: str, key: Optional[str]) -> Dict[str, torch.Tensor]:
-    """backbone.* and head weights of a DINOv2 teacher_checkpoint.pth, a distill run, or a bare backbone file."""
-    from distill.models.checkpoint import extract_state_dict, flatten_block_chunks, read_checkpoint, strip_wrappers
-
+def _teacher_weights(path: str) -> Dict[str, torch.Tensor]:
+    """backbone.* and head weights of a DINOv2 teacher_checkpoint.pth, of the evaluated network of a distill run,
+    or of a bare backbone file (backbone.* only)."""
     obj = read_checkpoint(path)
-    if isinstance(obj, dict) and obj.get("format") == "distill-train-1":
-        prefix = obj.get("eval_network", "teacher.backbone.").rsplit("backbone.", 1)[0]
-        state = {k[len(prefix):]: v for k, v in obj["objective"].items() if k.startswith(prefix)}
-        return state
+    if is_training_checkpoint(obj):
+        run = TrainingCheckpoint(obj, path)
+        return run.network(run.eval_owner())
     if isinstance(obj, dict) and isinstance(obj.get("teacher"), dict):  # DINOv2 teacher_checkpoint.pth
         return {flatten_block_chunks(strip_wrappers(k)): v for k, v in obj["teacher"].items()}
-    backbone, _ = extract_state_dict(obj, key)
+    backbone, _ = extract_state_dict(obj)
     return {f"backbone.{k}": v for k, v in backbone.items()}
 
 
-def build(config, make_backbone, source=None) -> DINOv2Objective:
+def build(config, source=None) -> DINOv2Objective:
     c = config.objective
-    student = make_backbone("student")
+    student = build_backbone(config.model)
     if not c.distillation.enabled:
-        return DINOv2Objective(c, student, make_backbone("teacher"), config.train.seed)
+        return DINOv2Objective(c, student, build_backbone(config.model, stochastic_depth=False), config.train.seed)
     d = c.distillation
     if not d.teacher_checkpoint:
         raise InputError("objective.distillation.teacher_checkpoint is not set: the frozen teacher's weights (a "
                          "DINOv2 teacher_checkpoint.pth, a dinov2_*_pretrain.pth backbone, or a distill run)")
-    from distill.models import create_backbone
-    from distill.models.checkpoint import adapt_to_model, mismatch_report
-    from distill.errors import CheckpointError
-
     teacher = create_backbone(d.teacher_backbone, **d.teacher_overrides)
-    state = _teacher_state(d.teacher_checkpoint, None)
-    backbone_state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
-    backbone_state, _ = adapt_to_model(backbone_state, teacher)
-    problem = mismatch_report(backbone_state, teacher, d.teacher_checkpoint)
-    if problem:
-        raise CheckpointError(problem)
-    state = {**{k: v for k, v in state.items() if not k.startswith("backbone.")},
-             **{f"backbone.{k}": v for k, v in backbone_state.items()}}
-    return DINOv2Objective(c, student, teacher, config.train.seed, teacher_state=state)
+    weights = _teacher_weights(d.teacher_checkpoint)
+    load_state(teacher, {k[len("backbone."):]: v for k, v in weights.items() if k.startswith("backbone.")},
+               d.teacher_checkpoint)
+    heads = {k: v for k, v in weights.items() if not k.startswith("backbone.")}
+    return DINOv2Objective(c, student, teacher, config.train.seed, teacher_heads=heads)

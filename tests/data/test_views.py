@@ -8,7 +8,8 @@ from PIL import Image, ImageOps
 
 from distill.data import augment
 from distill.data.datasets import ArrayImages, FileImages
-from distill.data.loader import build_loader, derived_generator
+from distill.data.loader import build_loader
+from distill.seeds import derived_generator
 from distill.data.views import MultiCrop, MultiCropConfig
 from distill.errors import InputError
 

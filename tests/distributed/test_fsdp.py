@@ -8,7 +8,6 @@ import torch
 from distill.engine.checkpointing import LATEST
 from distill.engine.sharding import shard_units
 from distill.engine.train_config import load_train_config
-from distill.engine.trainer import Trainer
 from distill.errors import InputError
 from distill.models import read_checkpoint
 from distill.models.classifiers import create_classifier
@@ -91,7 +90,7 @@ def test_sharded_bf16_gathers_bf16_and_keeps_fp32_weights(tmp_path):
 
 def test_shard_units_cover_every_trained_parameter_and_leave_frozen_teachers_whole(tmp_path):
     config = load_train_config(None, DINOV2 + [f"train.output_dir={tmp_path}"])
-    objective = build_objective(config, Trainer(config)._make_backbone, None)
+    objective = build_objective(config)
     units = shard_units(objective)
     assert sum(isinstance(u, Block) for u in units) == 4 and sum(isinstance(u, VisionTransformer) for u in units) == 2
     covered = {id(p) for u in units for p in u.parameters()}
@@ -105,7 +104,7 @@ def test_shard_units_cover_every_trained_parameter_and_leave_frozen_teachers_who
         deit = load_train_config(None, ["objective.name=deit", f"model.backbone={student}", "objective.num_classes=10",
                                         "objective.distillation_type=hard", "objective.teacher.name=timm:resnet10t",
                                         f"objective.teacher.weights={teacher}"])
-        objective = build_objective(deit, Trainer(deit)._make_backbone, None)
+        objective = build_objective(deit)
         units = shard_units(objective)
         covered = {id(p) for u in units for p in u.parameters()}
         assert all(id(p) in covered for p in objective.student.parameters())

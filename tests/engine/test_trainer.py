@@ -14,7 +14,7 @@ from distill.cli import main
 from distill.engine.checkpointing import LATEST, save_atomic
 from distill.engine.trainer import Trainer, TrainingDiverged
 from distill.errors import InputError
-from distill.models import create_backbone, read_checkpoint
+from distill.models import read_checkpoint
 from tests.tiny_dino import losses
 
 
@@ -115,10 +115,8 @@ def _inject_nan_at(trainer, step):
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tiny_config, tmp_path):
     trainer = Trainer(tiny_config(tmp_path, "train.checkpoint_every_minutes=0", "train.max_steps=8"))
-    trainer._setup()
-    trainer._build_monitor = lambda: None
+    trainer.setup()
     _inject_nan_at(trainer, 4)
-    trainer._setup = lambda: None
     with pytest.raises(TrainingDiverged, match=r"the loss is nan at step 4 .*last good checkpoint .* untouched"):
         trainer.run()
     assert (tmp_path / LATEST).read_bytes() == trainer.saved_before_nan
@@ -128,9 +126,8 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tiny_confi
 def test_nan_policy_skip_skips_the_step_and_training_goes_on(tiny_config, tmp_path):
     trainer = Trainer(tiny_config(tmp_path, "train.nan_policy=skip", "train.max_steps=8",
                                   "train.checkpoint_every_minutes=0"))
-    trainer._setup()
+    trainer.setup()
     _inject_nan_at(trainer, 4)
-    trainer._setup = lambda: None
     results = trainer.run()
     assert results["skipped_steps"] == 1 and results["steps"] == 8
     state = read_checkpoint(tmp_path / LATEST)["objective"]
@@ -146,7 +143,7 @@ def test_bad_config_and_bad_data_fail_before_training(tmp_path, capsys, tiny_ove
     assert "no image files" in capsys.readouterr().err
     assert not (tmp_path / "run" / LATEST).exists()
     with pytest.raises(InputError, match="one optimizer step needs 512 images"):
-        Trainer(load_cfg(tiny_overrides, tmp_path / "big", "data.batch_size=512"))._setup()
+        Trainer(load_cfg(tiny_overrides, tmp_path / "big", "data.batch_size=512")).setup()
 
 
 def load_cfg(tiny_overrides, folder, *extra):
@@ -169,23 +166,17 @@ def test_corrupt_files_are_skipped_and_listed(tmp_path, tiny_overrides):
     assert (run / "unreadable_images.txt").read_text().strip() == str(tmp_path / "bad.png")
 
 
-def test_export_is_the_official_dino_layout(tiny_config, tmp_path):
-    Trainer(tiny_config(tmp_path, "train.max_steps=3")).run()
-    exported = torch.load(tmp_path / "teacher_backbone.pth", weights_only=True)
-    assert "mask_token" not in exported and "pos_embed" in exported and "blocks.0.attn.qkv.weight" in exported
-    dims = dict(depth=2, embed_dim=32, num_heads=2, patch_size=4, img_size=16, in_chans=1)
-    official_like = create_backbone("dino_vits16", pretrained=str(tmp_path / "teacher_backbone.pth"), **dims).eval()
-    from distill.eval.loading import load_backbone
-
-    teacher, _ = load_backbone(str(tmp_path / LATEST))
-    x = torch.randn(2, 1, 16, 16)
-    with torch.no_grad():
-        assert torch.equal(official_like(x), teacher(x))
+@pytest.fixture
+def sigterm_restored():
+    """The SIGTERM handler of the test process as it was, whatever the test did to it and however it ended."""
+    previous = signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, previous)
 
 
-def test_signal_checkpoints_and_stops(tiny_config, tmp_path):
+def test_signal_checkpoints_and_stops(tiny_config, tmp_path, sigterm_restored):
     trainer = Trainer(tiny_config(tmp_path, "train.max_steps=12"))
-    trainer._setup()
+    trainer.setup()
     forward = trainer.objective.forward
 
     def signalled(batch, info):
@@ -194,10 +185,8 @@ def test_signal_checkpoints_and_stops(tiny_config, tmp_path):
         return forward(batch, info)
 
     trainer.objective.forward = signalled
-    trainer._setup = lambda: None
     results = trainer.run()
     assert results["steps"] == 6 and read_checkpoint(tmp_path / LATEST)["step"] == 6
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def test_a_fresh_run_never_overwrites_an_existing_checkpoint(tiny_config, tmp_path):
@@ -223,48 +212,33 @@ def test_gradient_accumulation_steps_over_several_batches(tiny_config, tmp_path)
     results = trainer.run()
     assert trainer.steps_per_epoch == 8 and trainer.global_batch == 32 and results["steps"] == 3
     # the learning rate scales with the accumulated batch: 1e-3 * 32 / 256 at the end of warm-up
-    assert trainer._scaled_lr() == pytest.approx(1e-3 * 32 / 256)
+    assert trainer.scaled_lr() == pytest.approx(1e-3 * 32 / 256)
 
 
 def test_time_budget_is_fitted_again_to_the_recent_pace(tiny_config, tmp_path):
     """The first fit sees slow early steps; later fits follow the faster pace, never past the configured epochs."""
     trainer = Trainer(tiny_config(tmp_path, "train.time_limit_minutes=1", "train.epochs=100"))
-    trainer._setup()
+    trainer.setup()
     assert trainer.configured_steps == trainer.total_steps == 1600
-    trainer.budget_fits, trainer.budget_window = 0, [0, 0.0]
 
     def run_for(steps, seconds_per_step):
         for _ in range(steps):
             trainer.step += 1
             trainer.train_seconds += seconds_per_step
-            trainer.budget_window[0] += 1
-            trainer.budget_window[1] += seconds_per_step
-            trainer._maybe_fit_budget()
+            trainer.budget.record(seconds_per_step)
+            trainer.fit_budget()
 
     run_for(10, 0.5)  # probe: 5 s spent at 0.5 s/step, 55 s left -> 110 more steps
-    assert trainer.total_steps == 120 and trainer.budget_fits == 1
+    assert trainer.total_steps == 120 and trainer.budget.fits == 1
     run_for(10, 0.001)  # past 5% of the budget: this fast a pace would pass the configured 100 epochs, which cap it
-    assert trainer.budget_fits == 2 and trainer.total_steps == trainer.configured_steps
+    assert trainer.budget.fits == 2 and trainer.total_steps == trainer.configured_steps
     assert len(trainer.lr_schedule) == trainer.total_steps
     run_for(10, 0.5)  # past 15%: slower again, the plan shrinks to 30 + 49.99 / 0.5 steps
-    assert trainer.budget_fits == 3 and abs(trainer.total_steps - 129) <= 1
+    assert trainer.budget.fits == 3 and abs(trainer.total_steps - 129) <= 1
     run_for(20, 0.5)  # past 30% at step 46 (18.01 s): 46 + 41.99 / 0.5 steps
-    assert trainer.budget_fits == 4 and abs(trainer.total_steps - 129) <= 1
+    assert trainer.budget.fits == 4 and abs(trainer.total_steps - 129) <= 1
     run_for(40, 0.5)  # past 60% at step 82 (36.01 s): 82 + 23.99 / 0.5 steps
-    assert trainer.budget_fits == 5 and abs(trainer.total_steps - 129) <= 1
+    assert trainer.budget.fits == 5 and abs(trainer.total_steps - 129) <= 1
     planned = trainer.total_steps
     run_for(20, 0.01)  # no fits after the last share
-    assert trainer.budget_fits == 5 and trainer.total_steps == planned
-
-
-def test_dino_last_layer_stays_frozen_for_its_epochs_then_trains(tiny_config, tmp_path):
-    trainer = Trainer(tiny_config(tmp_path, "train.max_steps=20", "objective.freeze_last_layer_epochs=1"))
-    trainer._setup()
-    head = trainer.objective.student.head
-    start = head.last_layer.weight_v.detach().clone()
-    trainer.config.train.max_steps = 16  # one epoch of 16 steps: frozen throughout
-    trainer.train()
-    assert torch.equal(head.last_layer.weight_v, start) and trainer.step == 16
-    trainer.config.train.max_steps, trainer.stop_reason = 20, None
-    trainer.train()  # resumes from the epoch-end checkpoint; the freeze is over
-    assert not torch.equal(head.last_layer.weight_v, start)
+    assert trainer.budget.fits == 5 and trainer.total_steps == planned

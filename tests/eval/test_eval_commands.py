@@ -15,7 +15,7 @@ from distill.models import create_backbone
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
-    from tests.engine.conftest import TINY
+    from tests.tiny_dino import UNIT_RUN as TINY
     from distill.engine.train_config import load_train_config
 
     folder = tmp_path_factory.mktemp("run")

@@ -1,4 +1,4 @@
-"""DeiT's loss against REFERENCE.md's definitions, on fixed tensors."""
+"""DeiT's loss against its definitions (Touvron et al. 2021; facebookresearch/deit losses.py), on fixed tensors."""
 
 import math
 

@@ -1,4 +1,5 @@
-"""DINO's loss against REFERENCE.md's definition, on fixed tensors."""
+"""DINO's loss against its definition (Caron et al. 2021; facebookresearch/dino main_dino.py, DINOLoss), on fixed
+tensors."""
 
 import math
 

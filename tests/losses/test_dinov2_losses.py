@@ -1,5 +1,6 @@
-"""DINOv2's loss terms against REFERENCE.md, on fixed tensors: iBOT (also with unmasked images), KoLeo (also a
-batch of one), Sinkhorn-Knopp, and the DINO term's normalisation with local crops."""
+"""DINOv2's loss terms against their definitions (Oquab et al. 2023; facebookresearch/dinov2 dinov2/loss/), on
+fixed tensors: iBOT (also with unmasked images), KoLeo (also a batch of one), Sinkhorn-Knopp, and the DINO term's
+normalisation with local crops."""
 
 import math
 

@@ -1,4 +1,5 @@
-"""State dicts written in each official layout (REFERENCE.md) load strictly and give the source model's outputs."""
+"""State dicts written in each official layout (the DINO, DeiT and DINOv2 releases, their training checkpoints, timm)
+load strictly and give the source model's outputs."""
 
 import argparse
 from pathlib import Path

@@ -1,5 +1,6 @@
-"""The ViT's behaviour against REFERENCE.md: token layout, both position-embedding conventions, masks,
-multi-crop lists, intermediate layers, heads, and clear errors on bad input."""
+"""The ViT's behaviour against the official models (facebookresearch/dino vision_transformer.py,
+facebookresearch/dinov2 dinov2/models/vision_transformer.py, timm's deit.py): token layout, both position-embedding
+conventions, masks, multi-crop lists, intermediate layers, heads, and clear errors on bad input."""
 
 import math
 

@@ -49,10 +49,9 @@ def distilled(teacher_file, kind="hard"):
 
 def test_the_teacher_never_changes_and_gets_no_gradients(teacher_file, tmp_path):
     trainer = Trainer(deit_config(tmp_path, "train.max_steps=6", *distilled(teacher_file)))
-    trainer._setup()
+    trainer.setup()
     teacher = trainer.objective.teacher
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    trainer.monitor, trainer.validation = None, trainer._build_validation()
     trainer.train()
     assert trainer.step == 6 and all(torch.isfinite(torch.tensor(trainer.losses)))
     assert not teacher.training  # the trainer puts the objective in train mode; the teacher stays in eval mode
@@ -101,7 +100,7 @@ def test_renormalisation_for_a_teacher_with_other_statistics_channels_and_size()
 def test_the_teacher_sees_renormalised_images(teacher_file, tmp_path):
     config = deit_config(tmp_path, *distilled(teacher_file), "objective.teacher.mean=[0.5]",
                          "objective.teacher.std=[0.25]", "objective.teacher.img_size=32", "objective.num_classes=10")
-    objective = build(config, None, None)
+    objective = build(config)
     seen = []
     objective.teacher.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
     images = torch.rand(2, 1, 28, 28)
@@ -147,7 +146,7 @@ def test_a_224_checkpoint_fine_tunes_at_384_with_both_heads(tmp_path):
         "objective.name=deit", "model.backbone=deit_base_distilled_patch16_384", f"model.pretrained={path}",
         "model.overrides={depth: 1, embed_dim: 192, num_heads: 3}", "objective.num_classes=10", "objective.views.input_size=384",
         "objective.mixup=0", "objective.cutmix=0"])
-    objective = build(config, None, None)
+    objective = build(config)
     student = objective.student
     assert student.pos_embed.shape == (1, 2 + 24 * 24, 192)
     assert torch.equal(student.head.weight, source.head.weight)
@@ -166,7 +165,7 @@ def test_transfer_from_a_dino_backbone_makes_new_heads_and_a_distillation_token(
     config = load_train_config(None, [
         "objective.name=deit", "model.backbone=deit_small_distilled_patch16_224", f"model.pretrained={path}",
         "model.overrides={depth: 1}", "objective.num_classes=7", "objective.new_heads=true"])
-    student = build(config, None, None).student
+    student = build(config).student
     assert student.head.weight.shape == (7, 384) and student.head_dist.weight.shape == (7, 384)
     assert torch.equal(student.blocks[0].attn.qkv.weight, dino.blocks[0].attn.qkv.weight)
     assert torch.equal(student.dist_token, dino.cls_token)
@@ -207,6 +206,6 @@ def test_bad_teachers_fail_before_training(problem, match, teacher_file, tmp_pat
 
 def test_no_teacher_weights_is_a_clear_error(tmp_path):
     with pytest.raises(InputError, match="teacher.weights is not set"):
-        build(deit_config(tmp_path, "objective.distillation_type=hard", "objective.num_classes=10"), None, None)
+        build(deit_config(tmp_path, "objective.distillation_type=hard", "objective.num_classes=10"))
     with pytest.raises(CheckpointError, match="does not exist"):
         create_classifier("test_resnet", 10, weights=str(tmp_path / "missing.pth"))

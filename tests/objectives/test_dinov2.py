@@ -62,7 +62,7 @@ def test_distillation_from_a_frozen_larger_teacher(tmp_path):
               "img_size: 16, in_chans: 1}", f"objective.distillation.teacher_checkpoint={checkpoint}",
               "objective.distillation.student_ema_momentum=0.5"]
     trainer = Trainer(config(tmp_path / "student", "train.max_steps=3", *distil))
-    trainer._setup()
+    trainer.setup()
     objective = trainer.objective
     saved = torch.load(checkpoint, weights_only=False)["objective"]
     teacher_before = {k: v.clone() for k, v in objective.teacher.state_dict().items()}
@@ -82,7 +82,7 @@ def test_distillation_from_a_frozen_larger_teacher(tmp_path):
 
 def test_distillation_without_a_teacher_file_is_a_clear_error(tmp_path):
     with pytest.raises(InputError, match="teacher_checkpoint is not set"):
-        Trainer(config(tmp_path, "objective.distillation.enabled=true"))._setup()
+        Trainer(config(tmp_path, "objective.distillation.enabled=true")).setup()
 
 
 def test_layerwise_decay_and_patch_embedding_multiplier():
@@ -104,7 +104,7 @@ def test_layerwise_decay_and_patch_embedding_multiplier():
 def test_packed_crops_give_the_same_loss_and_gradients(tmp_path):
     trainer = Trainer(config(tmp_path, "model.overrides={depth: 2, embed_dim: 32, num_heads: 2, patch_size: 4, "
                                        "img_size: 16, in_chans: 1, drop_path_rate: 0.0}"))
-    trainer._setup()
+    trainer.setup()
     objective = trainer.objective
     batch = next(iter(trainer.loader))
     from distill.objectives.base import StepInfo
@@ -130,7 +130,7 @@ def test_packed_crops_give_the_same_loss_and_gradients(tmp_path):
 def test_last_layers_of_both_heads_stay_frozen_for_their_epochs(tmp_path):
     trainer = Trainer(config(tmp_path, "train.max_steps=3", "objective.separate_heads=true",
                              "objective.ibot_out_dim=48", "objective.freeze_last_layer_epochs=1"))
-    trainer._setup()
+    trainer.setup()
     student = trainer.objective.student
     before = {n: p.detach().clone() for n, p in student.named_parameters()}
     trainer.train()

@@ -5,6 +5,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from distill.errors import InputError
 from distill.models.layers.attention import Attention, PackedLayout
 from distill.models.layers.drop_path import DropPath
 from distill.models.layers.layer_scale import LayerScale
@@ -41,7 +42,7 @@ class Block(nn.Module):
     ) -> None:
         super().__init__()
         if drop_path_mode not in DROP_PATH_MODES:
-            raise ValueError(f"drop_path_mode {drop_path_mode!r}: choose one of {', '.join(DROP_PATH_MODES)}")
+            raise InputError(f"drop_path_mode {drop_path_mode!r}: choose one of {', '.join(DROP_PATH_MODES)}")
         self.drop_prob, self.drop_path_mode = drop_path, drop_path_mode
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, backend=attn_backend)
@@ -53,7 +54,7 @@ class Block(nn.Module):
         elif ffn_layer == "swiglu":
             self.mlp = SwiGLU(dim, swiglu_hidden_features(dim, mlp_ratio))
         else:
-            raise ValueError(f"unknown ffn_layer {ffn_layer!r}: choose one of {', '.join(FFN_LAYERS)}")
+            raise InputError(f"unknown ffn_layer {ffn_layer!r}: choose one of {', '.join(FFN_LAYERS)}")
         self.ls2 = LayerScale(dim, layerscale_init) if layerscale_init else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 

@@ -5,12 +5,12 @@ from typing import List
 import torch
 from torch import nn
 
+from distill.distributed import is_sharded, local
+
 
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     """teacher <- momentum * teacher + (1 - momentum) * student, for every parameter (matched by name)."""
-    from distill.engine.sharding import is_sharded, local
-
     teacher_params: List[torch.Tensor] = []
     student_params: List[torch.Tensor] = []
     student_named = dict(student.named_parameters())

@@ -1,9 +1,22 @@
-"""The few torch.distributed facts the rest of the code needs, valid with or without a process group."""
+"""The few torch.distributed facts and collectives the rest of the code needs, valid with or without a process
+group (one process: each is the identity or the obvious constant)."""
 
-from typing import List, Tuple
+from typing import Any, List, Tuple
 
 import torch
 import torch.distributed as dist
+
+
+def is_sharded(tensor: Any) -> bool:
+    """A tensor cut across ranks (a DTensor, as fully sharded training makes them)."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a sharded tensor; a plain tensor as it is."""
+    return tensor.to_local() if is_sharded(tensor) else tensor
 
 
 def is_initialized() -> bool:

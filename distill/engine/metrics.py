@@ -8,12 +8,6 @@ from typing import Any, Dict, List, Optional
 logger = logging.getLogger(__name__)
 
 
-def configure_logging(verbose: bool = False) -> None:
-    """The console format of every command and job: time, logger, message; INFO (DEBUG when verbose)."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-
-
 class MetricsWriter:
     """Appends one JSON object per logged step to metrics.jsonl; mirrors scalars to TensorBoard if present."""
 

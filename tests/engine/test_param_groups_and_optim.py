@@ -1,0 +1,49 @@
+"""Parameter groups (weight decay, layer-wise decay), learning-rate and weight-decay setting, and LARS against
+their definitions."""
+
+import torch
+from torch import nn
+
+from distill.engine.optim import LARS, set_lr_and_wd
+from distill.engine.param_groups import names_without_decay, param_groups
+from distill.models import create_backbone
+from distill.models.heads import DINOHead
+
+
+def test_no_weight_decay_for_biases_and_one_dimensional_parameters():
+    model = create_backbone("vit_tiny", depth=1, layerscale_init=1e-5)
+    head = DINOHead(192, out_dim=10, hidden_dim=16, bottleneck_dim=8)
+    net = nn.ModuleDict({"backbone": model, "head": head})
+    groups = param_groups(net)
+    spared = set(names_without_decay(net, groups))
+    for name, param in net.named_parameters():
+        if not param.requires_grad:
+            assert name not in spared and all(param is not p for g in groups for p in g["params"])
+        elif name.endswith(".bias") or param.ndim == 1:
+            assert name in spared, name
+        else:
+            assert name not in spared, name
+    assert "backbone.blocks.0.ls1.gamma" in spared and "backbone.pos_embed" not in spared  # DINO decays tokens
+    timm_style = set(names_without_decay(net, param_groups(net, exclude_tokens=True)))
+    assert {"backbone.pos_embed", "backbone.cls_token", "backbone.mask_token"} <= timm_style
+
+
+def test_set_lr_and_wd_applies_decay_only_where_allowed():
+    model = nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(param_groups(model))
+    set_lr_and_wd(optimizer, 0.1, 0.05)
+    by_decay = {g["apply_wd"]: g for g in optimizer.param_groups}
+    assert by_decay[True]["weight_decay"] == 0.05 and by_decay[False]["weight_decay"] == 0.0
+    assert all(g["lr"] == 0.1 for g in optimizer.param_groups)
+
+
+def test_lars_step_is_the_definition():
+    weight = nn.Parameter(torch.tensor([[3.0, 4.0]]))  # norm 5
+    bias = nn.Parameter(torch.tensor([1.0]))
+    weight.grad, bias.grad = torch.tensor([[0.6, 0.8]]), torch.tensor([0.5])
+    optimizer = LARS([weight, bias], lr=0.1, weight_decay=0.1, momentum=0.9, eta=0.001)
+    optimizer.step()
+    update = torch.tensor([[0.6, 0.8]]) + 0.1 * torch.tensor([[3.0, 4.0]])  # grad + wd * w
+    trust = 0.001 * 5.0 / update.norm()
+    assert torch.allclose(weight.data, torch.tensor([[3.0, 4.0]]) - 0.1 * trust * update)
+    assert torch.allclose(bias.data, torch.tensor([1.0 - 0.1 * 0.5]))  # 1-D: no decay, no adaptation
