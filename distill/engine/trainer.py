@@ -26,6 +26,7 @@ from distill.config import save_config
 from distill.data.datasets import build_image_source
 from distill.data.loader import build_loader
 from distill.engine import checkpointing, sharding
+from distill.engine.budget import BUDGET_WARMUP_STEPS, TimeBudget
 from distill.engine.evaluation import RunEvaluation, flatten_knn
 from distill.engine.metrics import MetricsWriter, plot_loss_curve, read_metrics
 from distill.engine.optim import build_optimizer, set_lr_and_wd
@@ -42,46 +43,9 @@ from distill.schedules import cosine_schedule, epochs_to_steps
 
 logger = logging.getLogger(__name__)
 
-BUDGET_WARMUP_STEPS = 3  # first steps pay one-time costs (allocations, compilation): not timed
-BUDGET_PROBE_STEPS = 10  # steps timed to fit the schedule into a time budget
-BUDGET_REFIT_AT = (0.05, 0.15, 0.3, 0.6)  # shares of the budget after which the plan is fitted again to the recent pace
-
 
 class TrainingDiverged(DistillError):
     """The loss or the gradients stopped being finite."""
-
-
-@dataclass
-class TimeBudget:
-    """train.time_limit_minutes as a plan: the first fit after BUDGET_PROBE_STEPS timed steps; early steps are often
-    slower (workers and caches warming up), so the plan is fitted again after each share of the budget in
-    BUDGET_REFIT_AT to the pace of the steps timed since the last fit. A resumed run keeps the plan it made when
-    it started (close())."""
-
-    limit_seconds: float
-    fits: int = 0  # plans fitted so far
-    window_steps: int = 0  # steps timed since the last fit
-    window_seconds: float = 0.0
-    pace: float = 0.0  # seconds per step at the last fit
-
-    def record(self, seconds: float) -> None:
-        self.window_steps += 1
-        self.window_seconds += seconds
-
-    def close(self) -> None:
-        self.fits = len(BUDGET_REFIT_AT) + 1
-
-    def steps_that_fit(self, step: int, train_seconds: float) -> Optional[int]:
-        """When a fit is due: the number of steps in all that fit the budget at the recent pace (the window is
-        then started again); None when no fit is due."""
-        if self.limit_seconds <= 0 or self.fits > len(BUDGET_REFIT_AT) or self.window_steps < BUDGET_PROBE_STEPS:
-            return None
-        if self.fits and train_seconds < BUDGET_REFIT_AT[self.fits - 1] * self.limit_seconds:
-            return None
-        self.pace = self.window_seconds / self.window_steps
-        self.fits += 1
-        self.window_steps, self.window_seconds = 0, 0.0
-        return step + int((self.limit_seconds - train_seconds) / self.pace)
 
 
 @dataclass
