@@ -6,40 +6,70 @@
     distill-curate sample --clusters clusters/ --target 100000 --output curated.txt
     distill-curate retrieve --seed seed_emb/ --pool emb/ --n 4 --output retrieved.txt
 
-Selections are written as file lists (one path per line), which `distill train` reads with
-data.dataset.kind=filelist.
+Selections are written as file lists (`distill.data.filelists`: absolute paths, any bytes), which `distill train`
+reads with data.dataset.kind=filelist.
 """
 
 import argparse
 import json
 import logging
+import os
+import re
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 
+from distill.data.filelists import read_paths, readable_name, write_file_list
 from distill.logs import configure_logging
 from distill.errors import DistillError, InputError
 
 logger = logging.getLogger("data_curation")
 
 
+def _keep_forms(listing: str) -> List[List[str]]:
+    """The names of a --keep list, each with the forms it may have in a store: as written, and a relative one
+    also taken from the list's folder (as the trainer reads it)."""
+    folder = os.path.dirname(os.path.abspath(listing))
+    forms = []
+    for name in read_paths(listing):
+        forms.append([name] if os.path.isabs(name) or name.startswith("fashion_mnist/") else
+                     [name, os.path.join(folder, name)])
+    return forms
+
+
 def _select(folder: str, memory_gb: float, keep: Optional[str] = None):
     """(rows, paths): usable embeddings of a store, in memory or streamed (see embeddings.select)."""
     from data_curation.embeddings import select
 
-    if keep is not None and not Path(keep).is_file():
-        raise InputError(f"--keep {keep} does not exist: give the kept.txt of `distill-curate dedup`")
-    return select(folder, memory_gb, Path(keep).read_text().splitlines() if keep else None)
+    if keep is None:
+        return select(folder, memory_gb)
+    if not Path(keep).is_file():
+        raise InputError(f"--keep {readable_name(keep)} does not exist: give the kept.txt of `distill-curate dedup`")
+    forms = _keep_forms(keep)
+    rows, paths = select(folder, memory_gb, [name for names in forms for name in names])
+    found = set(paths)
+    missing = sum(1 for names in forms if not any(name in found for name in names))
+    if missing:
+        logger.warning("%d of the %d paths of --keep %s are not among the usable embeddings of %s", missing,
+                       len(forms), readable_name(keep), readable_name(folder))
+    return rows, paths
 
 
 def _write_list(path: str, paths: List[str]) -> None:
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text("".join(f"{p}\n" for p in paths))
-    tmp.replace(out)
+    write_file_list(path, paths)
+
+
+def _compatible(first: str, second: str, what: str) -> None:
+    """Two stores whose rows are compared: the same dimension, and (where they record it) the same model."""
+    from data_curation.embeddings import EmbeddingStore, same_space
+
+    a, b = EmbeddingStore(first), EmbeddingStore(second)
+    if a.dim != b.dim:
+        raise InputError(f"{readable_name(first)} holds embeddings of dimension {a.dim}, {what} "
+                         f"{readable_name(second)} of dimension {b.dim}: embed both with the same model")
+    same_space(a.source, b.source, first, second)
 
 
 class EmbedPart:
@@ -61,38 +91,46 @@ def cmd_embed(args) -> None:
     kwargs = dict(data=args.data, output=args.output, checkpoint=args.checkpoint, backbone=args.backbone,
                   split=args.split, shard_size=args.shard_size, batch_size=args.batch_size, device=args.device,
                   npy=args.npy, limit=args.limit, flip_average=args.flip_average, parts=args.parts,
-                  precision=args.precision, workers=args.workers)
+                  precision=args.precision, workers=args.workers, overwrite=args.overwrite)
     if args.submit:
-        from distill.launch.slurm import Resources, check_cluster, make_executor
+        from data_curation.embeddings import EmbeddingStore
+        from distill.launch.slurm import Resources, check_cluster, check_local, make_executor, submit_or_explain
 
         if args.parts < 2:
             raise InputError("--submit runs one task per part: give --parts N (N >= 2)")
         resources = Resources(timeout_min=args.timeout, partition=args.partition, cpus_per_task=args.cpus_per_task,
                               gpus_per_node=args.gpus_per_node, tasks_per_node=1)
-        if args.submit == "slurm":
-            check_cluster(resources)
-        executor = make_executor(Path(args.output) / "jobs", resources, local=args.submit == "local")
+        check_cluster(resources) if args.submit == "slurm" else check_local(resources)
+        if args.overwrite:  # the whole array starts again: every part of the folder goes, then each task starts
+            EmbeddingStore(args.output).clear()
+            kwargs["overwrite"] = False
+        jobs_folder = Path(args.output) / "jobs"
+        executor = make_executor(jobs_folder, resources, local=args.submit == "local")
         executor.update_parameters(name="distill-curate-embed")
-        jobs = executor.map_array(EmbedPart(**kwargs), list(range(args.parts)))
+        jobs = submit_or_explain(lambda: executor.map_array(EmbedPart(**kwargs), list(range(args.parts))),
+                                 jobs_folder)
         print(f"submitted job array {jobs[0].job_id.split('_')[0]}: {len(jobs)} tasks, one part each, into "
               f"{args.output}/part_*; logs in {args.output}/jobs/")
         if args.wait:
             print(f"{sum(job.result() for job in jobs)} embeddings in {args.output}")
         return
     written = embed_images(**kwargs, part=args.part)
-    print(f"{written} embeddings in {args.output}" + (f"/part_{args.part:04d}" if args.parts > 1 else ""))
+    where = readable_name(args.output) + (f"/part_{args.part:04d}" if args.parts > 1 else "")
+    print(f"{written} embeddings in {where}")
 
 
 def cmd_dedup(args) -> None:
     from data_curation.dedup import deduplicate, far_from
     from data_curation.pictures import duplicate_grid
 
+    if args.against:
+        _compatible(args.embeddings, args.against, "the evaluation set")
     rows, paths = _select(args.embeddings, args.memory_gb)
     kept, groups = deduplicate(rows, args.threshold, args.k, args.exact_below)
     if args.against:
         reference, _ = _select(args.against, args.memory_gb)
         far = far_from(rows.subset(kept), reference, args.threshold)
-        print(f"removed {len(kept) - len(far)} images too close to {args.against}")
+        print(f"removed {len(kept) - len(far)} images too close to {readable_name(args.against)}")
         kept = kept[far]
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -101,11 +139,12 @@ def cmd_dedup(args) -> None:
     (out / "groups.json").write_text(json.dumps(named, indent=1))
     if named and args.grid:
         duplicate_grid(out / "duplicate_groups.png", named)
-    print(f"kept {len(kept)} of {len(paths)} images; {len(groups)} duplicate groups -> {out}/kept.txt, groups.json"
-          + (", duplicate_groups.png" if named and args.grid else ""))
+    print(f"kept {len(kept)} of {len(paths)} images; {len(groups)} duplicate groups -> "
+          f"{readable_name(str(out))}/kept.txt, groups.json" + (", duplicate_groups.png" if named and args.grid else ""))
 
 
 def cmd_cluster(args) -> None:
+    from data_curation.embeddings import EmbeddingStore
     from data_curation.kmeans import hierarchical_kmeans, leaf_of_top
     from data_curation.pictures import cluster_sizes
 
@@ -114,32 +153,80 @@ def cmd_cluster(args) -> None:
                                  args.seed, args.gpu, args.sample_per_centroid)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob("level*_*.npy"):  # the levels of an earlier clustering into this folder would be read too
+        match = re.fullmatch(r"level(\d+)_(assignment|centroids)\.npy", stale.name)
+        if match and int(match.group(1)) > len(levels):
+            stale.unlink()
     for number, (level, assignment) in enumerate(zip(levels, leaf_of_top(levels)), start=1):
         np.save(out / f"level{number}_centroids.npy", level.centroids)
         np.save(out / f"level{number}_assignment.npy", assignment)
     np.save(out / "distances.npy", levels[0].distances)
     _write_list(str(out / "paths.txt"), paths)
+    store = EmbeddingStore(args.embeddings)  # what the clusters are of: retrieve --clusters checks its seed set
+    (out / EMBEDDINGS_RECORD).write_text(json.dumps({"embeddings": os.path.abspath(args.embeddings), "dim": store.dim,
+                                                     "source": store.source}, indent=1))
     sizes = np.bincount(levels[0].assignment, minlength=len(levels[0].centroids))
     cluster_sizes(out / "cluster_sizes.png", sizes, title=f"{len(paths)} images in {len(sizes)} clusters")
-    print(f"{len(paths)} images in levels of {', '.join(str(k) for k in args.levels)} clusters -> {out} "
+    print(f"{len(paths)} images in levels of {', '.join(str(k) for k in args.levels)} clusters -> "
+          f"{readable_name(str(out))} "
           f"(largest cluster {sizes.max()}, smallest {sizes.min()}; cluster_sizes.png)")
 
 
-def _levels(folder: Path) -> List[np.ndarray]:
-    levels = sorted(folder.glob("level*_assignment.npy"), key=lambda p: int(p.name[5:].split("_")[0]))
+EMBEDDINGS_RECORD = "embeddings.json"
+
+
+def _clusters(folder: Path, distances: bool = False, centroids: bool = False) -> Dict[str, object]:
+    """The files of a `cluster` output, checked against each other: {"assignments" (one array a level, finest
+    first), "paths", and with the flags "distances" and "centroids" (of level 1), "record" (embeddings.json)}."""
+    from data_curation.embeddings import load_array, read_listing
+
+    numbered = {int(m.group(1)): p for p in folder.glob("level*_assignment.npy")
+                if (m := re.fullmatch(r"level(\d+)_assignment\.npy", p.name))}
+    levels = [numbered[n] for n in sorted(numbered)]
     if not levels or not (folder / "paths.txt").is_file():
-        raise InputError(f"no level*_assignment.npy and paths.txt in {folder}: run `distill-curate cluster` first")
-    return [np.load(p) for p in levels]
+        raise InputError(f"no level*_assignment.npy and paths.txt in {readable_name(str(folder))}: run "
+                         "`distill-curate cluster` first")
+    fix = "run `distill-curate cluster` again into a new folder"
+    if sorted(numbered) != list(range(1, len(levels) + 1)):
+        raise InputError(f"{readable_name(str(folder))} holds the levels {sorted(numbered)}, not 1 to {len(levels)}: "
+                         f"{fix}")
+    paths = read_listing(folder / "paths.txt")
+    out: Dict[str, object] = {"paths": paths, "assignments": [], "record": None}
+    for level in levels:
+        assignment = load_array(level, "cluster assignment", fix)
+        if assignment.ndim != 1 or assignment.dtype.kind not in "iu" or len(assignment) != len(paths) or (
+                len(assignment) and assignment.min() < 0):
+            raise InputError(f"{readable_name(str(level))} holds {assignment.dtype} {list(assignment.shape)}, not one "
+                             f"cluster number for each of the {len(paths)} paths of paths.txt: {fix}")
+        out["assignments"].append(assignment)
+    if distances:
+        values = load_array(folder / "distances.npy", "cluster distances", fix)
+        if values.shape != (len(paths),):
+            raise InputError(f"{readable_name(str(folder / 'distances.npy'))} holds {list(values.shape)} values for "
+                             f"{len(paths)} paths: {fix}")
+        out["distances"] = values
+    if centroids:
+        values = load_array(folder / "level1_centroids.npy", "centroids", fix)
+        clusters = int(out["assignments"][0].max()) + 1 if len(paths) else 0
+        if values.ndim != 2 or len(values) < clusters:
+            raise InputError(f"{readable_name(str(folder / 'level1_centroids.npy'))} holds {list(values.shape)}, not "
+                             f"[{clusters}, dim] centroids: {fix}")
+        out["centroids"] = values
+        record = folder / EMBEDDINGS_RECORD
+        if record.is_file():
+            try:
+                out["record"] = json.loads(record.read_text())
+            except ValueError:
+                raise InputError(f"{readable_name(str(record))} is not the JSON `cluster` wrote: {fix}") from None
+    return out
 
 
 def cmd_sample(args) -> None:
     from data_curation.pictures import cluster_sizes
     from data_curation.sampling import balanced_sample
 
-    folder = Path(args.clusters)
-    assignments = _levels(folder)
-    paths = (folder / "paths.txt").read_text().splitlines()
-    distances = np.load(folder / "distances.npy") if args.mode == "closest" else None
+    found = _clusters(Path(args.clusters), distances=args.mode == "closest")
+    assignments, paths, distances = found["assignments"], found["paths"], found.get("distances")
     chosen = balanced_sample(assignments, args.target, args.seed, args.mode, distances)
     _write_list(args.output, [paths[i] for i in chosen])
     clusters = int(assignments[0].max()) + 1
@@ -147,28 +234,44 @@ def cmd_sample(args) -> None:
     after = np.bincount(assignments[0][chosen], minlength=clusters)
     picture = Path(args.output).with_suffix(".png")
     cluster_sizes(picture, before, after, title=f"{clusters} clusters: {len(paths)} images sampled to {len(chosen)}")
-    print(f"sampled {len(chosen)} of {len(paths)} images -> {args.output} (cluster sizes: {picture})")
+    print(f"sampled {len(chosen)} of {len(paths)} images -> {readable_name(args.output)} (cluster sizes: "
+          f"{readable_name(str(picture))})")
 
 
 def cmd_retrieve(args) -> None:
     from data_curation.retrieval import retrieve, same_cluster
 
-    seed, _ = _select(args.seed, args.memory_gb)
     if args.clusters:
+        from data_curation.embeddings import EmbeddingStore, same_space
         from data_curation.kmeans import assign
 
-        folder = Path(args.clusters)
-        pool_clusters = _levels(folder)[0]
-        pool_paths = (folder / "paths.txt").read_text().splitlines()
-        seed_clusters, _ = assign(seed, np.load(folder / "level1_centroids.npy"))
-        distances = np.load(folder / "distances.npy") if args.per_cluster else None
+        clusters = _clusters(Path(args.clusters), distances=bool(args.per_cluster), centroids=True)
+        pool_clusters, pool_paths = clusters["assignments"][0], clusters["paths"]
+        centroids, seed_store = clusters["centroids"], EmbeddingStore(args.seed)
+        if seed_store.dim != centroids.shape[1]:
+            raise InputError(f"the seed set {readable_name(args.seed)} has dimension {seed_store.dim}, the centroids "
+                             f"of {readable_name(args.clusters)} dimension {centroids.shape[1]}: embed the seed set "
+                             "with the model that embedded the pool")
+        record = clusters["record"] or {}
+        same_space(seed_store.source, record.get("source"), args.seed, record.get("embeddings", args.clusters))
+        seed, _ = _select(args.seed, args.memory_gb)
+        seed_clusters, _ = assign(seed, centroids)
+        distances = clusters.get("distances")
         chosen = [pool_paths[i] for i in same_cluster(seed_clusters, pool_clusters, args.per_cluster, distances)]
     else:
+        _compatible(args.seed, args.pool, "the pool")
+        seed, _ = _select(args.seed, args.memory_gb)
         pool, pool_paths = _select(args.pool, args.memory_gb)
         ids, _ = retrieve(seed, pool, args.n)
         chosen = list(dict.fromkeys(pool_paths[i] for i in ids.flatten()))
     _write_list(args.output, chosen)
-    print(f"retrieved {len(chosen)} pool images for {len(seed)} seed images -> {args.output}")
+    print(f"retrieved {len(chosen)} pool images for {len(seed)} seed images -> {readable_name(args.output)}")
+
+
+def describe_os_error(error: OSError) -> str:
+    """A file-system error (a missing file, no permission, a full disk) in one line."""
+    where = " -> ".join(readable_name(os.fspath(f)) for f in (error.filename, error.filename2) if f is not None)
+    return f"{where}: {error.strerror or error}" if where else str(error)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -198,6 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--cpus-per-task", type=int, default=8)
     embed.add_argument("--gpus-per-node", type=int, default=0)
     embed.add_argument("--wait", action="store_true", help="with --submit: wait for every task")
+    embed.add_argument("--overwrite", action="store_true",
+                       help="start the store again: remove its files (only those) instead of resuming; a resume with "
+                            "other settings than the store's is refused otherwise")
     embed.add_argument("--flip-average", action="store_true",
                        help="average each image's features with its mirror's (copy detection: copies are often flipped)")
     embed.set_defaults(run=cmd_embed)
@@ -258,8 +364,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.getLogger("faiss").setLevel(logging.WARNING)  # which CPU build it loaded
     try:
         args.run(args)
-    except (DistillError, FileNotFoundError) as error:
-        print(f"distill-curate {args.command}: error: {error}", file=sys.stderr)
+    except (DistillError, OSError) as error:
+        message = str(error) if isinstance(error, DistillError) else describe_os_error(error)
+        print(f"distill-curate {args.command}: error: {readable_name(message)}", file=sys.stderr)
         return 2
     return 0
 

@@ -1,28 +1,154 @@
-"""Embeddings on disk: float16 shards (`shard_00000.npy`, ...) with the matching image paths, and a manifest.
+"""Embeddings on disk: float16 shards (`shard_00000.npy`, ...), the image path of every row, and a manifest.
 
-A folder of embeddings holds `manifest.json` ({"dim", "shards": [{"file", "rows"}], "complete"}), the shards,
-and `paths.txt` (one path per row, in shard order). Readers stream shard by shard; invalid rows (NaN, inf or
-zero vectors) are reported and left out by `valid_mask`.
+A folder of embeddings holds `manifest.json`, the shards, and beside each shard the paths of its rows
+(`shard_00000.paths.txt`, a file list of `distill.data.filelists`). The manifest is the commit point: it names
+{"dim", "shards": [{"file", "rows", "paths"}], "complete", "source"}, and a shard and its paths count only once
+the manifest names them, so a crash anywhere leaves the rows and their names as they were after the last whole
+shard. `source` records what made the embeddings (model file, backbone, data, view settings); a resume that
+differs is refused. Stores written before the paths files existed keep one `paths.txt` of raw lines for all
+rows; they are read as before. Every shard is checked against the manifest where it is opened. Readers stream
+shard by shard; invalid rows (NaN, inf or zero vectors) are reported and left out by `valid_mask`.
 """
 
+import hashlib
 import json
-from pathlib import Path
 import logging
-from typing import Iterator, List, Optional, Sequence, Tuple
+import os
+import re
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from distill.data.filelists import HEADER, ENCODING, read_paths, readable_name, write_file_list
 from distill.errors import InputError
+from distill.files import atomic_write_text
 
 MANIFEST = "manifest.json"
+FORMAT = 2  # 1 (no "format" key): one paths.txt of raw lines; 2: one paths file per shard
+LEGACY_PATHS = "paths.txt"
+UNREADABLE = "unreadable.txt"
+# the files a store writes, and so the only ones --overwrite removes (temporary ones included)
+_OWN_FILE = re.compile(r"^\.?(manifest\.json(\.tmp)?|paths\.txt|unreadable\.txt|shard_\d{5,}\.(npy|paths\.txt)"
+                       r"|shard_\d{5,}\.npy\.tmp\.npy)(\.\d+\.tmp)?$")
 logger = logging.getLogger(__name__)
+
+
+def read_listing(path) -> List[str]:
+    """The paths of a list distill-curate wrote: with the file-list header, read as a file list; without it (written
+    before lists had one), one raw path per line, spaces and commas included."""
+    path = Path(path)
+    with open(path, **ENCODING) as handle:
+        lines = handle.read().split("\n")
+    if lines and lines[0].rstrip("\r") == HEADER:
+        return read_paths(path)
+    return [line for line in lines if line]
+
+
+def load_array(path, what: str, fix: str, mmap: bool = False) -> np.ndarray:
+    """A numeric array from a .npy file the package did not just make: anything else (a damaged or truncated file,
+    pickled objects, an .npz archive, strings) is an InputError naming the file, the cause and `fix`."""
+    name = readable_name(str(path))
+    try:
+        array = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except FileNotFoundError:
+        raise InputError(f"{what} {name} does not exist: {fix}") from None
+    except (ValueError, OSError, EOFError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise InputError(f"{what} {name} is not a readable .npy array ({reason}): {fix}") from None
+    if not isinstance(array, np.ndarray):
+        array.close()
+        raise InputError(f"{what} {name} is an .npz archive, not one .npy array: {fix}")
+    if array.dtype.kind not in "fiu":
+        raise InputError(f"{what} {name} holds {array.dtype} values, not numbers: {fix}")
+    return array
+
+
+def file_digest(path, chunk: int = 1 << 22) -> str:
+    """sha256 of a file's bytes (the identity of a model or an .npy file in a store's record)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _sync(path: Path) -> None:
+    """Flush a file to the disk before the manifest names it (its rename survives a crash of the machine too)."""
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+# what each entry of a store's record is called in a message, in the order differences are reported
+_RECORD_NAMES = {
+    "kind": "input", "data": "--data", "split": "--split", "npy": "--npy file", "rows": "rows of --npy",
+    "images": "images in --data", "limit": "--limit", "parts": "--parts", "model": "model",
+    "backbone": "backbone", "view": "view (image size, mean, std)", "flip_average": "--flip-average",
+    "precision": "precision",
+}
+_IDENTITY_ONLY = {"checkpoint", "npy_path"}  # where the file was: told in messages, not compared
+
+
+def _shown(record: Dict[str, Any], key: str) -> str:
+    value = record.get(key)
+    if key == "model" and isinstance(value, dict):
+        if value.get("sha256"):
+            return f"{readable_name(value.get('checkpoint', '?'))} (sha256 {value['sha256'][:12]})"
+        return f"random weights (seed {value.get('seed')})"
+    if key == "npy":
+        return f"{readable_name(record.get('npy_path', '?'))} (sha256 {str(value)[:12]})"
+    if isinstance(value, str):
+        return readable_name(value)
+    return json.dumps(value)
+
+
+LEGACY_RECORD = "an earlier distill-curate, which did not record the model and data it embedded"
+
+
+def differing_setting(old: Dict[str, Any], new: Dict[str, Any], ignore: Sequence[str] = ()) -> Optional[str]:
+    """The first entry in which two records of what made a store differ; None when they agree."""
+    keys = [k for k in _RECORD_NAMES if k in old or k in new] + sorted((set(old) | set(new)) - set(_RECORD_NAMES))
+    for key in keys:
+        if key in ignore or key in _IDENTITY_ONLY:
+            continue
+        if key == "model" and isinstance(old.get(key), dict) and isinstance(new.get(key), dict):
+            if {k: v for k, v in old[key].items() if k not in _IDENTITY_ONLY} != \
+                    {k: v for k, v in new[key].items() if k not in _IDENTITY_ONLY}:
+                return key
+        elif old.get(key) != new.get(key):
+            return key
+    return None
+
+
+def record_difference(old: Optional[Dict[str, Any]], new: Dict[str, Any],
+                      ignore: Sequence[str] = ()) -> Optional[str]:
+    """How a store was made where it differs from `new`, as words to follow "made with"; None when they agree."""
+    if old is None:
+        return LEGACY_RECORD
+    key = differing_setting(old, new, ignore)
+    if key is None:
+        return None
+    return f"{_RECORD_NAMES.get(key, key)} {_shown(old, key)}, not {_shown(new, key)}"
+
+
+def same_space(a: Optional[Dict[str, Any]], b: Optional[Dict[str, Any]], a_name: str, b_name: str) -> None:
+    """Refuse to compare embeddings of two stores made by different models (their similarities mean nothing);
+    stores that do not record a model (precomputed --npy, earlier versions) are not checked."""
+    if not (a and b and a.get("kind") == b.get("kind") == "images"):
+        return
+    key = differing_setting({k: a.get(k) for k in ("model", "backbone", "view")},
+                            {k: b.get(k) for k in ("model", "backbone", "view")})
+    if key:
+        raise InputError(f"{readable_name(a_name)} and {readable_name(b_name)} hold embeddings of different models "
+                         f"({_RECORD_NAMES[key]} {_shown(a, key)} and {_shown(b, key)}): embed both with the same "
+                         "checkpoint and view")
 
 
 class EmbeddingStore:
     def __init__(self, folder) -> None:
         self.folder = Path(folder)
 
-    # ------------------------------------------------------------------ writing
+    # ------------------------------------------------------------------ the manifest
 
     def manifest(self) -> dict:
         path = self.folder / MANIFEST
@@ -31,7 +157,18 @@ class EmbeddingStore:
             if parts:  # the parts of a job array, read as one store
                 return self._combined(parts)
             return {"dim": None, "shards": [], "complete": False}
-        return json.loads(path.read_text())
+        try:
+            manifest = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as error:
+            raise InputError(f"{readable_name(str(path))} is not a manifest distill-curate wrote ({error}): embed into "
+                             "a new folder, or rerun `distill-curate embed` with --overwrite") from None
+        _check_manifest(manifest, path)
+        return manifest
+
+    @property
+    def source(self) -> Optional[Dict[str, Any]]:
+        """What made the embeddings (see embed.py), or None for a store that does not say."""
+        return self.manifest().get("source")
 
     def parts(self) -> List["EmbeddingStore"]:
         """The stores a job array wrote into part_NNNN sub-folders, in order."""
@@ -43,40 +180,129 @@ class EmbeddingStore:
         manifests = [p.manifest() for p in parts]
         dims = {m["dim"] for m in manifests if m["dim"] is not None}
         if len(dims) > 1:
-            raise InputError(f"the parts in {self.folder} hold embeddings of different dimensions {sorted(dims)}")
-        shards = [{"file": f"{p.folder.name}/{s['file']}", "rows": s["rows"]} for p, m in zip(parts, manifests)
-                  for s in m["shards"]]
-        return {"dim": dims.pop() if dims else None, "shards": shards,
-                "complete": all(m["complete"] for m in manifests)}
+            raise InputError(f"the parts in {readable_name(str(self.folder))} hold embeddings of different "
+                             f"dimensions {sorted(dims)}")
+        sources = [m.get("source") for m in manifests]
+        complete = all(m["complete"] for m in manifests)
+        if any(s is not None for s in sources):
+            for part, source in zip(parts, sources):
+                if source is None:
+                    raise InputError(f"{readable_name(str(part.folder))} was embedded by {LEGACY_RECORD}, the other "
+                                     "parts by this one: embed that part again (with --overwrite)")
+            first = sources[0]
+            for part, source in zip(parts[1:], sources[1:]):
+                difference = record_difference(first, source, ignore=("part",))
+                if difference:
+                    raise InputError(f"{readable_name(str(part.folder))} was embedded with other settings than "
+                                     f"{parts[0].folder.name} ({difference}): embed that part again with the "
+                                     "settings of the others (with --overwrite)")
+            count = first.get("parts")
+            numbers = [s.get("part") for s in sources]
+            for part, number in zip(parts, numbers):
+                if count and (not isinstance(number, int) or not 0 <= number < count
+                              or part.folder.name != f"part_{number:04d}"):
+                    raise InputError(f"{readable_name(str(part.folder))} is not one of the {count} parts of the job "
+                                     f"array of its siblings (it records part {number}): remove it, or embed it "
+                                     "again with --overwrite")
+            if count and len(set(numbers)) < count:
+                missing = sorted(set(range(count)) - set(numbers))
+                logger.warning("%s: parts %s of %d are missing", readable_name(str(self.folder)),
+                               ", ".join(f"part_{n:04d}" for n in missing), count)
+                complete = False
+        shards = [{**s, "file": f"{p.folder.name}/{s['file']}",
+                   **({"paths": f"{p.folder.name}/{s['paths']}"} if "paths" in s else {})}
+                  for p, m in zip(parts, manifests) for s in m["shards"]]
+        return {"dim": dims.pop() if dims else None, "shards": shards, "complete": complete,
+                "source": sources[0] if sources else None}
 
     def _write_manifest(self, manifest: dict) -> None:
-        tmp = self.folder / (MANIFEST + ".tmp")
-        tmp.write_text(json.dumps(manifest, indent=1))
-        tmp.replace(self.folder / MANIFEST)
+        atomic_write_text(self.folder / MANIFEST, json.dumps(manifest, indent=1))
 
     def rows_written(self) -> int:
         return sum(s["rows"] for s in self.manifest()["shards"])
 
+    # ------------------------------------------------------------------ writing
+
+    def _refuse_parts(self) -> None:
+        if not (self.folder / MANIFEST).is_file() and self.parts():
+            raise InputError(f"{readable_name(str(self.folder))} holds the parts of a job array (part_*): write to "
+                             "another folder, or rerun with --overwrite to start it again")
+
+    def begin(self, source: Dict[str, Any], overwrite: bool = False, extend: Sequence[str] = (),
+              names: Optional[Sequence[str]] = None) -> int:
+        """Start writing embeddings made as `source` says, or resume: returns the rows already there. A store
+        made otherwise is refused (naming the difference), unless `overwrite` (the store's files are removed
+        first). Entries in `extend` may differ (e.g. --limit: a larger one continues the same images). With
+        `names`, the rows already there must carry the first of them (else the data changed)."""
+        if overwrite:
+            self.clear()
+        self._refuse_parts()
+        manifest = self.manifest()
+        done = sum(s["rows"] for s in manifest["shards"])
+        where = readable_name(str(self.folder))
+        again = "embed into another folder, or pass --overwrite to start it again"
+        if done:  # a store without rows mixes nothing: it takes the new record
+            difference = record_difference(manifest.get("source"), json.loads(json.dumps(source)), ignore=extend)
+            if difference:
+                advice = "its settings cannot be checked" if manifest.get("source") is None else \
+                    "resume with the same settings"
+                raise InputError(f"{where} holds {done} embeddings made with {difference}: {advice}, {again}")
+        if names is not None and done:
+            if done > len(names):
+                raise InputError(f"{where} holds {done} embeddings but this run has only {len(names)} images: resume "
+                                 f"with the settings it was started with, {again}")
+            for row, (was, now) in enumerate(zip(self.paths(), names[:done])):
+                if was != now:
+                    raise InputError(f"{where} row {row} is {readable_name(was)}, but this run's image {row} is "
+                                     f"{readable_name(now)}: the data changed since the store was started; {again}")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        manifest["source"] = source
+        manifest["complete"] = False  # until this run finishes
+        manifest.setdefault("format", FORMAT)
+        self._write_manifest(manifest)
+        return done
+
+    def clear(self) -> None:
+        """Remove the store: its own files only (manifest first, so that a crash half-way leaves no store), and
+        the part_NNNN stores of a job array with theirs; any other file stays."""
+        if not self.folder.is_dir():
+            return
+        for part in self.parts():
+            part.clear()
+            try:
+                part.folder.rmdir()
+            except OSError:  # something else is in there: it stays
+                pass
+        for name in [MANIFEST] + sorted(os.listdir(self.folder)):
+            path = self.folder / name
+            if _OWN_FILE.match(name) and (path.is_file() or path.is_symlink()):
+                path.unlink()
+
     def append(self, vectors: np.ndarray, paths: Sequence[str]) -> None:
-        """Write one shard (atomically: the manifest names it only once it is complete on disk)."""
+        """Write one shard and the paths of its rows, then commit both in the manifest (an atomic rename):
+        before that rename neither counts, so a resume starts from exactly what the manifest holds."""
+        vectors = np.asarray(vectors)
+        if vectors.ndim != 2:
+            raise InputError(f"embeddings are a 2-D array [images, dim], got shape {vectors.shape}")
         if len(vectors) != len(paths):
             raise InputError(f"{len(vectors)} vectors but {len(paths)} paths")
         self.folder.mkdir(parents=True, exist_ok=True)
-        if not (self.folder / MANIFEST).is_file() and self.parts():
-            raise InputError(f"{self.folder} holds the parts of a job array (part_*): write to another folder")
+        self._refuse_parts()
         manifest = self.manifest()
         dim = int(vectors.shape[1])
         if manifest["dim"] is not None and manifest["dim"] != dim:
             raise InputError(f"embeddings of dimension {dim} do not match the store's {manifest['dim']} in "
-                             f"{self.folder}: write them to another folder")
-        name = f"shard_{len(manifest['shards']):05d}.npy"
-        tmp = self.folder / (name + ".tmp.npy")
+                             f"{readable_name(str(self.folder))}: write them to another folder")
+        stem = f"shard_{len(manifest['shards']):05d}"
+        tmp = self.folder / f"{stem}.npy.tmp.npy"
         np.save(tmp, np.asarray(vectors, dtype=np.float16))
-        tmp.replace(self.folder / name)
-        with open(self.folder / "paths.txt", "a") as handle:
-            handle.writelines(f"{p}\n" for p in paths)
+        _sync(tmp)
+        tmp.replace(self.folder / f"{stem}.npy")
+        listing = write_file_list(self.folder / f"{stem}.paths.txt", [os.fspath(p) for p in paths])
+        _sync(listing)
         manifest["dim"] = dim
-        manifest["shards"].append({"file": name, "rows": int(len(vectors))})
+        manifest.setdefault("format", FORMAT)
+        manifest["shards"].append({"file": f"{stem}.npy", "rows": int(len(vectors)), "paths": listing.name})
         self._write_manifest(manifest)
 
     def finish(self) -> None:
@@ -90,25 +316,59 @@ class EmbeddingStore:
     def dim(self) -> int:
         dim = self.manifest()["dim"]
         if dim is None:
-            raise InputError(f"no embeddings in {self.folder} (no {MANIFEST}): run `distill-curate embed` first")
+            raise InputError(f"no embeddings in {readable_name(str(self.folder))} (no {MANIFEST}): run "
+                             "`distill-curate embed` first")
         return dim
 
     def __len__(self) -> int:
         return self.rows_written()
 
     def paths(self) -> List[str]:
+        """The path of every row, in order: each shard's paths file, checked against the rows the manifest gives
+        it (a store of the first format: the first rows of its paths.txt, one raw path a line)."""
         if not (self.folder / MANIFEST).is_file() and self.parts():
             return [p for part in self.parts() for p in part.paths()]
-        path = self.folder / "paths.txt"
-        lines = path.read_text().splitlines() if path.is_file() else []
-        return lines[: len(self)]
+        names: List[str] = []
+        legacy: Optional[List[str]] = None
+        for shard in self.manifest()["shards"]:
+            if "paths" in shard:
+                listing = self.folder / shard["paths"]
+                if not listing.is_file():
+                    raise InputError(f"{readable_name(str(listing))} is missing, but {MANIFEST} names it for "
+                                     f"{shard['file']}: embed into a new folder, or rerun with --overwrite")
+                found = read_paths(listing)
+                if len(found) != shard["rows"]:
+                    raise InputError(f"{readable_name(str(listing))} lists {len(found)} paths for the {shard['rows']} "
+                                     f"rows of {shard['file']}: the store is damaged; embed into a new folder, or "
+                                     "rerun with --overwrite")
+                names += found
+            else:
+                if legacy is None:
+                    listing = self.folder / LEGACY_PATHS
+                    legacy = read_listing(listing) if listing.is_file() else []
+                taken = legacy[: shard["rows"]]
+                legacy = legacy[shard["rows"]:]
+                names += taken
+        return names
+
+    def open_shard(self, shard: dict, dim: Optional[int] = None) -> np.ndarray:
+        """The float16 array of one shard (memory-mapped), checked against the manifest: shape, dtype and rows."""
+        dim = self.dim if dim is None else dim
+        path = self.folder / shard["file"]
+        fix = "the store is damaged or its manifest was edited; embed into a new folder, or rerun with --overwrite"
+        array = load_array(path, "embedding shard", fix, mmap=True)
+        if array.shape != (shard["rows"], dim) or array.dtype != np.float16:
+            shape = ", ".join(map(str, array.shape))
+            raise InputError(f"embedding shard {readable_name(str(path))} holds {array.dtype} [{shape}] where "
+                             f"{MANIFEST} says float16 [{shard['rows']}, {dim}]: {fix}")
+        return array
 
     def shards(self) -> Iterator[Tuple[int, np.ndarray]]:
         """(first row, float32 array) per shard, one shard in memory at a time."""
+        manifest = self.manifest()
         start = 0
-        for shard in self.manifest()["shards"]:
-            array = np.load(self.folder / shard["file"], mmap_mode="r")
-            yield start, np.asarray(array, dtype=np.float32)
+        for shard in manifest["shards"]:
+            yield start, np.asarray(self.open_shard(shard, manifest["dim"]), dtype=np.float32)
             start += shard["rows"]
 
     def load(self, max_bytes: Optional[int] = None) -> np.ndarray:
@@ -118,6 +378,33 @@ class EmbeddingStore:
             raise InputError(f"{len(self)} x {self.dim} embeddings need {need / 2**30:.1f} GiB in float32, over the "
                              f"memory budget of {max_bytes / 2**30:.1f} GiB: raise --memory-gb or use a streaming step")
         return np.concatenate([array for _, array in self.shards()]) if len(self) else np.zeros((0, self.dim), np.float32)
+
+
+def _check_manifest(manifest, path: Path) -> None:
+    """A manifest has the fields and types the store relies on, and names only files inside its folder."""
+    def bad(why: str) -> InputError:
+        return InputError(f"{readable_name(str(path))}: {why}: the manifest was edited or damaged; embed into a new "
+                          "folder, or rerun `distill-curate embed` with --overwrite")
+
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
+        raise bad("no list of shards")
+    dim = manifest.get("dim")
+    if dim is not None and (not isinstance(dim, int) or isinstance(dim, bool) or dim < 1):
+        raise bad(f"dimension {dim!r} is not a positive whole number")
+    if manifest["shards"] and dim is None:
+        raise bad("shards but no dimension")
+    for shard in manifest["shards"]:
+        if not isinstance(shard, dict) or not isinstance(shard.get("file"), str):
+            raise bad(f"shard entry {shard!r} names no file")
+        rows = shard.get("rows")
+        if not isinstance(rows, int) or isinstance(rows, bool) or rows < 0:
+            raise bad(f"{shard['file']} has {rows!r} rows")
+        for key in ("file", "paths"):
+            name = shard.get(key)
+            if key in shard and (not isinstance(name, str) or not name or "/" in name or "\\" in name
+                                 or name.startswith(".")):
+                raise bad(f"{name!r} is not a file of the store's folder")
+    manifest.setdefault("complete", False)
 
 
 class Rows:
@@ -176,9 +463,8 @@ class StoreRows(Rows):
         self.store, self.rows = store, np.asarray(rows, dtype=np.int64)
         self.budget_bytes = budget_bytes  # what the steps may hold besides a shard: samples, index codes
         self.dim, self.in_memory = store.dim, False
-        shards = store.manifest()["shards"]
-        self.files = [store.folder / s["file"] for s in shards]
-        self.bounds = np.cumsum([0] + [s["rows"] for s in shards])
+        self.shard_entries = store.manifest()["shards"]
+        self.bounds = np.cumsum([0] + [s["rows"] for s in self.shard_entries])
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -186,14 +472,14 @@ class StoreRows(Rows):
     def _shard_rows(self):
         """(shard number, positions of chosen rows in it, their row numbers inside the shard)."""
         cut = np.searchsorted(self.rows, self.bounds)
-        for number in range(len(self.files)):
+        for number in range(len(self.shard_entries)):
             lo, hi = cut[number], cut[number + 1]
             if hi > lo:
                 yield number, np.arange(lo, hi), self.rows[lo:hi] - self.bounds[number]
 
     def batches(self) -> Iterator[Tuple[int, np.ndarray]]:
         for number, positions, inside in self._shard_rows():
-            shard = np.load(self.files[number], mmap_mode="r")
+            shard = self.store.open_shard(self.shard_entries[number], self.dim)
             yield int(positions[0]), normalize(np.asarray(shard[inside], dtype=np.float32))
 
     def take(self, positions: np.ndarray) -> np.ndarray:
@@ -203,7 +489,7 @@ class StoreRows(Rows):
         shard_of = np.searchsorted(self.bounds, rows, side="right") - 1
         for number in np.unique(shard_of):
             where = np.flatnonzero(shard_of == number)
-            shard = np.load(self.files[number], mmap_mode="r")
+            shard = self.store.open_shard(self.shard_entries[number], self.dim)
             inside = rows[where] - self.bounds[number]
             order = np.argsort(inside)
             out[where[order]] = shard[inside[order]]
@@ -219,15 +505,19 @@ def select(folder, memory_gb: float, keep: Optional[Sequence[str]] = None) -> Tu
     shard by shard otherwise."""
     store = EmbeddingStore(folder)
     dim, paths = store.dim, store.paths()
+    name = readable_name(str(folder))
     if len(paths) != len(store):
-        raise InputError(f"{folder}: paths.txt lists {len(paths)} paths for {len(store)} embeddings; re-run "
+        raise InputError(f"{name}: paths.txt lists {len(paths)} paths for {len(store)} embeddings; re-run "
                          "`distill-curate embed` into a new folder")
+    if not store.manifest()["complete"]:
+        logger.warning("%s is not complete (%d embeddings so far): rerun `distill-curate embed` to finish it; "
+                       "using what is there", name, len(store))
     budget = memory_gb * 2**30
     # a store that fits is read once; a larger one is scanned here and streamed by the steps
     loaded = store.load() if len(paths) * dim * 4 <= budget else None
     valid = valid_mask(loaded) if loaded is not None else np.concatenate([valid_mask(a) for _, a in store.shards()])
     if not valid.all():
-        bad = [paths[i] for i in np.flatnonzero(~valid)[:5]]
+        bad = [readable_name(paths[i]) for i in np.flatnonzero(~valid)[:5]]
         logger.warning("left out %d NaN / inf / zero embeddings (unreadable images or broken vectors; e.g. %s)",
                        int((~valid).sum()), ", ".join(bad))
     seen: set = set()
@@ -243,7 +533,7 @@ def select(folder, memory_gb: float, keep: Optional[Sequence[str]] = None) -> Tu
         valid &= np.fromiter((p in wanted for p in paths), dtype=bool, count=len(paths))
     rows = np.flatnonzero(valid)
     if len(rows) == 0:
-        raise InputError(f"no usable embeddings in {folder}")
+        raise InputError(f"no usable embeddings in {name}")
     chosen = [paths[i] for i in rows]
     need = len(rows) * dim * 4
     if loaded is not None:
@@ -279,11 +569,24 @@ def normalize(vectors: np.ndarray) -> np.ndarray:
 
 
 def from_npy(path, paths: Optional[Sequence[str]] = None) -> Tuple[np.ndarray, List[str]]:
-    """Precomputed embeddings [N, D] from a .npy file; paths default to row numbers."""
-    array = np.load(path)
+    """Precomputed embeddings [N, D] from a .npy file (memory-mapped), checked: numbers, two dimensions, and
+    usable rows (all NaN / inf / zero is refused, some are reported); paths default to row numbers."""
+    name = readable_name(str(path))
+    array = load_array(path, "--npy", "give a .npy file of one numeric array [images, dim]", mmap=True)
     if array.ndim != 2:
-        raise InputError(f"{path}: expected a 2-D array [images, dim], got shape {array.shape}")
+        raise InputError(f"{name}: expected a 2-D array [images, dim], got shape {array.shape}")
+    if array.shape[1] == 0:
+        raise InputError(f"{name}: embeddings of dimension 0 (shape {array.shape}): give vectors [images, dim]")
     names = list(paths) if paths is not None else [str(i) for i in range(len(array))]
     if len(names) != len(array):
-        raise InputError(f"{path} has {len(array)} rows but {len(names)} paths were given")
+        raise InputError(f"{name} has {len(array)} rows but {len(names)} paths were given")
+    if len(array) and array.shape[1]:
+        usable = sum(int(valid_mask(np.asarray(array[start : start + 65_536], dtype=np.float32)).sum())
+                     for start in range(0, len(array), 65_536))
+        if usable == 0:
+            raise InputError(f"{name}: none of its {len(array)} rows is a usable embedding (every one holds NaN or "
+                             "inf, or is all zero): compute the embeddings again")
+        if usable < len(array):
+            logger.warning("%s: %d of %d rows hold NaN or inf or are all zero; they are stored and left out by the "
+                           "next steps", name, len(array) - usable, len(array))
     return array, names

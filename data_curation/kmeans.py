@@ -31,6 +31,9 @@ def assign(rows: Rows, centroids: np.ndarray, gpu: bool = False, desc: str = "as
     """(nearest centroid, squared distance) of every row, one batch at a time."""
     import faiss
 
+    if centroids.ndim != 2 or centroids.shape[1] != rows.dim:
+        raise InputError(f"rows of dimension {rows.dim} cannot be assigned to centroids of shape "
+                         f"{list(centroids.shape)}: they come from different models")
     index = faiss.IndexFlatL2(centroids.shape[1])
     if gpu:
         index = faiss.index_cpu_to_all_gpus(index)

@@ -44,8 +44,9 @@ def _knn_line(name: str, result, k: int) -> str:
 
 def print_training_summary(results, ks) -> None:
     k = 20 if 20 in ks else ks[0]
-    print(f"done: {results.get('steps')} steps ({results.get('epochs')} epochs) in {results.get('train_minutes')} "
-          f"min of training, {results.get('images_per_second', 0)} images/s")
+    done = "done" if results.get("status") == "finished" else f"stopped ({results.get('stop_reason')})"
+    print(f"{done}: {results.get('steps')} of {results.get('total_steps')} steps ({results.get('epochs')} epochs) in "
+          f"{results.get('train_minutes')} min of training, {results.get('images_per_second', 0)} images/s")
     rows = [("raw pixels", results.get("knn_raw_pixels")), ("backbone at start", results.get("knn_start")),
             ("trained backbone", results.get("knn_end"))]
     lines = [_knn_line(name, result, k) for name, result in rows if result]
@@ -54,7 +55,9 @@ def print_training_summary(results, ks) -> None:
         print("\n".join(line for line in lines if line))
 
 
-def _cmd_train(args: argparse.Namespace) -> None:
+def _cmd_train(args: argparse.Namespace) -> int:
+    """Exit status 0 when the run ended as planned (or at train.max_steps); 128 + the signal's number when a
+    signal stopped it (checkpoint written: the same command resumes), as a shell reports a signalled process."""
     from distill import distributed
     from distill.engine.trainer import run_training
 
@@ -62,6 +65,11 @@ def _cmd_train(args: argparse.Namespace) -> None:
     if distributed.rank_from_env() == 0:
         print_training_summary(trainer.results, trainer.config.eval.knn_k)
         print(f"run folder: {trainer.config.train.output_dir}/")
+    if trainer.stop_signal is not None:
+        print(f"stopped early by {trainer.stop_reason} at step {trainer.step} of {trainer.total_steps}: checkpoint "
+              "written; run the same command to resume", file=sys.stderr)
+        return 128 + int(trainer.stop_signal)
+    return 0
 
 
 def _cmd_submit(args) -> None:
@@ -72,7 +80,8 @@ def _cmd_submit(args) -> None:
                           cpus_per_task=args.cpus_per_task, timeout_min=args.timeout, partition=args.partition,
                           account=args.account, qos=args.qos, constraint=args.constraint, comment=args.comment,
                           exclusive=args.exclusive, mem_gb=args.mem_gb, signal_delay_s=args.signal_delay)
-    job = submit(args.config, args.overrides, resources, args.folder, args.local, args.name)
+    job = submit(args.config, args.overrides, resources, args.folder, args.local, args.name,
+                 check_data=not args.no_data_check)
     where = "local processes" if args.local else "SLURM"
     print(f"submitted job {job.job_id} ({where}, {args.nodes} node(s) x {resources.tasks} task(s))")
     print(f"job folder: {job.paths.folder}")
@@ -180,9 +189,11 @@ def _cmd_attention(args: argparse.Namespace) -> None:
     else:
         source = _source(args, args.val_split, args.count)
     device = torch.device("cuda" if args.device == "cuda" else "cpu")
-    path = attention_figure(model, source, view, min(args.count, len(source)), Path(args.output), device,
-                            args.threshold)
-    print(f"attention maps of {min(args.count, len(source))} image(s): {path}")
+    figure = attention_figure(model, source, view, min(args.count, len(source)), Path(args.output), device,
+                              args.threshold)
+    if figure.skipped:
+        print(f"left out {len(figure.skipped)} unreadable image(s): {'; '.join(figure.skipped)}")
+    print(f"attention maps of {figure.shown} image(s): {figure.path}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -261,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--name", help="job name")
     submit.add_argument("--local", action="store_true", help="the same job as processes on this machine, no SLURM")
     submit.add_argument("--wait", action="store_true", help="wait for the job and print its results")
+    submit.add_argument("--no-data-check", action="store_true",
+                        help="do not check here that the data paths exist (they exist only on the compute nodes)")
     submit.set_defaults(run=_cmd_submit)
 
     baseline = commands.add_parser("baseline", help="kNN baselines on Fashion-MNIST: raw pixels and a random ViT")
@@ -276,14 +289,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         args.overrides, args.config = [args.config, *args.overrides], None
     configure_logging(args.verbose)
     try:
-        args.run(args)
+        status = args.run(args)
     except DistillError as error:
         print(f"distill {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"distill {args.command}: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from data_curation.embeddings import EmbeddingStore
+from distill.data.filelists import read_paths
 
 
 def generate(folder: Path, points: int, dim: int, clusters: int, copies: float, shard: int, seed: int = 0):
@@ -105,7 +106,7 @@ def main() -> None:
     steps = {}
     steps["dedup"] = measured(curate + ["dedup", "--embeddings", str(emb), "--threshold", "0.97", "--no-grid",
                                         "--output", str(out / "dedup")] + memory)
-    kept = (out / "dedup" / "kept.txt").read_text().splitlines()
+    kept = read_paths(out / "dedup" / "kept.txt")
     kept_rows = np.array([int(p[10:17]) for p in kept])
     removed = np.setdiff1d(np.arange(args.points), kept_rows)
     found = np.isin(pairs[:, 1], removed) | np.isin(pairs[:, 0], removed)

@@ -19,6 +19,7 @@ import numpy as np
 
 from data_curation.cli import main as curate
 from data_curation.embeddings import EmbeddingStore
+from distill.data.filelists import read_paths
 from data_curation.retrieval import retrieve
 from data_curation.sampling import balanced_sample
 from distill.data.fashion_mnist import fashion_mnist_path, load_fashion_mnist
@@ -78,7 +79,7 @@ def main() -> None:
         curated_list = out / f"curated_{seed}.txt"
         assert curate(["sample", "--clusters", str(clusters), "--target", str(target), "--seed", str(seed),
                        "--output", str(curated_list)]) == 0
-        curated = np.array([int(p.rsplit("/", 1)[1]) for p in curated_list.read_text().splitlines()])
+        curated = np.array([int(p.rsplit("/", 1)[1]) for p in read_paths(curated_list)])
         random = np.random.default_rng(seed).choice(subset, size=target, replace=False)
         oracle = subset[balanced_sample([train_labels[subset]], target, seed)]
         counts = [np.bincount(train_labels[r], minlength=10) for r in (subset, random, curated, oracle)]

@@ -18,7 +18,8 @@ import torch
 
 from distill.data.fashion_mnist import (FASHION_MNIST_CLASSES, PATH_PREFIX, fashion_mnist_selection,
                                         load_fashion_mnist)
-from distill.data.images import IMAGE_EXTENSIONS, load_image
+from distill.data.filelists import read_file_list, read_paths, readable_name
+from distill.data.images import IMAGE_EXTENSIONS, describe_error, load_image, set_max_image_pixels
 from distill.errors import InputError
 from distill.progress import progress
 
@@ -35,14 +36,30 @@ class DatasetConfig:
     split: str = "train"  # Fashion-MNIST split, or the sub-folder of `path` to use when it exists (train/val)
     limit: int = 0  # use only the first N images (0: all)
     verify: str = "auto"  # auto | yes | no: decode every file once before training to find unreadable ones
+    max_image_pixels: int = 0  # Pillow's decompression-bomb limit: 0 its default (89 M pixels), -1 none
 
-    def validate(self) -> None:
+    def validate(self, key: str = "data.dataset") -> None:
+        """key: where this section sits in the run config, for the messages."""
         if self.kind not in DATASET_KINDS:
-            raise InputError(f"data kind {self.kind!r} unknown: choose one of {', '.join(DATASET_KINDS)}")
+            raise InputError(f"{key}.kind {self.kind!r} unknown: choose one of {', '.join(DATASET_KINDS)}")
         if self.kind != "fashion_mnist" and not self.path:
-            raise InputError(f"data kind {self.kind!r} needs data.path (a folder or a file list)")
+            raise InputError(f"{key}.kind {self.kind!r} needs {key}.path (a folder or a file list)")
         if self.verify not in ("auto", "yes", "no"):
             raise InputError(f"data verify {self.verify!r}: choose auto, yes or no")
+
+    def check_path(self, key: str = "data.dataset") -> Optional[Path]:
+        """The path, checked to exist and to be what the kind reads (a folder, or a file list); None for
+        Fashion-MNIST."""
+        if self.kind == "fashion_mnist":
+            return None
+        path = Path(self.path).expanduser()
+        if not path.exists():
+            raise InputError(f"{key}.path {path} does not exist: give a folder of images or a file list")
+        if self.kind == "filelist" and not path.is_file():
+            raise InputError(f"{key}.path {path} is a folder, but {key}.kind is filelist (a text file of paths)")
+        if self.kind in ("imagefolder", "folder") and not path.is_dir():
+            raise InputError(f"{key}.path {path} is a file, but {key}.kind is {self.kind} (a folder)")
+        return path
 
 
 class ArrayImages:
@@ -85,16 +102,71 @@ class FileImages:
             self.labels = self.labels[torch.as_tensor(list(indices), dtype=torch.long)]
 
 
+def slice_source(source, start: int, end: int):
+    """Images start..end-1 of a source, as a source of the same kind (sharing the arrays)."""
+    import copy
+
+    part = copy.copy(source)
+    if isinstance(source, ArrayImages):
+        part.images = source.images[start:end]
+    else:
+        part.paths = source.paths[start:end]
+    part.labels = None if source.labels is None else source.labels[start:end]
+    part.unreadable = []
+    return part
+
+
 def _is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
 def _walk_images(folder: Path) -> List[Path]:
-    found = []
-    for root, dirs, files in os.walk(folder, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found.extend(Path(root) / f for f in sorted(files) if _is_image(Path(f)))
-    return found
+    """Image files under `folder`, recursively, in sorted order (a folder's files before its sub-folders'), hidden
+    ones left out. Links are followed, but a folder is entered once however many links lead to it (so a link loop
+    ends), and where links were met a file reached by several paths is listed once, at its first path."""
+    found: List[Path] = []
+    entered: set = set()
+    linked = False
+    stack = [Path(folder)]
+    while stack:
+        directory = stack.pop()
+        try:
+            status = os.stat(directory)
+            entries = sorted(os.scandir(directory), key=lambda e: e.name)
+        except OSError as error:
+            logger.warning("cannot list %s (%s): left out", readable_name(str(directory)), error.strerror or error)
+            continue
+        if (status.st_dev, status.st_ino) in entered:
+            continue
+        entered.add((status.st_dev, status.st_ino))
+        subfolders = []
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            try:
+                if entry.is_dir():
+                    subfolders.append(Path(entry.path))
+                    linked |= entry.is_symlink()
+                elif entry.is_file() and _is_image(Path(entry.name)):
+                    found.append(Path(entry.path))
+                    linked |= entry.is_symlink()
+            except OSError:  # a dangling or unreadable link
+                continue
+        stack.extend(reversed(subfolders))
+    return _first_of_each_file(found) if linked else found
+
+
+def _first_of_each_file(paths: List[Path]) -> List[Path]:
+    kept, seen = [], set()
+    for path in paths:
+        status = os.stat(path)
+        key = (status.st_dev, status.st_ino)
+        if key not in seen:
+            seen.add(key)
+            kept.append(path)
+    if len(kept) < len(paths):
+        logger.info("%d files reached through more than one path (links) are listed once", len(paths) - len(kept))
+    return kept
 
 
 def _scan_imagefolder(folder: Path) -> Tuple[List[str], List[int], List[str]]:
@@ -107,22 +179,16 @@ def _scan_imagefolder(folder: Path) -> Tuple[List[str], List[int], List[str]]:
     return paths, labels, classes
 
 
-def filelist_entries(listing) -> List[List[str]]:
-    """The fields of each line of a file list (`path [label]`, space or comma separated; blank lines and
-    # comments skipped)."""
-    lines = (line.strip() for line in Path(listing).read_text().splitlines())
-    return [line.replace(",", " ").split() for line in lines if line and not line.startswith("#")]
-
-
 def _read_filelist(listing: Path) -> Tuple[List[str], Optional[List[int]], List[str]]:
     paths, raw_labels = [], []
-    for parts in filelist_entries(listing):
-        path = Path(parts[0]) if Path(parts[0]).is_absolute() else listing.parent / parts[0]
+    for name, label in read_file_list(listing):
+        path = Path(name) if Path(name).is_absolute() else listing.parent / name
         paths.append(str(path))
-        raw_labels.append(parts[1] if len(parts) > 1 else None)
+        raw_labels.append(label)
     labelled = [label is not None for label in raw_labels]
     if any(labelled) and not all(labelled):
-        raise InputError(f"{listing}: some lines have a label and some do not; label every line or none")
+        raise InputError(f"{listing}: some lines have a label and some do not; label every line or none (a path "
+                         "with spaces or commas in a list written by hand: separate its label with a tab)")
     duplicates = len(paths) - len(set(paths))
     if duplicates:
         logger.warning("%s lists %d paths more than once; they are sampled as often as listed", listing, duplicates)
@@ -140,31 +206,35 @@ def _resolve_folder(path: Path, split: str) -> Path:
 
 
 def _check_readable(source: FileImages, verify: str) -> None:
-    """Decode every file once (in threads, with a progress bar) and drop the unreadable ones, naming them."""
+    """Decode every file once (in threads, with a progress bar) and drop the unreadable ones, naming them and why."""
     if verify == "no" or (verify == "auto" and len(source) > VERIFY_AUTO_LIMIT):
         return
 
-    def readable(index: int) -> bool:
+    def problem(index: int) -> Optional[str]:
         try:
             source.load(index)
-            return True
-        except Exception:
-            return False
+            return None
+        except Exception as error:
+            return describe_error(error)
 
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
-        ok = list(progress(iterable=pool.map(readable, range(len(source))), total=len(source),
-                           desc=f"checking {source.name}", unit="img", leave=False))
-    bad = [i for i, good in enumerate(ok) if not good]
+        problems = list(progress(iterable=pool.map(problem, range(len(source))), total=len(source),
+                                 desc=f"checking {source.name}", unit="img", leave=False))
+    bad = [i for i, reason in enumerate(problems) if reason is not None]
     if bad:
         source.unreadable = [source.paths[i] for i in bad]
-        shown = ", ".join(source.unreadable[:10]) + (f" (+{len(bad) - 10} more)" if len(bad) > 10 else "")
-        logger.warning("skipping %d unreadable image(s) of %d in %s: %s", len(bad), len(source), source.name, shown)
-        source.keep([i for i, good in enumerate(ok) if good])
+        shown = "; ".join(f"{readable_name(source.paths[i])} ({problems[i]})" for i in bad[:10])
+        more = f" (+{len(bad) - 10} more)" if len(bad) > 10 else ""
+        logger.warning("skipping %d unreadable image(s) of %d in %s: %s%s", len(bad), len(source), source.name, shown,
+                       more)
+        source.keep([i for i, reason in enumerate(problems) if reason is None])
 
 
-def build_image_source(config: DatasetConfig, split: Optional[str] = None):
-    """The ArrayImages or FileImages described by `config` (split overrides config.split)."""
+def build_image_source(config: DatasetConfig, split: Optional[str] = None, key: str = "data.dataset"):
+    """The ArrayImages or FileImages described by `config` (split overrides config.split); key names the config
+    section in messages."""
     split = split or config.split
+    set_max_image_pixels(config.max_image_pixels)
     if config.kind == "fashion_mnist":
         images, labels = load_fashion_mnist("test" if split == "val" else split)  # it has no validation split
         source = ArrayImages(images, labels, FASHION_MNIST_CLASSES, f"Fashion-MNIST {split}")
@@ -172,9 +242,7 @@ def build_image_source(config: DatasetConfig, split: Optional[str] = None):
             source.images, source.labels = source.images[: config.limit], source.labels[: config.limit]
         return source
 
-    path = Path(config.path).expanduser()
-    if not path.exists():
-        raise InputError(f"data.path {path} does not exist")
+    path = config.check_path(key)
     kind = config.kind
     if kind == "auto":
         if path.is_file():
@@ -185,16 +253,12 @@ def build_image_source(config: DatasetConfig, split: Optional[str] = None):
             top_images = any(_is_image(p) for p in folder.iterdir() if p.is_file())
             kind = "imagefolder" if has_subfolders and not top_images else "folder"
     if kind == "filelist":
-        if not path.is_file():
-            raise InputError(f"data.path {path} is a folder, but data.kind is filelist (a text file of paths)")
-        names = [fields[0] for fields in filelist_entries(path)]
+        names = read_paths(path)
         if names and names[0].startswith(PATH_PREFIX):  # a selection of Fashion-MNIST images (distill-curate)
             images, labels = fashion_mnist_selection(names[: config.limit or None])
             return ArrayImages(images, labels, FASHION_MNIST_CLASSES, f"Fashion-MNIST selection {path.name}")
         paths, labels, classes = _read_filelist(path)
     else:
-        if not path.is_dir():
-            raise InputError(f"data.path {path} is a file, but data.kind is {kind} (a folder)")
         folder = _resolve_folder(path, split)
         if kind == "imagefolder":
             paths, labels, classes = _scan_imagefolder(folder)

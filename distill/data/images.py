@@ -9,13 +9,20 @@ from PIL import Image, ImageOps
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 
 
+# the largest value of each high-depth mode's pixels; "I" (32-bit) images come from 16-bit files (PNG, TIFF) as
+# often as not, so they are read on the 16-bit range, and clipped above it
+_FULL_SCALE = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I;16N": 65535.0, "I": 65535.0}
+
+
 def _high_depth_to_8bit(img: Image.Image) -> Image.Image:
-    """16-bit, 32-bit integer and float images scaled to 8 bits by their dtype's range (not their content)."""
+    """16-bit and 32-bit integer images scaled to 8 bits by their type's range (a dark 16-bit image stays dark,
+    whatever its largest value); float images ("F") by [0, 1] when they hold no value above 1, else clipped to
+    [0, 255]."""
     array = np.asarray(img)
     if img.mode == "F":
         scaled = np.clip(array, 0.0, 1.0) * 255.0 if array.max() <= 1.0 else np.clip(array, 0, 255)
     else:
-        scaled = array.astype(np.float64) / (65535.0 if array.max() > 255 else 255.0) * 255.0
+        scaled = np.clip(array.astype(np.float64), 0, _FULL_SCALE[img.mode]) / _FULL_SCALE[img.mode] * 255.0
     return Image.fromarray(np.round(scaled).astype(np.uint8), mode="L")
 
 
@@ -49,3 +56,25 @@ def load_image(path: Union[str, Path], mode: str = "RGB", min_size: int = 0) -> 
         size = (max(min_size, round(img.width * scale)), max(min_size, round(img.height * scale)))
         img = img.resize(size, Image.Resampling.BICUBIC)
     return img
+
+
+def set_max_image_pixels(limit: int) -> None:
+    """Pillow's decompression-bomb limit (images with more pixels are refused): 0 keeps Pillow's default
+    (about 89 million), -1 removes it."""
+    if limit:
+        Image.MAX_IMAGE_PIXELS = None if limit < 0 else int(limit)
+
+
+def describe_error(error: Exception) -> str:
+    """Why a file could not be decoded, in one line that says what to do where there is something to do."""
+    if isinstance(error, Image.DecompressionBombError):
+        return (f"{str(error).split(' could be')[0].rstrip(',')}; Pillow refuses images that large as possible decompression "
+                "bombs: raise data.dataset.max_image_pixels (or --max-image-pixels) if you trust the file")
+    if isinstance(error, FileNotFoundError):
+        return "the file does not exist (any more)"
+    if isinstance(error, IsADirectoryError):
+        return "a folder, not an image file"
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if "cannot identify image file" in text:
+        return "not an image file Pillow can read (or a damaged one)"
+    return text[:200]

@@ -2,13 +2,16 @@
 sees exactly the batches and views the uninterrupted run would have seen, with any number of workers."""
 
 import logging
-from typing import Any, Dict, Iterator, List, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from distill.data.datasets import ArrayImages, FileImages
+from distill.data.filelists import readable_name
+from distill.data.images import describe_error
+from distill.errors import InputError
 from distill.seeds import Stream, derived_generator
 
 logger = logging.getLogger(__name__)
@@ -91,22 +94,25 @@ class _ArrayBatches(Dataset):
         generator = derived_generator(self.seed, epoch, number, self.rank, Stream.BATCH_VIEWS)
         batch = {"crops": self.views.array_batch(self.source.images[index], generator), "indices": index}
         batch["labels"] = self.source.labels[index] if self.source.labels is not None else None
+        batch["unreadable"] = []  # in memory: every image reads
         return batch
 
 
 class _FileSamples(Dataset):
-    """One decoded, cropped file per item; a file that fails to decode is replaced by the next readable one."""
+    """One decoded, cropped file per item. A file that fails to decode is replaced by the next readable one in
+    training (substitute=True: batches stay full), and reported as unreadable otherwise (evaluation, pictures: a
+    row must come from the image it names, so nothing takes its place)."""
 
-    def __init__(self, source: FileImages, views, seed: int, channels: int) -> None:
-        self.source, self.views, self.seed = source, views, seed
+    def __init__(self, source: FileImages, views, seed: int, channels: int, substitute: bool = True) -> None:
+        self.source, self.views, self.seed, self.substitute = source, views, seed, substitute
         self.mode = "L" if channels == 1 else "RGB"
         self._warned: set = set()
 
     def __len__(self) -> int:
         return len(self.source)
 
-    def _decode(self, index: int) -> Tuple[int, torch.Tensor]:
-        for attempt in range(len(self.source)):
+    def _decode(self, index: int) -> Tuple[int, Optional[torch.Tensor]]:
+        for attempt in range(len(self.source) if self.substitute else 1):
             candidate = (index + attempt) % len(self.source)
             try:
                 image = self.source.load(candidate, self.mode, self.views.min_image_size)
@@ -114,16 +120,20 @@ class _FileSamples(Dataset):
                 path = self.source.paths[candidate]
                 if path not in self._warned:
                     self._warned.add(path)
-                    logger.warning("skipping unreadable image %s (%s)", path, error)
+                    logger.warning("skipping unreadable image %s (%s)", readable_name(path), describe_error(error))
                 continue
             array = np.array(image)  # one writable copy
             tensor = torch.from_numpy(array).permute(2, 0, 1) if array.ndim == 3 else torch.from_numpy(array)[None]
             return candidate, tensor
-        raise RuntimeError("no readable image left in the data source")
+        if self.substitute:
+            raise InputError(f"no readable image left in {self.source.name}")
+        return index, None
 
     def __getitem__(self, key: Tuple[int, int]) -> Dict[str, Any]:
         epoch, index = key
         used, image = self._decode(index)
+        if image is None:
+            return {"index": used, "unreadable": True}
         sample = self.views.image_sample(image, derived_generator(self.seed, epoch, index, Stream.IMAGE_VIEWS))
         sample["index"] = used
         sample["label"] = int(self.source.labels[used]) if self.source.labels is not None else -1
@@ -149,20 +159,25 @@ class _Collate:
         self.views, self.labelled = views, labelled
 
     def __call__(self, samples: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+        """{"crops", "indices", "labels"} of the readable samples, and "unreadable": the indices of the others (an
+        evaluation loader's batch may hold none that is readable: then "crops" is None)."""
+        kept = [s for s in samples if not s.get("unreadable")]
         return {
-            "crops": self.views.collate(list(samples)),
-            "indices": torch.tensor([s["index"] for s in samples]),
-            "labels": torch.tensor([s["label"] for s in samples]) if self.labelled else None,
+            "crops": self.views.collate(kept) if kept else None,
+            "indices": torch.tensor([s["index"] for s in kept], dtype=torch.long),
+            "labels": torch.tensor([s["label"] for s in kept], dtype=torch.long) if self.labelled else None,
+            "unreadable": [s["index"] for s in samples if s.get("unreadable")],
         }
 
 
 def build_loader(
     source, views, batch_size: int, seed: int, num_workers: int = 0, rank: int = 0, world_size: int = 1,
-    shuffle: bool = True, drop_last: bool = True, repeats: int = 0,
+    shuffle: bool = True, drop_last: bool = True, repeats: int = 0, substitute: bool = True,
 ) -> Tuple[DataLoader, EpochBatchSampler]:
     """A DataLoader of batch dicts {"crops", "labels", "indices"} and its sampler (set_epoch before iterating).
 
-    repeats > 1: DeiT's repeated augmentation (timm's RepeatAugSampler)."""
+    repeats > 1: DeiT's repeated augmentation (timm's RepeatAugSampler). substitute=False: an unreadable file is
+    left out of its batch and named in the batch's "unreadable" list instead of replaced by another image."""
     sampler = EpochBatchSampler(len(source), batch_size, seed, shuffle, rank, world_size, drop_last, repeats)
     # Its own generator: a DataLoader iterator otherwise draws its base seed from the global RNG, and a resumed
     # run (which starts an iterator mid-epoch) would see different drop-path noise from then on.
@@ -174,6 +189,15 @@ def build_loader(
         loader = DataLoader(_ArrayBatches(source, views, seed, rank), sampler=sampler, batch_size=None, **common)
     else:
         channels = views.channels
-        loader = DataLoader(_FileSamples(source, views, seed, channels), batch_sampler=_PerSampleKeys(sampler),
+        loader = DataLoader(_FileSamples(source, views, seed, channels, substitute),
+                            batch_sampler=_PerSampleKeys(sampler),
                             collate_fn=_Collate(views, source.labels is not None), **common)
     return loader, sampler
+
+
+def build_eval_loader(source, view, batch_size: int, num_workers: int = 0) -> DataLoader:
+    """Every image once, in order, through an evaluation view: unreadable files are left out and named per batch
+    (never replaced), so each row is the image its index says."""
+    loader, _ = build_loader(source, view, batch_size, seed=0, num_workers=num_workers, shuffle=False,
+                             drop_last=False, substitute=False)
+    return loader

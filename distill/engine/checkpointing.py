@@ -1,6 +1,5 @@
 """Checkpoints written atomically (a killed save never damages the previous file) and read back safely."""
 
-import os
 import random
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
@@ -9,41 +8,20 @@ import numpy as np
 import torch
 
 from distill.errors import CheckpointError
+from distill.files import atomic_write, remove_leftovers
 from distill.models.checkpoint import TrainingCheckpoint, is_training_checkpoint, read_checkpoint
 
 LATEST = "checkpoint.pth"
 
 
 def save_atomic(obj: Any, path: Union[str, Path]) -> Path:
-    """torch.save to a temporary file in the same folder, fsync, then rename over `path`.
-
-    The rename is atomic on POSIX file systems: at any instant `path` holds either the old or the new
-    checkpoint, complete, whenever the process is killed.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
-    return path
+    """torch.save, atomically (distill/files.py): a killed save never damages the previous checkpoint."""
+    return atomic_write(path, lambda handle: torch.save(obj, handle))
 
 
 def remove_stale_temporaries(folder: Union[str, Path]) -> None:
     """Leftovers of saves that were killed mid-way (never read: the previous checkpoint is intact)."""
-    for leftover in Path(folder).glob(".*.pth.*.tmp"):
-        leftover.unlink(missing_ok=True)
+    remove_leftovers(folder, ".*.pth.*.tmp")
 
 
 def rng_state() -> Dict[str, Any]:

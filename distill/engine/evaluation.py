@@ -55,7 +55,7 @@ class RunEvaluation:
                                           str(self.device), self.config.data.num_workers, desc=f"{name} validation")
                 for name, network in networks.items()}
 
-    def attention_figure(self, backbone: nn.Module, count: int, path: Path) -> Path:
+    def attention_figure(self, backbone: nn.Module, count: int, path: Path):
         """Attention maps of the first validation images (the training images without a kNN monitor)."""
         from distill.eval.attention import attention_figure
 

@@ -5,6 +5,9 @@ import logging
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from distill.errors import DistillError
+from distill.files import atomic_write_text
+
 logger = logging.getLogger(__name__)
 
 
@@ -26,8 +29,12 @@ class MetricsWriter:
     def write(self, record: Dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+        except OSError as error:
+            raise DistillError(f"could not append to {self.path}: {error.strerror or error}; the last checkpoint is "
+                               "intact: free space, then run the same command to resume") from None
         if self.tensorboard is not None and "step" in record:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key != "step":
@@ -39,9 +46,35 @@ class MetricsWriter:
 
 
 def read_metrics(path: Path) -> List[Dict[str, Any]]:
+    """The records of a metrics file; a line that is not a whole JSON object (the torn last line of a killed run)
+    is left out."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def repair_metrics(path: Path, step: int) -> None:
+    """Before a resumed run appends: keep the whole records up to `step` (the checkpoint's), so that the rows a
+    killed run wrote after its last checkpoint, which the resumed run writes again, are not there twice, and a
+    torn last line is gone. Rewritten atomically; left alone when nothing is to be dropped."""
+    if not path.is_file():
+        return
+    lines = path.read_text(errors="replace").splitlines()
+    records = read_metrics(path)
+    kept = [r for r in records if r.get("step", 0) <= step]
+    if len(kept) == len(lines):
+        return
+    logger.info("metrics.jsonl: kept the %d records up to step %d, left out %d (written after that checkpoint, or "
+                "torn)", len(kept), step, len(lines) - len(kept))
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def plot_loss_curve(records: List[Dict[str, Any]], path: Path, title: Optional[str] = None) -> Optional[Path]:

@@ -102,7 +102,9 @@ class TrainConfig:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
 
     def validate(self) -> None:
-        self.data.dataset.validate()
+        self.data.dataset.validate("data.dataset")
+        if self.eval.dataset is not None:
+            self.eval.dataset.validate("eval.dataset")
         self.objective.validate()
         o, t = self.optim, self.train
         choices = {
@@ -153,3 +155,10 @@ def load_train_config(path: Optional[Union[str, Path]] = None, overrides: Sequen
     """Defaults <- recipe <- overrides, with the section of the chosen objective, validated."""
     objective = objective_config_class(_objective_name(path, overrides))()
     return load_config(TrainConfig(objective=objective), path, overrides)
+
+
+def check_data_paths(config: TrainConfig) -> None:
+    """The data the run reads exists and is of the kind its section says (before a job is submitted)."""
+    config.data.dataset.check_path("data.dataset")
+    if config.eval.dataset is not None:
+        config.eval.dataset.check_path("eval.dataset")

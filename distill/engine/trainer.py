@@ -11,6 +11,7 @@ Public seams: setup() builds everything, train_step(micro_batches) runs one opti
 
 import json
 import logging
+import logging.handlers
 import math
 import signal
 import threading
@@ -24,17 +25,21 @@ import torch
 from distill import distributed
 from distill.config import save_config
 from distill.data.datasets import build_image_source
+from distill.data.filelists import write_file_list
 from distill.data.loader import build_loader
 from distill.engine import checkpointing, sharding
 from distill.engine.budget import BUDGET_WARMUP_STEPS, TimeBudget
 from distill.engine.evaluation import RunEvaluation, flatten_knn
-from distill.engine.metrics import MetricsWriter, plot_loss_curve, read_metrics
+from distill.engine.metrics import MetricsWriter, plot_loss_curve, read_metrics, repair_metrics
 from distill.engine.optim import build_optimizer, set_lr_and_wd
 from distill.engine.param_groups import param_groups
 from distill.engine.runtime import configure_runtime, resolve_device
 from distill.engine.train_config import TrainConfig
 from distill.errors import CheckpointError, DistillError, InputError
-from distill.models.checkpoint import TRAINING_FORMAT
+from distill.files import atomic_write_text
+from distill.models.checkpoint import TRAINING_FORMAT, TrainingCheckpoint
+from distill.models.diagnosis import key_differences
+from distill.models.registry import backbone_kwargs, backbone_options
 from distill.objectives import Objective, StepInfo, build_objective
 from distill.objectives.base import scalar
 from distill.precision import autocast, resolve_precision
@@ -96,21 +101,38 @@ class Trainer:
     # ------------------------------------------------------------------------------------------- set-up
 
     def setup(self) -> None:
-        """Process group, device and precision, run folder, data, objective, loader, optimiser, schedules, metrics
-        and the evaluations. run() calls it when it has not been called."""
+        """Process group, device and precision, data, objective, loader, optimiser, schedules, the state to resume,
+        then the run folder, metrics and the evaluations. run() calls it when it has not been called.
+
+        Whether to resume, and whether the checkpoint there fits this run, is decided before anything in the run
+        folder is written: a refused run leaves the folder as it found it. What set-up logs before the folder
+        opens is held, then written to the folder's train.log."""
+        held = logging.handlers.MemoryHandler(capacity=1 << 20, flushLevel=logging.CRITICAL + 1)
+        logging.getLogger("distill").addHandler(held)
+        try:
+            self._prepare()
+        finally:
+            logging.getLogger("distill").removeHandler(held)
+        self.metrics = MetricsWriter(self.output_dir, enabled=self.is_main)
+        if self.is_main:
+            self._open_run_folder("resumed_from_step" in self.results, held.buffer)
+            self.evaluation = RunEvaluation(self.config, self.source, self.eval_view,
+                                            bool(self.objective.classifiers()), self.precision, self.device)
+
+    def _prepare(self) -> None:
         c = self.config
         self.device = resolve_device(c.train.device)
         distributed.init_from_env(self.device)
         self.is_main = distributed.is_main_process()
         self.precision = resolve_precision(c.train.precision, self.device)
-        configure_runtime(c.train.threads, self.device)
-        if self.is_main:
-            self._open_run_folder()
+        if self.precision == "fp16" and self.device.type == "cpu" and self.is_main:
+            logger.warning("train.precision=fp16 on a CPU is emulated and runs many times slower than bf16 (about "
+                           "14x on the reference machine): use train.precision=bf16 (or auto), or fp32")
+        configure_runtime(c.train.threads, self.device, c.data.num_workers)
+        checkpoint = self._checkpoint_to_resume()
         torch.manual_seed(c.train.seed + distributed.rank())
 
         self.source = build_image_source(c.data.dataset)
-        if self.source.unreadable and self.is_main:
-            (self.output_dir / "unreadable_images.txt").write_text("\n".join(self.source.unreadable) + "\n")
         self.objective = build_objective(c, self.source).to(self.device)
         distributed.broadcast_state(self.objective)
         if c.train.parallel == "fsdp" and distributed.several():
@@ -134,19 +156,28 @@ class Trainer:
             self.objective.compile_backbones()
         self.configured_steps = math.ceil(c.train.epochs * self.steps_per_epoch)
         self.plan(self.configured_steps)
-        self.metrics = MetricsWriter(self.output_dir, enabled=self.is_main)
-        if self.is_main:
-            self.evaluation = RunEvaluation(c, self.source, self.eval_view, bool(self.objective.classifiers()),
-                                            self.precision, self.device)
+        if checkpoint is not None:
+            self._restore(checkpoint)
 
-    def _open_run_folder(self) -> None:
+    def _open_run_folder(self, resumed: bool, earlier: List[logging.LogRecord]) -> None:
+        """The run folder, once the run is known to go ahead: config, log file (starting with the `earlier`
+        records of set-up), the list of unreadable images, and the metrics (a fresh run starts its own; a resumed
+        one keeps the rows up to its checkpoint's step)."""
         self.output_dir.mkdir(parents=True, exist_ok=True)
         checkpointing.remove_stale_temporaries(self.output_dir)
         save_config(self.config, self.output_dir / "config.yaml")
-        handler = logging.FileHandler(self.output_dir / "train.log")
+        handler = QuietFileHandler(self.output_dir / "train.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        for record in earlier:
+            handler.handle(record)
         logging.getLogger("distill").addHandler(handler)
         self._log_handler = handler
+        if self.source.unreadable:
+            write_file_list(self.output_dir / "unreadable_images.txt", self.source.unreadable)
+        if resumed:
+            repair_metrics(self.metrics.path, self.step)
+        elif self.metrics.path.exists():
+            self.metrics.path.unlink()
 
     def scaled_lr(self) -> float:
         """optim.lr scaled from optim.lr_reference_batch images to the global batch (linear, sqrt or none)."""
@@ -207,15 +238,23 @@ class Trainer:
         if not self.shard_units:
             objective, optimizer = self.objective.state_dict(), self.optimizer.state_dict()
         state = self._state(rng[0] if len(rng) == 1 else rng, objective, optimizer)
-        path = checkpointing.save_atomic(state, self.output_dir / checkpointing.LATEST)
-        if keep_epoch is not None:
-            checkpointing.save_atomic(state, self.output_dir / f"checkpoint_{keep_epoch:04d}.pth")
+        path = self.output_dir / checkpointing.LATEST
+        targets = [path] + ([self.output_dir / f"checkpoint_{keep_epoch:04d}.pth"] if keep_epoch is not None else [])
+        for target in targets:
+            try:
+                checkpointing.save_atomic(state, target)
+            except OSError as error:
+                kept = "the previous one is intact" if target.exists() else "no earlier one was there"
+                raise CheckpointError(
+                    f"could not write the checkpoint {target} at step {self.step}: {error.strerror or error} ({kept}). "
+                    "Free space or fix the folder, then run the same command to resume") from None
         self.last_save_time = time.monotonic()
         self._write_loss_curve()
         return path
 
-    def resume(self) -> None:
-        """Continue from train.resume's checkpoint (auto: the run folder's), or start afresh where none is."""
+    def _checkpoint_to_resume(self) -> Optional[TrainingCheckpoint]:
+        """train.resume's checkpoint (auto: the run folder's), read and checked against this run's recipe; None
+        for a fresh run. Refuses a fresh run over an existing checkpoint."""
         path = checkpointing.find_resume_checkpoint(self.output_dir, self.config.train.resume)
         existing = self.output_dir / checkpointing.LATEST
         if path is None and existing.is_file():
@@ -223,12 +262,20 @@ class Trainer:
                 f"{self.output_dir} already holds a checkpoint that a fresh run would overwrite: continue it with "
                 "train.resume=auto, or choose another train.output_dir")
         if path is None:
-            if self.is_main and self.metrics.path.exists():  # a fresh run starts its own metrics
-                self.metrics.path.unlink()
-            return
+            return None
         if not path.is_file():
             raise InputError(f"train.resume={self.config.train.resume}: no checkpoint at {path}")
         run = checkpointing.load_training_checkpoint(path)
+        if (run.config["objective"]["name"], run.backbone) != (self.config.objective.name, self.config.model.backbone):
+            theirs, ours = run_description(run.config), run_description(self.config)
+            raise CheckpointError(
+                f"{path} was written by a {theirs['recipe']} run and this is a {ours['recipe']} run: resume it "
+                "with its own recipe (its config.yaml is beside it), or choose another train.output_dir")
+        return run
+
+    def _restore(self, run: TrainingCheckpoint) -> None:
+        """Weights, optimizer, scaler, step, schedules and random states from a checkpoint that fits."""
+        path = run.source
         if run["steps_per_epoch"] != self.steps_per_epoch:
             raise CheckpointError(
                 f"{path} was written with {run['steps_per_epoch']} steps per epoch, this run has "
@@ -236,10 +283,13 @@ class Trainer:
         weights = run.weights
         if self.shard_units:  # whole tensors in the file, whatever the number of ranks that wrote it
             weights = sharding.shard_like(weights, self.objective.state_dict())
-        try:
-            self.objective.load_state_dict(weights)
-        except RuntimeError as error:
-            raise CheckpointError(f"{path} does not fit this run's networks: {str(error).splitlines()[0]}") from None
+        differences = key_differences(run.weights, self.objective.state_dict())
+        if differences:
+            raise CheckpointError(
+                f"{path} does not fit this run's networks ({'; '.join(differences.lines())}). It was written by a "
+                f"{run_description(run.config)['recipe']} run, this is a {run_description(self.config)['recipe']} "
+                "run: resume with the checkpoint's own config.yaml, or choose another train.output_dir")
+        self.objective.load_state_dict(weights)
         if self.shard_units:
             sharding.load_optimizer_state(self.optimizer, run["optimizer"])
         else:
@@ -250,6 +300,7 @@ class Trainer:
         self.plan(run["total_steps"])
         self.budget.close()
         self._restore_random_states(run["rng"])
+        self.results["resumed_from_step"] = self.step
         logger.info("resumed from %s at step %d of %d (epoch %.2f)", path, self.step, self.total_steps,
                     self.step / self.steps_per_epoch)
 
@@ -289,7 +340,7 @@ class Trainer:
         latest = self.output_dir / checkpointing.LATEST
         saved = f"the last good checkpoint ({latest}) is untouched" if latest.is_file() else "no checkpoint was written"
         message = (
-            f"{what} is {value} at step {info.step} (epoch {info.epoch:.2f}); stopped without saving, so {saved}. "
+            f"{what} is {value} at step {info.step + 1} (epoch {info.epoch:.2f}); stopped without saving, so {saved}. "
             f"Likely causes: a learning rate too high for the batch (lr now {self.lr_schedule[info.step]:.3g}), "
             "fp16 overflow (use train.precision=bf16), too little warm-up, or a broken batch. Resume with a lower "
             "optim.lr or more optim.warmup_epochs, or set train.nan_policy=skip to skip such steps")
@@ -297,7 +348,7 @@ class Trainer:
             raise TrainingDiverged(message)
         self.skipped.in_a_row += 1
         self.skipped.total += 1
-        logger.warning("skipping step %d: %s is %s (%d in a row)", info.step, what, value, self.skipped.in_a_row)
+        logger.warning("skipping step %d: %s is %s (%d in a row)", info.step + 1, what, value, self.skipped.in_a_row)
         if self.skipped.in_a_row > self.config.train.max_skipped_steps:
             raise TrainingDiverged(f"{self.skipped.in_a_row} non-finite steps in a row. " + message)
 
@@ -396,17 +447,30 @@ class Trainer:
         return next((reason for reason, due in reasons if due), None)
 
     def train(self) -> None:
-        """Resume (or start), then train until the plan is done or a stop is due; the last state is saved."""
-        c = self.config
-        self.resume()
+        """Train from self.step (0, or where setup() resumed) until the plan is done or a stop is due; the last
+        state is saved."""
         self._install_signal_handlers()
         self.last_save_time = time.monotonic()
-        data = None
         start_step = self.step
-        bar = progress(total=self.total_steps, initial=self.step, desc=f"{c.objective.name}", unit="step",
+        bar = progress(total=self.total_steps, initial=self.step, desc=f"{self.config.objective.name}", unit="step",
                        disable=not self.is_main)
-        smoothed_rate = None
         self.objective.train()
+        try:
+            stop = self._loop(bar, start_step)
+        finally:
+            bar.close()
+        if stop:
+            logger.info("stopped at step %d of %d: %s", self.step, self.total_steps, self.stop_reason)
+        if self.step % self.steps_per_epoch or stop:  # the epoch-end save covered the rest
+            self.save_checkpoint()
+        if self.stop_signal is not None:
+            self._hand_on_signal()
+        self._summarise(start_step)
+
+    def _loop(self, bar, start_step: int) -> bool:
+        """The steps, each followed by the decisions every rank shares; returns whether a stop ended it early."""
+        c = self.config
+        data, smoothed_rate = None, None
         # the loop ends on decisions all ranks share: a signal handler sets stop_reason at any moment, on some ranks
         _, (stop,) = distributed.agree(0.0, self.stop_reason is not None)
         while self.step < self.total_steps and not stop:
@@ -441,17 +505,12 @@ class Trainer:
             stop = due is not None
             if stop and self.stop_reason is None:
                 self.stop_reason = due
-        bar.close()
-        if stop:
-            logger.info("stopped at step %d of %d: %s", self.step, self.total_steps, self.stop_reason)
-        if self.step % self.steps_per_epoch or stop:  # the epoch-end save covered the rest
-            self.save_checkpoint()
-        if self.stop_signal is not None:
-            self._hand_on_signal()
-        self._summarise(start_step)
+        return stop
 
     def _summarise(self, start_step: int) -> None:
-        self.results.update(steps=self.step, total_steps=self.total_steps,
+        finished = self.step >= self.total_steps
+        self.results.update(status="finished" if finished else "stopped", stop_reason=self.stop_reason,
+                            steps=self.step, total_steps=self.total_steps,
                             epochs=round(self.step / self.steps_per_epoch, 3),
                             train_minutes=round(self.train_seconds / 60, 2), skipped_steps=self.skipped.total)
         if self.train_seconds > 0:
@@ -497,9 +556,13 @@ class Trainer:
         return self._whole.eval()
 
     def _write_loss_curve(self) -> None:
-        if self.is_main:
+        if not self.is_main:
+            return
+        try:
             plot_loss_curve(read_metrics(self.metrics.path), self.output_dir / "loss_curve.png",
                             f"{self.config.objective.name} on {self.source.name}")
+        except OSError as error:  # a picture is not worth stopping for; the checkpoint was written
+            logger.warning("could not write %s: %s", self.output_dir / "loss_curve.png", error.strerror or error)
 
     # ------------------------------------------------------------------------------------------- the whole run
 
@@ -510,7 +573,7 @@ class Trainer:
             self.setup()
         e = self.config.eval
         try:
-            fresh = checkpointing.find_resume_checkpoint(self.output_dir, self.config.train.resume) is None
+            fresh = "resumed_from_step" not in self.results
             if self.is_main and e.raw_pixels:
                 pixels = self.evaluation.raw_pixels()
                 if pixels:
@@ -524,12 +587,24 @@ class Trainer:
             whole = self._whole_objective()
             if self.is_main:
                 self._finish(whole)
+        except Exception as error:  # the run's own log keeps why it ended (the command line says it too)
+            self._log_to_file(error)
+            raise
         finally:
             self.metrics.close()
             if self._log_handler is not None:
                 logging.getLogger("distill").removeHandler(self._log_handler)
                 self._log_handler.close()
         return self.results
+
+    def _log_to_file(self, error: Exception) -> None:
+        if self._log_handler is None:
+            return
+        message = str(error) if isinstance(error, DistillError) else "the run failed"
+        record = logging.LogRecord(__name__, logging.ERROR, __file__, 0, message, None,
+                                   None if isinstance(error, DistillError) else (type(error), error,
+                                                                                 error.__traceback__))
+        self._log_handler.handle(record)
 
     def _finish(self, whole: Objective) -> None:
         """Exports, the last evaluations, the loss curve and results.json (rank 0)."""
@@ -543,11 +618,16 @@ class Trainer:
             if end is not None:
                 self.results["knn_end"] = end
         if e.attention_images:
-            path = self.evaluation.attention_figure(whole.eval_backbone(), e.attention_images,
-                                                    self.output_dir / "attention.png")
-            self.results["attention_figure"] = str(path)
+            figure = self.evaluation.attention_figure(whole.eval_backbone(), e.attention_images,
+                                                      self.output_dir / "attention.png")
+            self.results["attention_figure"] = str(figure.path)
         self._write_loss_curve()
-        (self.output_dir / "results.json").write_text(json.dumps(self.results, indent=2))
+        try:
+            atomic_write_text(self.output_dir / "results.json", json.dumps(self.results, indent=2))
+        except OSError as error:
+            raise CheckpointError(f"could not write {self.output_dir / 'results.json'}: {error.strerror or error} "
+                                  "(the checkpoint and exports are written): free space and rerun the same command "
+                                  "to write it") from None
 
 
 def _to_device(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
@@ -577,3 +657,27 @@ def run_training(config_path: Optional[str], overrides: List[str]) -> Trainer:
     finally:
         distributed.shutdown(meet=finished)
     return trainer
+
+
+class QuietFileHandler(logging.FileHandler):
+    """The run's log file. A record it cannot write (a full disk) is dropped: the failure itself reaches the user
+    as an error, without the logging module's own traceback on top."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        pass
+
+
+def run_description(config: Any) -> Dict[str, str]:
+    """"backbone" and "recipe" (objective, backbone and its width) of a run config (the typed one, or the plain
+    containers a checkpoint stores), for messages that compare two runs."""
+    from omegaconf import OmegaConf
+
+    plain = config if isinstance(config, dict) else OmegaConf.to_container(OmegaConf.structured(config))
+    name, overrides = plain["model"]["backbone"], dict(plain["model"]["overrides"])
+    try:
+        kwargs = backbone_kwargs(name, **{k: v for k, v in overrides.items() if k in backbone_options(name)})
+    except DistillError:
+        kwargs = dict(overrides)
+    shape = ", ".join(f"{key} {kwargs[key]}" for key in ("embed_dim", "depth", "patch_size") if key in kwargs)
+    backbone = f"{name} ({shape})" if shape else name
+    return {"backbone": backbone, "recipe": f"{plain['objective']['name']} / {backbone}"}

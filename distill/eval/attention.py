@@ -1,7 +1,8 @@
 """Self-attention maps of the class token in the last block, per head, and DINO's thresholded masks."""
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -92,18 +93,41 @@ def save_attention_figure(images: torch.Tensor, attention: torch.Tensor, masks: 
     return path
 
 
+@dataclass
+class AttentionFigure:
+    path: Path
+    shown: int  # images drawn
+    skipped: List[str]  # files that could not be read, with why
+
+
 def attention_figure(backbone: nn.Module, source, view, count: int, path: Path, device: torch.device,
-                     threshold: float = 0.6) -> Path:
-    """Attention maps of the first `count` images of a source, through the evaluation view."""
+                     threshold: float = 0.6) -> AttentionFigure:
+    """Attention maps of the first `count` images of a source, through the evaluation view. An unreadable file is
+    left out and named (no other image takes its place); none readable is an error."""
+    from distill.data.datasets import slice_source
     from distill.data.eval_views import EvalView
-    from distill.data.loader import build_loader
+    from distill.data.filelists import readable_name
+    from distill.data.images import describe_error
+    from distill.eval.features import evaluation_batches
 
     if view is None:
         size = backbone.config["img_size"][0]
         view = EvalView(size, [0.5], [0.5], backbone.config["in_chans"])
-    loader, _ = build_loader(source, view, min(count, len(source)), seed=0, shuffle=False, drop_last=False)
-    batch = next(iter(loader))
-    images = batch["crops"][0][:count]
+    chosen = slice_source(source, 0, count)
+    skipped: List[int] = []
+    batches = list(evaluation_batches(chosen, view, max(1, len(chosen)), torch.device("cpu"), desc="attention",
+                                      skipped=skipped))
+    reasons = []
+    for index in skipped:
+        try:
+            chosen.load(index)
+            reasons.append(f"{readable_name(chosen.paths[index])} (unreadable)")
+        except Exception as error:
+            reasons.append(f"{readable_name(chosen.paths[index])} ({describe_error(error)})")
+    if not batches:
+        raise InputError(f"none of the {len(chosen)} image(s) could be read: {'; '.join(reasons)}")
+    images = torch.cat([b["images"] for b in batches])
+    labels = torch.cat([b["labels"] for b in batches]) if batches[0]["labels"] is not None else None
     was_training = backbone.training
     backbone.eval()
     try:
@@ -111,7 +135,7 @@ def attention_figure(backbone: nn.Module, source, view, count: int, path: Path, 
     finally:
         backbone.train(was_training)
     titles = None
-    if batch["labels"] is not None and getattr(source, "classes", None):
-        titles = [source.classes[int(label)] for label in batch["labels"][:count]]
-    return save_attention_figure(images, attention, threshold_masks(attention, threshold), path, view.mean, view.std,
-                                 titles)
+    if labels is not None and getattr(source, "classes", None):
+        titles = [source.classes[int(label)] for label in labels]
+    save_attention_figure(images, attention, threshold_masks(attention, threshold), path, view.mean, view.std, titles)
+    return AttentionFigure(Path(path), len(images), reasons)

@@ -10,7 +10,6 @@ from torch import nn
 
 from distill.errors import InputError
 from distill.precision import autocast, resolve_precision
-from distill.progress import progress
 
 logger = logging.getLogger(__name__)
 
@@ -19,35 +18,33 @@ logger = logging.getLogger(__name__)
 def evaluate_classifier(model: nn.Module, source, view, batch_size: int = 256, precision: str = "fp32",
                         device: str = "cpu", num_workers: int = 0, desc: str = "validation") -> Dict[str, float]:
     """{"top1", "top5", "loss"} in percent (loss: mean cross-entropy) over every image of `source`."""
-    from distill.data.loader import build_loader
+    from distill.eval.features import evaluation_batches
 
     if source.labels is None:
         raise InputError(f"accuracy needs labels, but {source.name} has none")
     device = torch.device(device)
     precision = resolve_precision(precision, device)
-    loader, _ = build_loader(source, view, batch_size, seed=0, num_workers=num_workers, shuffle=False, drop_last=False)
     was_training = model.training
     model.eval()
     correct1 = correct5 = seen = 0
     loss_sum = 0.0
     start = time.perf_counter()
     try:
-        with progress(total=len(source), desc=desc, unit="img", leave=False) as bar:
-            for batch in loader:
-                images = batch["crops"][0].to(device, non_blocking=True)
-                labels = batch["labels"].to(device)
-                with autocast(precision, device):
-                    logits = model(images)
-                logits = logits.float()
-                top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-                hits = top == labels[:, None]
-                correct1 += int(hits[:, 0].sum())
-                correct5 += int(hits.any(dim=1).sum())
-                loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
-                seen += len(labels)
-                bar.update(len(labels))
+        for batch in evaluation_batches(source, view, batch_size, device, num_workers, desc):
+            labels = batch["labels"].to(device)
+            with autocast(precision, device):
+                logits = model(batch["images"])
+            logits = logits.float()
+            top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            hits = top == labels[:, None]
+            correct1 += int(hits[:, 0].sum())
+            correct5 += int(hits.any(dim=1).sum())
+            loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+            seen += len(labels)
     finally:
         model.train(was_training)
+    if not seen:
+        raise InputError(f"no image of {source.name} could be read: nothing to classify")
     result = {"top1": 100.0 * correct1 / seen, "top5": 100.0 * correct5 / seen, "loss": loss_sum / seen}
     logger.info("%s on %s (%d images, %.0fs): top-1 %.2f, top-5 %.2f", desc, source.name, seen,
                 time.perf_counter() - start, result["top1"], result["top5"])

@@ -1,8 +1,13 @@
 """Jobs on SLURM through submitit, or as local processes: the resources a job asks for, a check of the cluster
 before anything is submitted, and the executor. Training (`distill submit`) and curation job arrays use them."""
 
+import contextlib
+import io
+import os
 import shutil
 import subprocess
+import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -33,16 +38,73 @@ class Resources:
         return self.tasks_per_node or max(1, self.gpus_per_node)
 
 
+SLURM_ONLY = ("partition", "account", "qos", "constraint", "comment", "exclusive", "mem_gb")
+
+
 def check_cluster(resources: Resources) -> None:
-    """A clear error before anything is submitted: no SLURM here, or a partition it does not have."""
+    """A clear error before anything is submitted: no SLURM here, a controller that does not answer, or a
+    partition it does not have."""
     if shutil.which("sbatch") is None:
         raise InputError("no `sbatch` on this machine: submit from a SLURM login node, or run here with --local")
-    if resources.partition:
+    try:
         found = subprocess.run(["sinfo", "-h", "-o", "%R"], capture_output=True, text=True, timeout=60)
-        partitions = sorted(set(found.stdout.split()))
-        if found.returncode == 0 and resources.partition not in partitions:
-            raise InputError(f"partition {resources.partition!r} does not exist on this cluster: choose one of "
-                             f"{', '.join(partitions) or '(none listed by sinfo)'}")
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise InputError(f"`sinfo` could not ask SLURM for its partitions ({error}): check that SLURM answers "
+                         "here (`sinfo`), or run here with --local") from None
+    if found.returncode != 0:
+        reason = (found.stderr.strip().splitlines() or [f"exit status {found.returncode}"])[-1]
+        raise InputError(f"SLURM's controller does not answer (`sinfo`: {reason}): check that `sinfo` works on this "
+                         "machine, or run here with --local")
+    partitions = sorted(set(found.stdout.split()))
+    if resources.partition and resources.partition not in partitions:
+        raise InputError(f"partition {resources.partition!r} does not exist on this cluster: choose one of "
+                         f"{', '.join(partitions) or '(none listed by sinfo)'}")
+
+
+def check_local(resources: Resources) -> None:
+    """--local runs on this machine: SLURM options would be ignored, so they are refused."""
+    given = [f"--{key.replace('_', '-')}" for key in SLURM_ONLY if getattr(resources, key)]
+    if resources.nodes > 1:
+        given.append("--nodes")
+    if given:
+        raise InputError(f"{', '.join(given)} {'is a SLURM option' if len(given) == 1 else 'are SLURM options'}; "
+                         "a local job runs on this machine: leave them out, or submit to SLURM")
+
+
+def submit_or_explain(submit, folder: Path):
+    """executor.submit / map_array through `submit()`; a refusal of sbatch becomes one line naming its reason (what
+    sbatch wrote to stderr is caught for it, and passed on when the submission succeeds), and the files the failed
+    submission left in `folder` are removed."""
+    import submitit
+
+    before = set(folder.rglob("*")) if folder.exists() else set()
+    printed = io.StringIO()  # submitit prints sbatch's stderr through sys.stderr; sbatch itself writes to fd 2
+    with tempfile.TemporaryFile() as captured:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(captured.fileno(), 2)
+        try:
+            with contextlib.redirect_stderr(printed):
+                job = submit()
+            error = None
+        except (submitit.core.utils.FailedJobError, subprocess.CalledProcessError, OSError) as failure:
+            job, error = None, failure
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+        captured.seek(0)
+        said = captured.read().decode(errors="replace") + printed.getvalue()
+    if error is None:
+        if said:
+            sys.stderr.write(said)
+        return job
+    for leftover in sorted(set(folder.rglob("*")) - before, reverse=True):
+        shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+    lines = [line.strip() for line in said.splitlines() + str(error).splitlines()
+             if line.strip()]
+    reason = next((line for line in lines if "error" in line.lower()), lines[-1] if lines else "no reason given")
+    raise InputError(f"SLURM refused the job ({reason[:300]}); nothing was submitted")
 
 
 def make_executor(folder: Path, resources: Resources, local: bool):

@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from distill.launch.slurm import Resources, check_cluster, make_executor
+from distill.errors import InputError
+from distill.launch.slurm import Resources, check_cluster, check_local, make_executor, submit_or_explain
 
 logger = logging.getLogger(__name__)
 SIGTERM_WAIT_S = 600
@@ -53,14 +54,23 @@ class TrainJob:
 
 
 def submit(config: Optional[str], overrides: List[str], resources: Resources, folder: Optional[str] = None,
-           local: bool = False, name: Optional[str] = None):
-    """Validate the run's config, then submit it; returns the submitit job."""
-    from distill.engine.train_config import load_train_config
+           local: bool = False, name: Optional[str] = None, check_data: bool = True):
+    """Check the run's config, its data paths (check_data=False when they exist only on the compute nodes) and
+    the cluster, then submit it; returns the submitit job. Nothing is written or submitted when a check fails."""
+    from distill.engine.train_config import check_data_paths, load_train_config
 
     checked = load_train_config(config, overrides)  # a bad key or value stops here, before any submission
-    if not local:
-        check_cluster(resources)
+    if check_data:
+        check_data_paths(checked)
+    check_local(resources) if local else check_cluster(resources)
     root = Path(folder or Path(checked.train.output_dir) / "jobs")
+    absent = [p for p in (root, *root.parents) if not p.exists()]
     executor = make_executor(root, resources, local)
     executor.update_parameters(name=name or f"distill-{checked.objective.name}")
-    return executor.submit(TrainJob(config, overrides))
+    try:
+        return submit_or_explain(lambda: executor.submit(TrainJob(config, overrides)), root)
+    except InputError:
+        for created in absent:  # the folders made for the refused job, innermost first, if they stayed empty
+            if created.is_dir() and not any(created.iterdir()):
+                created.rmdir()
+        raise

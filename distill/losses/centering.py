@@ -1,6 +1,9 @@
 """The teacher's targets in DINO and iBOT: its outputs centred and sharpened (DINO), or Sinkhorn-Knopp assignments
 (SwAV; DINOv2's option), and the center kept as a moving average of the teacher's mean output over all ranks."""
 
+import math
+from typing import Dict
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,12 +26,16 @@ class CenteredTeacherLoss(nn.Module):
             raise InputError(f"centering {centering!r}: choose one of {', '.join(CENTERINGS)}")
         self.center_momentum, self.centering = center_momentum, centering
         self.register_buffer("center", torch.zeros(1, out_dim))
+        self.target_stats: Dict[str, torch.Tensor] = {}
 
     def teacher_targets(self, teacher: torch.Tensor, teacher_temp: float) -> torch.Tensor:
-        """teacher [N, K] (fp32, detached) -> target distributions [N, K]."""
+        """teacher [N, K] (fp32, detached) -> target distributions [N, K]; their summary goes to target_stats."""
         if self.centering == "sinkhorn_knopp":
-            return sinkhorn_knopp(teacher, teacher_temp)
-        return F.softmax((teacher - self.center) / teacher_temp, dim=-1)
+            targets = sinkhorn_knopp(teacher, teacher_temp)
+        else:
+            targets = F.softmax((teacher - self.center) / teacher_temp, dim=-1)
+        self.target_stats = summarise_targets(targets)
+        return targets
 
     @torch.no_grad()
     def update_center(self, teacher: torch.Tensor) -> None:
@@ -42,3 +49,17 @@ class CenteredTeacherLoss(nn.Module):
         if count.item() == 0 or not torch.isfinite(total).all():
             return
         self.center.mul_(self.center_momentum).add_(total / count, alpha=1 - self.center_momentum)
+
+
+@torch.no_grad()
+def summarise_targets(targets: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """What says whether a teacher collapsed, as 0-d tensors (no device sync): "entropy", the mean entropy of the
+    target rows over its maximum ln K (1: uniform), and "top_share", the share of rows whose most likely prototype
+    is the batch's most common one (1: one prototype for every image)."""
+    rows, prototypes = targets.shape
+    if rows == 0:
+        zero = targets.new_zeros(())
+        return {"entropy": zero, "top_share": zero}
+    entropy = -(targets * torch.log(targets.clamp_min(1e-30))).sum(dim=-1).mean() / math.log(max(prototypes, 2))
+    counts = torch.bincount(targets.argmax(dim=-1), minlength=prototypes)
+    return {"entropy": entropy, "top_share": counts.max().float() / rows}

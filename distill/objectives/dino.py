@@ -16,7 +16,7 @@ from distill.ema import ema_update
 from distill.losses.dino import DINOLoss
 from distill.models.heads import DINOHead
 from distill.objectives.base import Objective, StepInfo, build_backbone
-from distill.objectives.self_distillation import SelfDistillationConfig, TeacherSchedules
+from distill.objectives.self_distillation import CollapseWatch, SelfDistillationConfig, TeacherSchedules
 
 
 @dataclass
@@ -60,6 +60,7 @@ class DINOObjective(TeacherSchedules, Objective):
             param.requires_grad = False
         self.loss = DINOLoss(config.out_dim, config.views.global_crops_number, config.student_temp,
                              config.center_momentum, config.centering)
+        self.collapse = CollapseWatch(config.out_dim)
         self.plan(1, 1.0)
 
     def views(self, channels: int) -> MultiCrop:
@@ -82,13 +83,17 @@ class DINOObjective(TeacherSchedules, Objective):
             teacher_output = self.teacher(crops[:num_global])
         student_output = self.student(crops)
         temperature = self.scheduled_values(info.step)["teacher_temp"]
-        return {"loss": self.loss(student_output, teacher_output, temperature)}
+        loss = self.loss(student_output, teacher_output, temperature)
+        stats = self.loss.target_stats
+        return {"loss": loss, "teacher_entropy": stats["entropy"], "teacher_top_share": stats["top_share"]}
 
     def before_optimizer_step(self, info: StepInfo) -> None:
         self.freeze_last_layers([self.student.head], info)
 
     def after_optimizer_step(self, info: StepInfo) -> None:
         ema_update(self.teacher, self.student, self.scheduled_values(info.step)["momentum"])
+        stats = self.loss.target_stats
+        self.collapse.update(info.step, float(stats["entropy"]), float(stats["top_share"]))
 
     def export(self, folder: Path) -> List[Path]:
         """The teacher backbone in the layout of DINO's released backbones (mask token dropped)."""

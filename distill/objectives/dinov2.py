@@ -30,7 +30,7 @@ from distill.models.checkpoint import (TrainingCheckpoint, extract_state_dict, f
                                        is_training_checkpoint, load_state, strip_wrappers)
 from distill.models.heads import DINOHead
 from distill.objectives.base import Objective, StepInfo, build_backbone
-from distill.objectives.self_distillation import SelfDistillationConfig, TeacherSchedules
+from distill.objectives.self_distillation import CollapseWatch, SelfDistillationConfig, TeacherSchedules
 from distill.seeds import Stream, derived_generator
 
 logger = logging.getLogger(__name__)
@@ -131,6 +131,7 @@ class DINOv2Objective(TeacherSchedules, Objective):
         self.ibot_loss = IBOTPatchLoss(config.ibot_out_dim, config.student_temp, config.center_momentum,
                                        config.centering)
         self.koleo_loss = KoLeoLoss()
+        self.collapse = CollapseWatch(config.out_dim)
         self.plan(1, 1.0)
 
     def _load_teacher_heads(self, heads: Dict[str, torch.Tensor]) -> None:
@@ -194,8 +195,10 @@ class DINOv2Objective(TeacherSchedules, Objective):
         global_cls = global_tokens["x_norm_clstoken"]
         koleo = sum(self.koleo_loss(chunk) for chunk in global_cls.chunk(2)) if c.koleo_loss_weight else dino * 0
         loss = c.dino_loss_weight * dino + c.ibot_loss_weight * ibot + c.koleo_loss_weight * koleo
+        stats = self.dino_loss.target_stats
         return {"loss": loss, "dino_loss": dino, "ibot_loss": ibot, "koleo_loss": koleo,
-                "masked_share": float(flat.float().mean())}
+                "masked_share": float(flat.float().mean()), "teacher_entropy": stats["entropy"],
+                "teacher_top_share": stats["top_share"]}
 
     def _student_tokens(self, globals_: List[torch.Tensor], locals_: List[torch.Tensor],
                         masks: Optional[torch.Tensor]):
@@ -220,6 +223,8 @@ class DINOv2Objective(TeacherSchedules, Objective):
             ema_update(self.student_ema, self.student, self.config.distillation.student_ema_momentum)
         else:
             ema_update(self.teacher, self.student, self.scheduled_values(info.step)["momentum"])
+            stats = self.dino_loss.target_stats
+            self.collapse.update(info.step, float(stats["entropy"]), float(stats["top_share"]))
 
     def export(self, folder: Path) -> List[Path]:
         """The evaluated backbone (teacher, or the student's EMA when distilling) in the DINOv2 hub layout."""

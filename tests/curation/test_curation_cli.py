@@ -7,6 +7,7 @@ import numpy as np
 
 from data_curation.cli import main
 from data_curation.embeddings import EmbeddingStore
+from distill.data.filelists import read_paths
 
 
 def test_embed_resumes_and_the_steps_chain(tmp_path, capsys):
@@ -23,7 +24,7 @@ def test_embed_resumes_and_the_steps_chain(tmp_path, capsys):
     assert store.paths()[299] == "fashion_mnist/train/299"
 
     assert main(["dedup", "--embeddings", str(emb), "--threshold", "0.999", "--output", str(tmp_path / "dd")]) == 0
-    kept = (tmp_path / "dd" / "kept.txt").read_text().splitlines()
+    kept = read_paths(tmp_path / "dd" / "kept.txt")
     groups = json.loads((tmp_path / "dd" / "groups.json").read_text())
     assert len(kept) + sum(len(g) - 1 for g in groups) == 300
     assert main(["cluster", "--embeddings", str(emb), "--keep", str(tmp_path / "dd" / "kept.txt"),
@@ -31,11 +32,11 @@ def test_embed_resumes_and_the_steps_chain(tmp_path, capsys):
     assert np.load(tmp_path / "cl" / "level2_assignment.npy").max() < 5
     assert main(["sample", "--clusters", str(tmp_path / "cl"), "--target", "50", "--output",
                  str(tmp_path / "curated.txt")]) == 0
-    curated = (tmp_path / "curated.txt").read_text().splitlines()
+    curated = read_paths(tmp_path / "curated.txt")
     assert len(curated) == 50 and set(curated) <= set(kept)
     assert main(["retrieve", "--seed", str(emb), "--pool", str(emb), "--n", "2", "--output",
                  str(tmp_path / "retrieved.txt")]) == 0
-    assert len((tmp_path / "retrieved.txt").read_text().splitlines()) == 300  # each image is its own nearest
+    assert len(read_paths(tmp_path / "retrieved.txt")) == 300  # each image is its own nearest
 
     code = main(["cluster", "--embeddings", str(emb), "--levels", "5000", "--output", str(tmp_path / "bad")])
     assert code == 2 and "cannot make 5000 clusters" in capsys.readouterr().err
@@ -51,7 +52,7 @@ def test_nan_rows_and_repeated_paths_are_reported_and_left_out(tmp_path, caplog)
     assert main(["dedup", "--embeddings", str(tmp_path / "emb"), "--threshold", "0.99",
                  "--output", str(tmp_path / "dd")]) == 0
     assert "left out 1 NaN / inf / zero" in caplog.text and "appears twice" in caplog.text
-    assert (tmp_path / "dd" / "kept.txt").read_text().splitlines() == ["a", "b", "d", "f"]
+    assert read_paths(tmp_path / "dd" / "kept.txt") == ["a", "b", "d", "f"]
 
 
 def _folder_of_images(folder, count=6):
@@ -83,7 +84,7 @@ def test_a_corrupt_image_is_named_and_left_out_whether_found_before_or_during_em
     assert not vectors[3].any() and np.abs(np.linalg.norm(vectors[[0, 1, 2, 4, 5]], axis=1) - 1).max() < 1e-2
     assert (tmp_path / "met" / "unreadable.txt").read_text().strip().endswith("img3.png")
     assert main(["dedup", "--embeddings", str(tmp_path / "met"), "--output", str(tmp_path / "dd")]) == 0
-    kept = (tmp_path / "dd" / "kept.txt").read_text().splitlines()
+    kept = read_paths(tmp_path / "dd" / "kept.txt")
     grouped = {p for g in json.loads((tmp_path / "dd" / "groups.json").read_text()) for p in g}
     assert set(kept) | grouped == {p for p in paths if not p.endswith("img3.png")}
 
@@ -131,14 +132,14 @@ def test_a_fashion_mnist_selection_is_a_dataset_and_the_pictures_are_drawn(tmp_p
     assert grid.size == (widest * 70, min(12, len(groups)) * 70)
     assert main(["dedup", "--embeddings", str(emb), "--threshold", "0.995", "--against", str(emb), "--output",
                  str(tmp_path / "against")]) == 0
-    assert (tmp_path / "against" / "kept.txt").read_text() == ""  # every image is in the evaluation set itself
+    assert read_paths(tmp_path / "against" / "kept.txt") == []  # every image is in the evaluation set itself
     assert main(["cluster", "--embeddings", str(emb), "--levels", "16", "4", "--output", str(tmp_path / "cl")]) == 0
     assert Image.open(tmp_path / "cl" / "cluster_sizes.png").size[0] > 300
     assert main(["sample", "--clusters", str(tmp_path / "cl"), "--target", "40", "--output",
                  str(tmp_path / "curated.txt")]) == 0
     assert (tmp_path / "curated.png").is_file()
 
-    names = (tmp_path / "curated.txt").read_text().splitlines()
+    names = read_paths(tmp_path / "curated.txt")
     source = build_image_source(DatasetConfig(kind="auto", path=str(tmp_path / "curated.txt")))
     images, labels = load_fashion_mnist("test")
     index = [int(n.rsplit("/", 1)[1]) for n in names]
@@ -147,7 +148,7 @@ def test_a_fashion_mnist_selection_is_a_dataset_and_the_pictures_are_drawn(tmp_p
 
     assert main(["retrieve", "--seed", str(emb), "--clusters", str(tmp_path / "cl"), "--output",
                  str(tmp_path / "by_cluster.txt")]) == 0
-    assert len((tmp_path / "by_cluster.txt").read_text().splitlines()) == 400  # every cluster holds a seed
+    assert len(read_paths(tmp_path / "by_cluster.txt")) == 400  # every cluster holds a seed
 
 
 def test_bad_embeddings_input_is_one_line_and_writes_nothing(tmp_path, capsys):

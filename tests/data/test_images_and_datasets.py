@@ -92,5 +92,44 @@ def test_empty_or_unreadable_sources_fail_before_training(tmp_path):
     mixed.write_text("a.png 1\nb.png\n")
     with pytest.raises(InputError, match="label every line or none"):
         build_image_source(DatasetConfig(kind="filelist", path=str(mixed)))
-    with pytest.raises(InputError, match="needs data.path"):
+    with pytest.raises(InputError, match="needs data.dataset.path"):
         DatasetConfig(kind="folder").validate()
+
+
+def test_a_link_loop_ends_and_a_file_reached_twice_counts_once(tmp_path):
+    folder = tmp_path / "photos"
+    for i in range(52):
+        _save(folder / ("a" if i % 2 else "b") / f"{i}.png", Image.new("L", (8, 8), i))
+    (folder / "loop").symlink_to(".")  # a loop: photos/loop/loop/... would never end
+    (folder / "again").symlink_to("a")  # the same folder by a second name
+    (folder / "b" / "link_to_0.png").symlink_to(folder / "b" / "0.png")  # the same file by a second name
+    source = build_image_source(DatasetConfig(kind="folder", path=str(folder)))
+    assert len(source) == 52 and len(set(source.paths)) == 52
+    assert source.paths[0].endswith("/a/1.png")  # the first path of each file, in sorted order
+
+
+def test_sixteen_bit_images_scale_by_their_type_not_their_content(tmp_path):
+    dark = _save(tmp_path / "dark.png", Image.fromarray(np.full((4, 4), 255, np.uint16)))  # 255 of 65535
+    bright = _save(tmp_path / "bright.png", Image.fromarray(np.full((4, 4), 65535, np.uint16)))
+    assert np.asarray(load_image(dark, mode="L")).max() == 1  # 255 / 65535 of full scale, not full white
+    assert np.asarray(load_image(bright, mode="L")).min() == 255
+
+
+def test_an_image_over_the_decompression_bomb_limit_says_why_and_the_option_lets_it_in(tmp_path, caplog):
+    from PIL import Image as PILImage
+
+    for i in range(3):
+        _save(tmp_path / "pool" / f"{i}.png", Image.new("L", (8, 8), i))
+    _save(tmp_path / "pool" / "huge.png", Image.new("L", (200, 200)))
+    default = PILImage.MAX_IMAGE_PIXELS
+    try:
+        with caplog.at_level(logging.WARNING):
+            source = build_image_source(DatasetConfig(kind="folder", path=str(tmp_path / "pool"),
+                                                      max_image_pixels=10_000))
+        assert len(source) == 3 and source.unreadable == [str(tmp_path / "pool" / "huge.png")]
+        said = " ".join(r.getMessage() for r in caplog.records)
+        assert "exceeds limit of 20000 pixels" in said and "data.dataset.max_image_pixels" in said
+        source = build_image_source(DatasetConfig(kind="folder", path=str(tmp_path / "pool"), max_image_pixels=-1))
+        assert len(source) == 4 and not source.unreadable
+    finally:
+        PILImage.MAX_IMAGE_PIXELS = default

@@ -22,10 +22,10 @@ from tests.tiny_dino import TINY_DINO, tiny_model
 TINY = TINY_DINO + [tiny_model(), "data.dataset.limit=256", "data.batch_size=16"]
 
 
-def _fake_slurm(folder: Path, partitions="debug"):
+def _fake_slurm(folder: Path, partitions="debug", sinfo=None, sbatch="echo should-not-be-called >&2; exit 1"):
     """sbatch and sinfo stand-ins: enough for the checks made before submitting."""
     folder.mkdir()
-    for name, body in (("sbatch", "echo should-not-be-called >&2; exit 1"), ("sinfo", f"echo {partitions}")):
+    for name, body in (("sbatch", sbatch), ("sinfo", sinfo or f"echo {partitions}")):
         path = folder / name
         path.write_text(f"#!/bin/sh\n{body}\n")
         path.chmod(path.stat().st_mode | stat.S_IEXEC)
@@ -44,6 +44,31 @@ def test_bad_input_stops_before_submitting(tmp_path, monkeypatch, capsys):
     assert main(["submit", *TINY, "train.epochz=3", f"train.output_dir={run}", "--partition", "debug"]) == 2
     assert "epochz" in capsys.readouterr().err
     assert not run.exists()  # nothing was written, nothing submitted
+
+
+def test_a_cluster_that_does_not_answer_or_refuses_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    no_controller = "echo 'sinfo: error: Unable to contact slurm controller (connect failure)' >&2; exit 1"
+    monkeypatch.setenv("PATH", f"{_fake_slurm(tmp_path / 'down', sinfo=no_controller)}:/usr/bin:/bin")
+    assert main(["submit", *TINY, f"train.output_dir={run}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "controller does not answer" in err and "Unable to contact" in err
+    refusing = "echo 'sbatch: error: Batch job submission failed: Invalid account or account/partition' >&2; exit 1"
+    monkeypatch.setenv("PATH", f"{_fake_slurm(tmp_path / 'refusing', sbatch=refusing)}:/usr/bin:/bin")
+    assert main(["submit", *TINY, f"train.output_dir={run}", "--partition", "debug"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "SLURM refused the job" in err and "Invalid account" in err
+    assert not run.exists()  # no leftover pickle of the refused job, nor the folders made for it
+
+
+def test_local_submissions_check_the_data_and_refuse_slurm_options(tmp_path, capsys):
+    run = tmp_path / "run"
+    missing = ["data.dataset.kind=folder", f"data.dataset.path={tmp_path / 'nowhere'}"]
+    assert main(["submit", *TINY, *missing, f"train.output_dir={run}", "--local"]) == 2
+    assert f"data.dataset.path {tmp_path / 'nowhere'} does not exist" in capsys.readouterr().err
+    assert main(["submit", *TINY, f"train.output_dir={run}", "--local", "--partition", "gpu"]) == 2
+    assert "--partition is a SLURM option; a local job runs on this machine" in capsys.readouterr().err
+    assert not run.exists()
 
 
 def test_local_job_with_two_tasks_trains_as_one_process_group(tmp_path, capsys):

@@ -1,5 +1,7 @@
 """The trainer: resume equality (also after a real kill), atomic saves, non-finite losses, bad input."""
 
+import json
+import logging
 import os
 import random
 import signal
@@ -13,7 +15,7 @@ import torch
 from distill.cli import main
 from distill.engine.checkpointing import LATEST, save_atomic
 from distill.engine.trainer import Trainer, TrainingDiverged
-from distill.errors import InputError
+from distill.errors import CheckpointError, InputError
 from distill.models import read_checkpoint
 from tests.tiny_dino import losses
 
@@ -117,7 +119,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tiny_confi
     trainer = Trainer(tiny_config(tmp_path, "train.checkpoint_every_minutes=0", "train.max_steps=8"))
     trainer.setup()
     _inject_nan_at(trainer, 4)
-    with pytest.raises(TrainingDiverged, match=r"the loss is nan at step 4 .*last good checkpoint .* untouched"):
+    with pytest.raises(TrainingDiverged, match=r"the loss is nan at step 5 .*last good checkpoint .* untouched"):
         trainer.run()
     assert (tmp_path / LATEST).read_bytes() == trainer.saved_before_nan
     assert read_checkpoint(tmp_path / LATEST)["step"] == 4
@@ -163,7 +165,9 @@ def test_corrupt_files_are_skipped_and_listed(tmp_path, tiny_overrides):
     results = Trainer(load_cfg(tiny_overrides, run, "data.dataset.kind=folder", f"data.dataset.path={tmp_path}",
                                "train.max_steps=2")).run()
     assert results["steps"] == 2
-    assert (run / "unreadable_images.txt").read_text().strip() == str(tmp_path / "bad.png")
+    from distill.data.filelists import read_paths
+
+    assert read_paths(run / "unreadable_images.txt") == [str(tmp_path / "bad.png")]
 
 
 @pytest.fixture
@@ -242,3 +246,113 @@ def test_time_budget_is_fitted_again_to_the_recent_pace(tiny_config, tmp_path):
     planned = trainer.total_steps
     run_for(20, 0.01)  # no fits after the last share
     assert trainer.budget.fits == 5 and trainer.total_steps == planned
+
+
+# ------------------------------------------------------------------------------- refusals leave the folder as it was
+
+def test_a_refused_run_touches_nothing_in_the_folder(tiny_config, tmp_path, caplog):
+    Trainer(tiny_config(tmp_path, "train.max_steps=2")).run()
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    dinov2 = tiny_config(tmp_path, "train.max_steps=4", "eval.knn_at_start=true")
+    dinov2.objective = __import__("distill.objectives.dinov2", fromlist=["DINOv2Config"]).DINOv2Config(
+        out_dim=64, ibot_out_dim=64, hidden_dim=32, bottleneck_dim=16, views=dinov2.objective.views)
+    with caplog.at_level(logging.INFO, logger="distill"):
+        with pytest.raises(CheckpointError, match=r"written by a dino / vit_tiny \(embed_dim 32, depth 2, patch_size "
+                                                  r"4\) run and this is a dinov2 / vit_tiny"):
+            Trainer(dinov2).run()
+    assert not [r for r in caplog.records if "kNN" in r.getMessage()]  # refused before any evaluation
+    with pytest.raises(InputError, match="already holds a checkpoint"):
+        Trainer(tiny_config(tmp_path, "train.resume=never", "train.epochs=9")).run()
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+
+
+def test_a_checkpoint_of_another_width_is_refused_naming_keys_and_recipe(tiny_config, tmp_path):
+    Trainer(tiny_config(tmp_path, "train.max_steps=2")).run()
+    wider = tiny_config(tmp_path, "train.max_steps=4")
+    wider.model.overrides["embed_dim"] = 48
+    with pytest.raises(CheckpointError) as refused:
+        Trainer(wider).run()
+    message = str(refused.value)
+    assert "shape mismatches" in message and "blocks.*.attn.qkv.weight file [96, 32] vs model [144, 48]" in message
+    assert "dino / vit_tiny (embed_dim 32, depth 2, patch_size 4)" in message and "\n" not in message
+
+
+# ------------------------------------------------------------------------------- metrics and results after a stop
+
+def test_a_resume_trims_metrics_past_its_checkpoint_and_a_torn_line(tiny_config, tmp_path):
+    Trainer(tiny_config(tmp_path, "train.max_steps=6")).run()
+    metrics = tmp_path / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    # what a kill -9 after the checkpoint of step 6 leaves: two more rows and half of a third
+    extra = [dict(rows[-1], step=7), dict(rows[-1], step=8)]
+    metrics.write_text(metrics.read_text() + "".join(json.dumps(r) + "\n" for r in extra) + '{"step": 9, "lo')
+    Trainer(tiny_config(tmp_path, "train.max_steps=10")).run()
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if "loss" in line]
+    assert steps == list(range(1, 11))  # each step once, nothing torn
+    assert json.loads((tmp_path / "results.json").read_text())["steps"] == 10
+
+
+def test_a_torn_metrics_line_during_a_run_does_not_break_its_checkpoints(tiny_config, tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, "train.max_steps=3"))
+    trainer.setup()
+    trainer.metrics.path.write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "lo')
+    assert trainer.save_checkpoint() is not None and (tmp_path / "loss_curve.png").exists() is False
+
+
+def test_disk_full_during_a_save_is_one_line_in_the_terminal_and_the_log(tiny_overrides, tmp_path, monkeypatch,
+                                                                          capsys):
+    import errno
+
+    from distill.engine import checkpointing
+
+    run = tmp_path / "run"
+    assert main(["train", *tiny_overrides(run, "train.max_steps=16")]) == 0  # one epoch: checkpoint of step 16
+    save = checkpointing.save_atomic
+
+    def full_disk(state, path):
+        if state["step"] > 17:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save(state, path)
+
+    monkeypatch.setattr(checkpointing, "save_atomic", full_disk)
+    capsys.readouterr()
+    assert main(["train", *tiny_overrides(run, "train.max_steps=20")]) == 2
+    said = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "dino:" not in line]
+    assert len(said) == 1 and "No space left on device" in said[0] and "previous one is intact" in said[0]
+    assert "No space left on device" in (run / "train.log").read_text()
+    assert read_checkpoint(run / LATEST)["step"] == 16
+
+
+def test_a_signal_stop_says_so_in_results_and_in_the_exit_status(tiny_overrides, tmp_path):
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "distill.cli", "train", *tiny_overrides(run, "train.max_steps=2000",
+                                                                            "train.epochs=200")]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((run / "metrics.jsonl").is_file()
+                                          and len((run / "metrics.jsonl").read_text().splitlines()) >= 3):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM
+    assert "stopped early by signal SIGTERM" in err and "run the same command to resume" in err
+    results = json.loads((run / "results.json").read_text())
+    assert results["status"] == "stopped" and results["stop_reason"] == "signal SIGTERM"
+    assert results["steps"] == read_checkpoint(run / LATEST)["step"] < 2000
+
+
+def test_fp16_on_a_cpu_is_warned_about(tiny_config, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="distill"):
+        Trainer(tiny_config(tmp_path, "train.precision=fp16", "train.max_steps=1")).setup()
+    assert any("fp16 on a CPU" in r.getMessage() for r in caplog.records)
+
+
+def test_threads_follow_the_cores_the_process_may_use(tmp_path, monkeypatch):
+    from distill.engine import runtime
+
+    (tmp_path / "cpu.max").write_text("50000 100000\n")  # half a CPU
+    monkeypatch.setattr(runtime, "CGROUP_ROOT", tmp_path)
+    cores, how = runtime.available_cores()
+    assert cores == 1 and "cgroup quota of 0.5 CPUs" in how
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert runtime.available_cores()[0] == len(os.sched_getaffinity(0))

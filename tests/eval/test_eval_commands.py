@@ -89,3 +89,42 @@ def test_linear_probe_learns_separable_features_and_features_concatenate_blocks(
     model = create_backbone("vit_tiny", depth=3, img_size=16, patch_size=4).eval()
     with torch.no_grad():
         assert linear_features(model, torch.randn(2, 3, 16, 16), 3, avgpool=True).shape == (2, 4 * 192)
+
+
+def test_attention_never_draws_another_image_in_place_of_an_unreadable_one(trained_run, tmp_path, capsys):
+    from PIL import Image
+
+    good, bad, text = tmp_path / "good.png", tmp_path / "bad.png", tmp_path / "notes.txt"
+    Image.new("L", (40, 30), 200).save(good)
+    bad.write_bytes(b"not a png at all")
+    text.write_text("hello")
+    figure = tmp_path / "attention.png"
+    assert main(["attention", "--checkpoint", str(trained_run / LATEST), "--images", str(bad), str(good),
+                 "--output", str(figure)]) == 0
+    out = capsys.readouterr().out
+    assert "attention maps of 1 image(s)" in out and f"left out 1 unreadable image(s): {bad}" in out
+    assert main(["attention", "--checkpoint", str(trained_run / LATEST), "--images", str(text),
+                 "--output", str(tmp_path / "none.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "could be read" in err and "not an image file" in err
+    assert not (tmp_path / "none.png").exists()
+
+
+def test_features_rows_come_from_the_images_they_name(tmp_path):
+    """Each row is its own image's (an unreadable file gives none), for kNN, classifiers and embeddings alike."""
+    from PIL import Image
+
+    from distill.data.datasets import FileImages
+    from distill.data.eval_views import EvalView
+    from distill.eval.features import extract_source_features
+
+    paths = [tmp_path / f"{i}.png" for i in range(5)]
+    for i, path in enumerate(paths):
+        Image.new("L", (8, 8), 40 * i).save(path)
+    paths[1].write_bytes(b"broken")
+    source = FileImages([str(p) for p in paths], [0, 1, 2, 3, 4], [str(i) for i in range(5)], "five")
+    mean_pixel = lambda images: images.mean(dim=(1, 2, 3))[:, None]  # noqa: E731
+    features, labels, indices = extract_source_features(mean_pixel, source, EvalView(8, [0.0], [1.0], 1),
+                                                        batch_size=2, with_indices=True)
+    assert indices.tolist() == [0, 2, 3, 4] and labels.tolist() == [0, 2, 3, 4]
+    assert torch.allclose(features[:, 0], torch.tensor([0, 80, 120, 160]) / 255.0, atol=1e-3)

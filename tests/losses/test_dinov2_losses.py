@@ -109,3 +109,29 @@ def test_dino_term_averages_over_pairs_of_different_views_with_local_crops():
                 log_p = _log_softmax(student[s * batch + b].tolist(), 0.1)
                 total -= sum(x * y for x, y in zip(q, log_p)) / batch
     assert value == pytest.approx(total / 8, rel=1e-5)
+
+
+def _sinkhorn_float64(teacher, tau, iterations):
+    """The definition in float64, where these logits neither overflow nor underflow."""
+    Q = torch.exp(teacher.double() / tau).t()
+    Q /= Q.sum()
+    K, B = Q.shape
+    for _ in range(iterations):
+        Q /= Q.sum(dim=1, keepdim=True)
+        Q /= K
+        Q /= Q.sum(dim=0, keepdim=True)
+        Q /= B
+    return (Q * B).t()
+
+
+@pytest.mark.parametrize("std, tau", [(3.0, 0.04), (10.0, 0.04), (3.0, 0.01)])
+def test_sinkhorn_stays_finite_and_exact_on_extreme_logits(std, tau):
+    """Heads with norm_last_layer=false grow logits like these; in float32 exp underflows to 0 for whole
+    prototypes, and the plain computation divided by their zero sums (every target NaN)."""
+    torch.manual_seed(0)
+    teacher = torch.randn(32, 64) * std
+    q = sinkhorn_knopp(teacher, tau, iterations=3)
+    assert torch.isfinite(q).all()
+    assert torch.allclose(q.sum(dim=1), torch.ones(32), atol=1e-5)
+    if std * 6 / tau < 700:  # the float64 reference itself overflows beyond this
+        assert torch.allclose(q.double(), _sinkhorn_float64(teacher, tau, 3), atol=1e-5)

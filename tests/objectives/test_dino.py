@@ -44,3 +44,32 @@ def test_dino_last_layer_stays_frozen_for_its_epochs_then_trains(tiny_config, tm
     trainer.config.train.max_steps, trainer.stop_reason = 20, None
     trainer.train()  # resumes from the epoch-end checkpoint; the freeze is over
     assert not torch.equal(head.last_layer.weight_v, start)
+
+
+def test_a_collapsed_teacher_is_reported_once_with_its_likely_causes(tiny_config, tmp_path, caplog):
+    """A teacher far too warm gives uniform targets: the loss sits at ln K and nothing is learned."""
+    import json
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="distill"):
+        Trainer(tiny_config(tmp_path / "hot", "train.max_steps=24", "objective.teacher_temp=100",
+                            "objective.warmup_teacher_temp=100")).run()
+    warnings = [r.getMessage() for r in caplog.records if "collapsed" in r.getMessage()]
+    assert len(warnings) == 1 and "uniform over its 64 prototypes" in warnings[0] and "optim.lr" in warnings[0]
+    rows = [json.loads(line) for line in (tmp_path / "hot" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["teacher_entropy"] > 0.99 for r in rows if "loss" in r)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="distill"):
+        Trainer(tiny_config(tmp_path / "fine", "train.max_steps=24")).run()
+    assert not [r for r in caplog.records if "collapsed" in r.getMessage()]
+
+
+def test_collapse_watch_needs_its_patience_and_sees_one_prototype_for_all():
+    from distill.objectives.self_distillation import CollapseWatch
+
+    watch = CollapseWatch(prototypes=10, patience=3)
+    assert watch.update(0, 0.995, 0.1) is None and watch.update(1, 0.5, 0.2) is None  # a healthy step resets
+    assert [watch.update(step, 0.2, 0.97) for step in (2, 3)] == [None, None]
+    message = watch.update(4, 0.2, 0.97)
+    assert "since step 3" in message and "one prototype for 97% of the images" in message
+    assert watch.update(5, 0.2, 0.97) is None  # once

@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+from distill.data.filelists import read_paths
 from distill.engine.checkpointing import LATEST
 from distill.engine.train_config import load_train_config
 from distill.engine.trainer import Trainer
@@ -111,7 +112,7 @@ def test_a_job_array_embeds_one_part_per_task_and_the_next_step_reads_them_as_on
     assert [p.folder.name for p in store.parts()] == ["part_0000", "part_0001", "part_0002"]
     assert len(store) == 300 and store.paths() == [f"fashion_mnist/train/{i}" for i in range(300)]
     assert curate(["dedup", "--embeddings", str(emb), "--threshold", "0.999", "--output", str(tmp_path / "dd")]) == 0
-    kept = (tmp_path / "dd" / "kept.txt").read_text().splitlines()
+    kept = read_paths(tmp_path / "dd" / "kept.txt")
     groups = json.loads((tmp_path / "dd" / "groups.json").read_text())
     assert len(kept) + sum(len(g) - 1 for g in groups) == 300  # every row of every part was read
 
