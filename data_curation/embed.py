@@ -14,9 +14,11 @@ import torch
 
 from data_curation.embeddings import (UNREADABLE, EmbeddingStore, file_digest, from_npy, read_listing,
                                       record_difference)
-from distill.data.datasets import ArrayImages, DatasetConfig, build_image_source, slice_source
+from distill.data.configs import DatasetConfig
+from distill.data.datasets import ArrayImages, build_image_source, slice_source
 from distill.data.filelists import read_paths, readable_name, write_file_list
-from distill.data.eval_views import EvalView, default_normalisation
+from distill.data.configs import default_normalisation
+from distill.data.eval_views import EvalView
 from distill.data.fashion_mnist import fashion_mnist_path, parse_fashion_mnist_path
 from distill.errors import InputError
 from distill.progress import progress

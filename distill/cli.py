@@ -58,10 +58,14 @@ def print_training_summary(results, ks) -> None:
 def _cmd_train(args: argparse.Namespace) -> int:
     """Exit status 0 when the run ended as planned (or at train.max_steps); 128 + the signal's number when a
     signal stopped it (checkpoint written: the same command resumes), as a shell reports a signalled process."""
+    from distill.engine.train_config import check_data_paths, load_train_config
+
+    config = load_train_config(args.config, args.overrides)  # a wrong key, value or path stops here, in a second
+    check_data_paths(config)
     from distill import distributed
     from distill.engine.trainer import run_training
 
-    trainer = run_training(args.config, args.overrides)
+    trainer = run_training(config)
     if distributed.rank_from_env() == 0:
         print_training_summary(trainer.results, trainer.config.eval.knn_k)
         print(f"run folder: {trainer.config.train.output_dir}/")
@@ -116,7 +120,8 @@ def _model_and_view(args: argparse.Namespace):
 
 def _source(args: argparse.Namespace, split: str, limit: int):
     """Fashion-MNIST, or the folder / file list of --data, at a split (a sub-folder when it exists)."""
-    from distill.data.datasets import DatasetConfig, build_image_source
+    from distill.data.configs import DatasetConfig
+    from distill.data.datasets import build_image_source
 
     if args.data == "fashion_mnist":
         return build_image_source(DatasetConfig(kind="fashion_mnist", limit=limit), split)

@@ -1,17 +1,21 @@
-"""Numeric precision: one place that decides when bf16 autocast is used and whether it pays on this machine."""
+"""Numeric precision: one place that decides when bf16 autocast is used and whether it pays on this machine.
+(PyTorch is imported where it is used: the config check reads PRECISIONS without it.)"""
 
 import contextlib
-from typing import ContextManager
-
-import torch
+from typing import TYPE_CHECKING, ContextManager
 
 from distill.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
 
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 
 
 def cpu_has_fast_bf16() -> bool:
     """True where the CPU multiplies bf16 natively (AVX-512 BF16 or AMX), so autocast to bf16 is faster."""
+    import torch
+
     for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
         check = getattr(torch.cpu, probe, None)
         if check is not None and check():
@@ -19,19 +23,23 @@ def cpu_has_fast_bf16() -> bool:
     return False
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
+def resolve_precision(precision: str, device: "torch.device") -> str:
     """'auto' -> bf16 on CUDA with bf16 support or a CPU with native bf16, else fp32."""
     if precision not in PRECISIONS:
         raise InputError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     if precision != "auto":
         return precision
     if device.type == "cuda":
+        import torch
+
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "bf16" if cpu_has_fast_bf16() else "fp32"
 
 
-def autocast(precision: str, device: torch.device) -> ContextManager:
+def autocast(precision: str, device: "torch.device") -> ContextManager:
     """Autocast context for 'bf16' / 'fp16', a no-op for 'fp32' (resolve 'auto' first)."""
+    import torch
+
     if precision == "fp32":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16

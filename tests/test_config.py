@@ -66,3 +66,17 @@ def test_every_training_recipe_validates():
     assert len(recipes) >= 30
     names = {load_train_config(path).objective.name for path in recipes}
     assert names == {"dino", "deit", "dinov2"}
+
+
+def test_a_config_mistake_is_reported_before_pytorch_loads(tmp_path):
+    """`distill train` checks the recipe, the overrides and the data paths with plain dataclasses first."""
+    import subprocess
+    import sys
+
+    script = ("import sys\nfrom distill.cli import main\n"
+              "codes = [main(['train', 'configs/demo/dino_fashion_mnist.yaml', 'objective.out_dimm=5']),\n"
+              f"         main(['train', 'data.dataset.kind=folder', 'data.dataset.path={tmp_path / 'nowhere'}'])]\n"
+              "print(codes, 'torch' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "[2, 2] False", done.stdout + done.stderr
+    assert "did you mean 'out_dim'" in done.stderr and "data.dataset.path" in done.stderr

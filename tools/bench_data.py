@@ -88,9 +88,11 @@ class Batches:
 
 
 def pipelines(kind: str, batch: int, workers: int, photos: Path, color: str = "fused"):
-    from distill.data.datasets import DatasetConfig, build_image_source
+    from distill.data.configs import DatasetConfig
+    from distill.data.datasets import build_image_source
     from distill.data.loader import build_loader
-    from distill.data.views import MultiCrop, MultiCropConfig
+    from distill.data.configs import MultiCropConfig
+    from distill.data.views import MultiCrop
 
     if kind == "fashion_mnist":
         config = MultiCropConfig(global_crops_size=28, local_crops_size=14, local_crops_scale=[0.1, 0.4],

@@ -7,49 +7,13 @@ augmented with all three seeded from the loader's per-sample (or per-batch) gene
 so a resumed run sees the views the uninterrupted one would have, and training's own randomness is untouched.
 """
 
-from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 import torch
 from PIL import Image
 
-from distill.data.eval_views import EvalView, ViewsConfig
-from distill.errors import InputError
+from distill.data.configs import ClassificationViewsConfig
 from distill.seeds import seeded_globals
-
-
-@dataclass
-class ClassificationViewsConfig(ViewsConfig):
-    input_size: int = 224
-    scale: List[float] = field(default_factory=lambda: [0.08, 1.0])
-    ratio: List[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
-    crop: str = "auto"  # auto (DeiT: random_resized, pad for <= 32 px) | random_resized | pad
-    pad: int = 4
-    hflip: float = 0.5
-    color_jitter: float = 0.3  # used only without auto_augment, as in timm
-    auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1"  # timm's RandAugment string; null: off
-    interpolation: str = "bicubic"
-    reprob: float = 0.25
-    remode: str = "pixel"
-    recount: int = 1
-    eval_crop_pct: float = 0.875
-
-    def validate(self) -> None:
-        super().validate()
-        if self.input_size < 1:
-            raise InputError("views.input_size must be positive")
-        if self.crop not in ("auto", "random_resized", "pad"):
-            raise InputError(f"views.crop {self.crop!r}: choose auto, random_resized or pad")
-        if not 0 < self.eval_crop_pct <= 1:
-            raise InputError("views.eval_crop_pct must lie in (0, 1]")
-        if not (0 <= self.hflip <= 1 and 0 <= self.reprob <= 1):
-            raise InputError("views.hflip and views.reprob are probabilities in [0, 1]")
-
-    def eval_view(self, channels: int) -> EvalView:
-        """DeiT's evaluation transform: resize to input_size / crop_pct, centre crop (images already at the input
-        size, such as Fashion-MNIST's, are used whole)."""
-        mean, std = self.channel_stats(channels)
-        return EvalView(self.input_size, mean, std, channels, resize_ratio=1 / self.eval_crop_pct)
 
 
 class ClassificationViews:

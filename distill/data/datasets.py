@@ -9,13 +9,13 @@ before training starts.
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
+from distill.data.configs import DatasetConfig
 from distill.data.fashion_mnist import (FASHION_MNIST_CLASSES, PATH_PREFIX, fashion_mnist_selection,
                                         load_fashion_mnist)
 from distill.data.filelists import read_file_list, read_paths, readable_name
@@ -25,41 +25,7 @@ from distill.progress import progress
 
 logger = logging.getLogger(__name__)
 
-DATASET_KINDS = ("fashion_mnist", "auto", "imagefolder", "folder", "filelist")
 VERIFY_AUTO_LIMIT = 50_000  # verify every file up front below this many; above, skip bad files when met
-
-
-@dataclass
-class DatasetConfig:
-    kind: str = "fashion_mnist"  # fashion_mnist | auto | imagefolder | folder (flat, unlabelled) | filelist
-    path: Optional[str] = None  # folder, or text file with one path per line (optionally followed by a label)
-    split: str = "train"  # Fashion-MNIST split, or the sub-folder of `path` to use when it exists (train/val)
-    limit: int = 0  # use only the first N images (0: all)
-    verify: str = "auto"  # auto | yes | no: decode every file once before training to find unreadable ones
-    max_image_pixels: int = 0  # Pillow's decompression-bomb limit: 0 its default (89 M pixels), -1 none
-
-    def validate(self, key: str = "data.dataset") -> None:
-        """key: where this section sits in the run config, for the messages."""
-        if self.kind not in DATASET_KINDS:
-            raise InputError(f"{key}.kind {self.kind!r} unknown: choose one of {', '.join(DATASET_KINDS)}")
-        if self.kind != "fashion_mnist" and not self.path:
-            raise InputError(f"{key}.kind {self.kind!r} needs {key}.path (a folder or a file list)")
-        if self.verify not in ("auto", "yes", "no"):
-            raise InputError(f"data verify {self.verify!r}: choose auto, yes or no")
-
-    def check_path(self, key: str = "data.dataset") -> Optional[Path]:
-        """The path, checked to exist and to be what the kind reads (a folder, or a file list); None for
-        Fashion-MNIST."""
-        if self.kind == "fashion_mnist":
-            return None
-        path = Path(self.path).expanduser()
-        if not path.exists():
-            raise InputError(f"{key}.path {path} does not exist: give a folder of images or a file list")
-        if self.kind == "filelist" and not path.is_file():
-            raise InputError(f"{key}.path {path} is a folder, but {key}.kind is filelist (a text file of paths)")
-        if self.kind in ("imagefolder", "folder") and not path.is_dir():
-            raise InputError(f"{key}.path {path} is a file, but {key}.kind is {self.kind} (a folder)")
-        return path
 
 
 class ArrayImages:

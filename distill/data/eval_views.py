@@ -1,9 +1,7 @@
-"""The evaluation view (the whole image, resized and centre-cropped, DINO's 256 -> 224, normalised), and what every
-recipe of training views shares: the normalisation, and the evaluation view that goes with the views.
-"""
+"""The evaluation view: the whole image, resized and centre-cropped (DINO's 256 -> 224), normalised. (Which view goes
+with a recipe of training views: ViewsConfig.eval_view, in data/configs.py.)"""
 
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -11,18 +9,6 @@ import torchvision.transforms.v2.functional as TF
 from torchvision.transforms.v2 import InterpolationMode
 
 from distill.data import augment
-from distill.data.fashion_mnist import FASHION_MNIST_MEAN, FASHION_MNIST_STD
-from distill.errors import InputError
-
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
-
-
-def default_normalisation(fashion_mnist: bool = False) -> Tuple[List[float], List[float]]:
-    """Mean and std of images whose run does not say: ImageNet's, or Fashion-MNIST's (one channel)."""
-    if fashion_mnist:
-        return [FASHION_MNIST_MEAN], [FASHION_MNIST_STD]
-    return list(IMAGENET_MEAN), list(IMAGENET_STD)
 
 
 class EvalView:
@@ -62,22 +48,3 @@ class EvalView:
         return [self._normalize(torch.stack([s["crops"][0] for s in samples]).float().div_(255.0))]
 
 
-@dataclass
-class ViewsConfig:
-    """The fields every training-view recipe has. Subclasses add their own and say which evaluation view goes with
-    them (eval_view)."""
-
-    mean: List[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
-    std: List[float] = field(default_factory=lambda: list(IMAGENET_STD))
-
-    def validate(self) -> None:
-        if len(self.mean) != len(self.std) or len(self.mean) not in (1, 3) or min(self.std) <= 0:
-            raise InputError("views.mean and views.std need 1 or 3 values each, std positive")
-
-    def channel_stats(self, channels: int):
-        """mean and std for images of `channels` channels (grey from RGB statistics, or the reverse)."""
-        return augment.match_channels(self.mean, self.std, channels)
-
-    def eval_view(self, channels: int) -> EvalView:
-        """The view features are evaluated at (kNN, classifiers, attention maps) for networks trained on these."""
-        raise NotImplementedError

@@ -9,7 +9,7 @@ per crop for jitter, greyscale and normalisation (`color: fused`), or torchvisio
 """
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
@@ -18,8 +18,7 @@ import torchvision.transforms.v2.functional as TF
 from torchvision.transforms.v2 import InterpolationMode
 
 from distill.data import augment
-from distill.data.eval_views import EvalView, ViewsConfig
-from distill.errors import InputError
+from distill.data.configs import MultiCropConfig
 
 def _batch_tensor(shape: Sequence[int]) -> torch.Tensor:
     """An empty float tensor for crops that leave a loader worker: allocated in shared memory there, as the
@@ -28,54 +27,6 @@ def _batch_tensor(shape: Sequence[int]) -> torch.Tensor:
         return torch.empty(shape)
     numel = math.prod(shape)
     return torch.empty(0).new(torch.empty(0)._typed_storage()._new_shared(numel)).view(*shape)
-
-
-@dataclass
-class MultiCropConfig(ViewsConfig):
-    global_crops_number: int = 2
-    global_crops_size: int = 224
-    global_crops_scale: List[float] = field(default_factory=lambda: [0.4, 1.0])
-    local_crops_number: int = 8
-    local_crops_size: int = 96
-    local_crops_scale: List[float] = field(default_factory=lambda: [0.05, 0.4])
-    ratio: List[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
-    flip_prob: float = 0.5
-    color_jitter_prob: float = 0.8
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.2
-    hue: float = 0.1
-    grayscale_prob: float = 0.2
-    global_blur_probs: List[float] = field(default_factory=lambda: [1.0, 0.1])  # per global crop, last repeats
-    local_blur_prob: float = 0.5
-    blur_sigma: List[float] = field(default_factory=lambda: [0.1, 2.0])  # pixels of the output crop
-    global_solarize_probs: List[float] = field(default_factory=lambda: [0.0, 0.2])
-    local_solarize_prob: float = 0.0
-    # "fused": jitter, greyscale and normalisation as one colour matrix per crop (hue rotated about the grey
-    # axis, one clamp at the end; several times faster); "exact": torchvision's operations one by one.
-    color: str = "fused"
-
-    def validate(self) -> None:
-        super().validate()
-        if self.global_crops_number < 1 or self.local_crops_number < 0:
-            raise InputError("views: global_crops_number must be >= 1 and local_crops_number >= 0")
-        if self.global_crops_size < 1 or (self.local_crops_number and self.local_crops_size < 1):
-            raise InputError("views: crop sizes must be positive")
-        for name in ("global_crops_scale", "local_crops_scale", "ratio", "blur_sigma"):
-            low, high = getattr(self, name)
-            if not 0 < low <= high or (name.endswith("scale") and high > 1):
-                raise InputError(f"views.{name} must be [low, high] with 0 < low <= high (<= 1 for scales)")
-        probabilities = [self.flip_prob, self.color_jitter_prob, self.grayscale_prob, self.local_blur_prob,
-                         self.local_solarize_prob, *self.global_blur_probs, *self.global_solarize_probs]
-        if any(not 0 <= p <= 1 for p in probabilities) or not self.global_blur_probs or not self.global_solarize_probs:
-            raise InputError("views: probabilities must lie in [0, 1] (blur/solarize lists need one value or more)")
-        if self.color not in ("fused", "exact"):
-            raise InputError(f"views.color must be 'fused' or 'exact', not {self.color!r}")
-
-    def eval_view(self, channels: int) -> EvalView:
-        """The whole image at the global crop size (resized to 256/224 of it, centre-cropped), as DINO evaluates."""
-        mean, std = self.channel_stats(channels)
-        return EvalView(self.global_crops_size, mean, std, channels)
 
 
 @dataclass(frozen=True)

@@ -4,9 +4,9 @@ from typing import Dict, List, Sequence
 
 import torch
 
+from distill.engine.train_config import OPTIMIZERS
 from distill.errors import InputError
 
-OPTIMIZERS = ("adamw", "sgd", "lars")
 
 
 class LARS(torch.optim.Optimizer):

@@ -11,11 +11,12 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 from omegaconf import OmegaConf
 
 from distill.config import load_config
-from distill.data.datasets import DatasetConfig
-from distill.engine.optim import OPTIMIZERS
+from distill.data.configs import DatasetConfig
 from distill.errors import InputError
 from distill.objectives import ObjectiveConfig, objective_config_class
 from distill.precision import PRECISIONS
+
+OPTIMIZERS = ("adamw", "sgd", "lars")  # AdamW for ViTs; SGD and LARS for ResNets (DINO's choices)
 
 
 @dataclass

@@ -644,12 +644,10 @@ def _to_device(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
     return moved
 
 
-def run_training(config_path: Optional[str], overrides: List[str]) -> Trainer:
-    """`distill train` and a submitted job alike: load and check the config, run, leave the process group (after
-    the ranks meet, when the run ended normally everywhere). Returns the trainer (its results, its stop signal)."""
-    from distill.engine.train_config import load_train_config
-
-    trainer = Trainer(load_train_config(config_path, overrides))
+def run_training(config: TrainConfig) -> Trainer:
+    """`distill train` and a submitted job alike: run a checked config, then leave the process group (after the
+    ranks meet, when the run ended normally everywhere). Returns the trainer (its results, its stop signal)."""
+    trainer = Trainer(config)
     finished = False
     try:
         trainer.run()

@@ -6,7 +6,7 @@ from typing import Any, Dict, List, Optional
 
 from torch import nn
 
-from distill.data.eval_views import default_normalisation
+from distill.data.configs import default_normalisation
 from distill.errors import CheckpointError
 from distill.models import create_backbone, load_pretrained, read_checkpoint
 from distill.models.checkpoint import TrainingCheckpoint, extract_state_dict, is_training_checkpoint

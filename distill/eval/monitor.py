@@ -8,7 +8,9 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from distill.data.datasets import ArrayImages, DatasetConfig, build_image_source
+from distill.data.configs import DatasetConfig
+
+from distill.data.datasets import ArrayImages, build_image_source
 from distill.data.eval_views import EvalView
 from distill.errors import InputError
 from distill.eval.features import extract_source_features

@@ -29,6 +29,7 @@ class TrainJob:
     def __call__(self) -> Dict[str, Any]:
         import submitit
 
+        from distill.engine.train_config import load_train_config
         from distill.engine.trainer import run_training
         from distill.logs import configure_logging
 
@@ -36,7 +37,7 @@ class TrainJob:
         environment = submitit.JobEnvironment()
         if environment.num_tasks > 1:  # RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, LOCAL_RANK for the trainer
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-        trainer = run_training(self.config, self.overrides + ["train.resume=auto"])
+        trainer = run_training(load_train_config(self.config, self.overrides + ["train.resume=auto"]))
         if trainer.stop_signal == signal.SIGTERM and "SLURM_JOB_ID" in os.environ:
             # SLURM requeues (or cancels) with SIGTERM, then SIGKILL: the checkpoint is written; returning now would
             # report a finished job that is about to run again, so wait to be ended, as submitit does

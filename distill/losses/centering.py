@@ -10,9 +10,8 @@ from torch import nn
 
 from distill.distributed import all_reduce_sum
 from distill.errors import InputError
+from distill.losses.kinds import CENTERINGS
 from distill.losses.sinkhorn import sinkhorn_knopp
-
-CENTERINGS = ("center", "sinkhorn_knopp")
 
 
 class CenteredTeacherLoss(nn.Module):

@@ -14,9 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distill.errors import InputError
-
-DISTILLATION_TYPES = ("none", "soft", "hard")
-CRITERIA = ("auto", "ce", "bce")
+from distill.losses.kinds import CRITERIA, DISTILLATION_TYPES
 
 
 def build_base_criterion(kind: str = "auto", smoothing: float = 0.1, mixup_active: bool = False) -> nn.Module:

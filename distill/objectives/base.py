@@ -18,16 +18,6 @@ from distill.models.registry import backbone_options
 
 
 @dataclass
-class ObjectiveConfig:
-    """The objective's section of a run's config; subclasses add their fields and check them in validate()."""
-
-    name: str = "dino"
-
-    def validate(self) -> None:
-        pass
-
-
-@dataclass
 class StepInfo:
     step: int  # optimizer steps done before this one
     total_steps: int

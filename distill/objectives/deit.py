@@ -8,7 +8,6 @@ re-normalised to its own channels, mean/std and resolution where they differ.
 """
 
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -17,65 +16,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from distill.data.augment import match_channels
-from distill.data.classification import ClassificationViews, ClassificationViewsConfig
+from distill.data.classification import ClassificationViews
 from distill.errors import InputError
-from distill.losses.deit import CRITERIA, DISTILLATION_TYPES, DistillationLoss, build_base_criterion
+from distill.losses.deit import DistillationLoss, build_base_criterion
 from distill.models import create_backbone, load_pretrained
 from distill.models.classifiers import Classifier, create_classifier
-from distill.objectives.base import Objective, ObjectiveConfig, StepInfo
+from distill.objectives.base import Objective, StepInfo
+from distill.objectives.configs import DeiTConfig
 from distill.seeds import derived_seed, seeded_globals
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class TeacherConfig:
-    name: str = "regnety_160"  # a timm or torchvision name ("timm:...", "torchvision:..." to choose)
-    weights: Optional[str] = None  # local weight file (timm / torchvision layout, or a distill run); "hub": timm's
-    in_chans: int = 0  # 0: the student's image channels
-    img_size: int = 0  # 0: the student's input size; else the images are resized for the teacher
-    mean: Optional[List[float]] = None  # null: the student's normalisation
-    std: Optional[List[float]] = None
-
-
-@dataclass
-class DeiTConfig(ObjectiveConfig):
-    name: str = "deit"
-    num_classes: int = 0  # 0: the dataset's number of classes
-    distillation_type: str = "none"  # none | soft | hard
-    alpha: float = 0.5
-    tau: float = 1.0
-    criterion: str = "auto"  # auto (DeiT) | ce | bce
-    smoothing: float = 0.1
-    mixup: float = 0.8
-    cutmix: float = 1.0
-    mixup_prob: float = 1.0
-    mixup_switch_prob: float = 0.5
-    mixup_mode: str = "batch"
-    repeated_aug: int = 3  # DeiT's repeated augmentation: each image this many times per batch (0 or 1: off)
-    model_ema: bool = False
-    model_ema_decay: float = 0.99996
-    new_heads: bool = False  # fine-tune on other classes: model.pretrained loads without its classifier heads
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    views: ClassificationViewsConfig = field(default_factory=ClassificationViewsConfig)
-
-    def validate(self) -> None:
-        self.views.validate()
-        if self.distillation_type not in DISTILLATION_TYPES:
-            raise InputError(f"objective.distillation_type {self.distillation_type!r}: choose one of "
-                             f"{', '.join(DISTILLATION_TYPES)}")
-        if self.criterion not in CRITERIA:
-            raise InputError(f"objective.criterion {self.criterion!r}: choose one of {', '.join(CRITERIA)}")
-        if not 0 <= self.alpha <= 1 or self.tau <= 0:
-            raise InputError("objective: need 0 <= alpha <= 1 and tau > 0")
-        if min(self.mixup, self.cutmix, self.mixup_prob, self.smoothing) < 0 or self.num_classes < 0:
-            raise InputError("objective: mixup, cutmix, mixup_prob, smoothing and num_classes must be >= 0")
-        if self.mixup_mode not in ("batch", "pair", "elem"):
-            raise InputError(f"objective.mixup_mode {self.mixup_mode!r}: choose batch, pair or elem")
-
-    @property
-    def mixup_active(self) -> bool:
-        return self.mixup_prob > 0 and (self.mixup > 0 or self.cutmix > 0)
 
 
 class Renormalize(nn.Module):

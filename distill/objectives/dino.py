@@ -4,7 +4,6 @@ Student and teacher share an architecture; the teacher sees the global crops, th
 teacher is an exponential moving average of the student; its outputs are centred and sharpened.
 """
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -16,14 +15,8 @@ from distill.ema import ema_update
 from distill.losses.dino import DINOLoss
 from distill.models.heads import DINOHead
 from distill.objectives.base import Objective, StepInfo, build_backbone
-from distill.objectives.self_distillation import CollapseWatch, SelfDistillationConfig, TeacherSchedules
-
-
-@dataclass
-class DINOConfig(SelfDistillationConfig):
-    name: str = "dino"
-    use_bn_in_head: bool = False
-    norm_last_layer: bool = True
+from distill.objectives.configs import DINOConfig
+from distill.objectives.self_distillation import CollapseWatch, TeacherSchedules
 
 
 class MultiCropNetwork(nn.Module):

@@ -11,7 +11,6 @@ the student is kept and is the network evaluated and exported.
 
 import copy
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -19,7 +18,7 @@ import torch
 from torch import nn
 
 from distill.data.masking import batch_masks, mask_weights
-from distill.data.views import MultiCrop, MultiCropConfig
+from distill.data.views import MultiCrop
 from distill.ema import ema_update
 from distill.errors import InputError
 from distill.losses.dino import DINOLoss
@@ -30,61 +29,11 @@ from distill.models.checkpoint import (TrainingCheckpoint, extract_state_dict, f
                                        is_training_checkpoint, load_state, strip_wrappers)
 from distill.models.heads import DINOHead
 from distill.objectives.base import Objective, StepInfo, build_backbone
-from distill.objectives.self_distillation import CollapseWatch, SelfDistillationConfig, TeacherSchedules
+from distill.objectives.configs import DINOv2Config
+from distill.objectives.self_distillation import CollapseWatch, TeacherSchedules
 from distill.seeds import Stream, derived_generator
 
 logger = logging.getLogger(__name__)
-
-
-def _dinov2_views() -> MultiCropConfig:
-    return MultiCropConfig(global_crops_scale=[0.32, 1.0], local_crops_scale=[0.05, 0.32])
-
-
-@dataclass
-class DistillationConfig:
-    enabled: bool = False
-    teacher_backbone: str = "dinov2_vitg14"  # registered name of the frozen teacher
-    teacher_overrides: Dict[str, Any] = field(default_factory=dict)
-    teacher_checkpoint: Optional[str] = None  # a DINOv2 teacher_checkpoint.pth, a distill run, or a backbone file
-    student_ema_momentum: float = 0.999  # the spare EMA of the student, evaluated and exported
-
-
-@dataclass
-class DINOv2Config(SelfDistillationConfig):
-    """DINOv2's defaults (Oquab et al. 2023, facebookresearch/dinov2 ssl_default_config.yaml)."""
-
-    name: str = "dinov2"
-    ibot_out_dim: int = 65536  # iBOT head prototypes (the DINO head's when shared)
-    separate_heads: bool = False  # DINOv2's large configs: separate iBOT head (131072 prototypes, bottleneck 384)
-    ibot_bottleneck_dim: int = 256
-    dino_loss_weight: float = 1.0
-    ibot_loss_weight: float = 1.0
-    koleo_loss_weight: float = 0.1
-    teacher_temp: float = 0.07
-    warmup_teacher_temp_epochs: float = 30.0
-    momentum_teacher: float = 0.992
-    mask_ratio: List[float] = field(default_factory=lambda: [0.1, 0.5])
-    mask_probability: float = 0.5
-    max_mask_ratio: float = 0.5  # largest share of an image one mask block may cover
-    pack_crops: bool = False  # student: global and local crops in one backbone pass (block-diagonal attention)
-    distillation: DistillationConfig = field(default_factory=DistillationConfig)
-    views: MultiCropConfig = field(default_factory=_dinov2_views)
-
-    def validate(self) -> None:
-        super().validate()
-        if self.ibot_out_dim < 1:
-            raise InputError("objective.ibot_out_dim must be positive")
-        if not self.separate_heads and self.ibot_out_dim != self.out_dim:
-            raise InputError("objective.ibot_out_dim differs from out_dim but the heads are shared: set "
-                             "objective.separate_heads=true or make them equal")
-        low, high = self.mask_ratio
-        if not 0 <= low <= high <= 1 or not 0 <= self.mask_probability <= 1 or not 0 < self.max_mask_ratio <= 1:
-            raise InputError("objective: mask_ratio [low, high] within [0, 1], mask_probability and max_mask_ratio "
-                             "in [0, 1]")
-        if min(self.dino_loss_weight, self.ibot_loss_weight, self.koleo_loss_weight) < 0:
-            raise InputError("objective: loss weights must be >= 0")
-        if self.views.global_crops_number != 2:
-            raise InputError("DINOv2 uses exactly 2 global crops (views.global_crops_number=2)")
 
 
 class DINOv2Network(nn.Module):

@@ -1,54 +1,19 @@
-"""What DINO and DINOv2 share: the config of an EMA teacher with projection heads over multi-crop views, and the
-schedules planned from it (teacher temperature warm-up, cosine EMA momentum, frozen last layers)."""
+"""What DINO and DINOv2 share at run time (their config: objectives/configs.py SelfDistillationConfig): the
+schedules planned from it (teacher temperature warm-up, cosine EMA momentum, frozen last layers), and the watch
+for a collapsed teacher."""
 
 import logging
 import math
-from dataclasses import dataclass, field
 from typing import List, Optional
 
 from torch import nn
 
 from distill import distributed
-from distill.data.views import MultiCropConfig
-from distill.errors import InputError
-from distill.losses.centering import CENTERINGS
-from distill.objectives.base import ObjectiveConfig, StepInfo
+from distill.objectives.base import StepInfo
+from distill.objectives.configs import SelfDistillationConfig
 from distill.schedules import cosine_schedule, epochs_to_steps, warmup_then_constant
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class SelfDistillationConfig(ObjectiveConfig):
-    """Fields of DINO's defaults (Caron et al. 2021, facebookresearch/dino main_dino.py); DINOv2 changes some."""
-
-    out_dim: int = 65536  # prototypes of the (DINO) head
-    hidden_dim: int = 2048
-    bottleneck_dim: int = 256
-    head_layers: int = 3
-    student_temp: float = 0.1
-    warmup_teacher_temp: float = 0.04
-    teacher_temp: float = 0.04
-    warmup_teacher_temp_epochs: float = 0.0
-    center_momentum: float = 0.9
-    centering: str = "center"  # center (DINO) | sinkhorn_knopp (DINOv2's alternative)
-    momentum_teacher: float = 0.996
-    momentum_teacher_end: float = 1.0
-    freeze_last_layer_epochs: float = 1.0
-    views: MultiCropConfig = field(default_factory=MultiCropConfig)
-
-    def validate(self) -> None:
-        self.views.validate()
-        if min(self.out_dim, self.hidden_dim, self.bottleneck_dim, self.head_layers) < 1:
-            raise InputError("objective: out_dim, hidden_dim, bottleneck_dim and head_layers must be positive")
-        if not 0 <= self.momentum_teacher <= self.momentum_teacher_end <= 1:
-            raise InputError("objective: need 0 <= momentum_teacher <= momentum_teacher_end <= 1")
-        if min(self.student_temp, self.teacher_temp, self.warmup_teacher_temp) <= 0:
-            raise InputError("objective: temperatures must be positive")
-        if not 0 <= self.center_momentum < 1:
-            raise InputError("objective.center_momentum must lie in [0, 1)")
-        if self.centering not in CENTERINGS:
-            raise InputError(f"objective.centering {self.centering!r}: choose one of {', '.join(CENTERINGS)}")
 
 
 class TeacherSchedules:

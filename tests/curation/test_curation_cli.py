@@ -118,7 +118,9 @@ def test_an_interrupted_embedding_keeps_its_shards_and_resumes(tmp_path, monkeyp
 def test_a_fashion_mnist_selection_is_a_dataset_and_the_pictures_are_drawn(tmp_path):
     from PIL import Image
 
-    from distill.data.datasets import DatasetConfig, build_image_source
+    from distill.data.configs import DatasetConfig
+
+    from distill.data.datasets import build_image_source
     from distill.data.fashion_mnist import load_fashion_mnist
 
     emb = tmp_path / "emb"

@@ -13,7 +13,8 @@ import pytest
 
 from data_curation.cli import main
 from data_curation.embeddings import EmbeddingStore, select
-from distill.data.datasets import DatasetConfig, build_image_source
+from distill.data.configs import DatasetConfig
+from distill.data.datasets import build_image_source
 from distill.data.filelists import read_paths, write_file_list
 
 

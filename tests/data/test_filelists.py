@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from distill.data.datasets import DatasetConfig, build_image_source
+from distill.data.configs import DatasetConfig
+
+from distill.data.datasets import build_image_source
 from distill.data.filelists import HEADER, read_file_list, write_file_list
 
 AWKWARD = ["plain.png", "with space.png", "comma,in,name.png", "tab\there.png", " leading space.png",

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from distill.data.datasets import DatasetConfig, build_image_source
+from distill.data.configs import DatasetConfig
+
+from distill.data.datasets import build_image_source
 from distill.data.images import load_image
 from distill.errors import InputError
 

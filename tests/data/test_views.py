@@ -10,7 +10,8 @@ from distill.data import augment
 from distill.data.datasets import ArrayImages, FileImages
 from distill.data.loader import build_loader
 from distill.seeds import derived_generator
-from distill.data.views import MultiCrop, MultiCropConfig
+from distill.data.configs import MultiCropConfig
+from distill.data.views import MultiCrop
 from distill.errors import InputError
 
 

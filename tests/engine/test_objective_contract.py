@@ -7,7 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill.data.views import MultiCrop, MultiCropConfig
+from distill.data.configs import MultiCropConfig
+
+from distill.data.views import MultiCrop
 from distill.engine.train_config import load_train_config
 from distill.engine.trainer import Trainer
 from distill.eval.loading import load_backbone
