@@ -356,3 +356,25 @@ def test_threads_follow_the_cores_the_process_may_use(tmp_path, monkeypatch):
     assert cores == 1 and "cgroup quota of 0.5 CPUs" in how
     (tmp_path / "cpu.max").write_text("max 100000\n")
     assert runtime.available_cores()[0] == len(os.sched_getaffinity(0))
+
+
+def test_names_that_are_not_utf8_train_and_are_listed_byte_for_byte(tmp_path, tiny_overrides):
+    import numpy as np
+    from PIL import Image
+
+    from distill.data.filelists import read_paths
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(40):
+        name = os.fsdecode(f"caf\xe9-{i}.png".encode("latin-1"))  # not UTF-8: as os.listdir returns it
+        Image.fromarray(np.full((20, 20), i, np.uint8)).save(os.path.join(os.fsencode(folder), os.fsencode(name)),
+                                                             format="PNG")
+    bad = os.path.join(os.fsencode(folder), b"broken-\xff.png")
+    with open(bad, "wb") as handle:
+        handle.write(b"not an image")
+    run = tmp_path / "run"
+    results = Trainer(load_cfg(tiny_overrides, run, "data.dataset.kind=folder", f"data.dataset.path={folder}",
+                               "train.max_steps=2")).run()
+    assert results["steps"] == 2
+    assert [os.fsencode(p) for p in read_paths(run / "unreadable_images.txt")] == [bad]
