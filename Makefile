@@ -49,6 +49,7 @@ bench: install data $(BENCH_STAMP)
 	$(BIN)/python tools/bench_train.py
 	$(BIN)/python tools/bench_data.py
 	$(BIN)/python tools/bench_embed.py
+	$(BIN)/python tools/bench_dense.py
 	$(BIN)/python tools/bench_report.py
 
 clean:

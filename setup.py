@@ -29,7 +29,12 @@ EXTRAS_REQUIRE = {
     "gpu": ["xformers", "faiss-gpu"],
     # scikit-learn: only the k-means comparison of tools/curation_scale.py.
     # import-linter: the layering contracts of .importlinter, checked by tests/test_layering.py.
-    "dev": ["pytest>=8", "pytest-xdist", "pytest-timeout", "scikit-learn", "import-linter>=2.17"],
+    # diffusers, transformers: the sd extra, whose Stable Diffusion features the tests exercise on a tiny model.
+    "dev": ["pytest>=8", "pytest-xdist", "pytest-timeout", "scikit-learn", "import-linter>=2.17", "diffusers>=0.30",
+            "transformers"],
+    # distill correspond --with sd:...: Stable Diffusion UNet features (transformers only for the empty-prompt
+    # embedding, when the weights folder has a text encoder).
+    "sd": ["diffusers>=0.30", "transformers"],
     # make bench: the peer library compared against, and the sample photos of the data and embedding figures.
     "bench": ["lightly", "scikit-image"],
 }

@@ -2,7 +2,7 @@
 """Collect the benchmark scripts' results into docs/benchmarks.md: machine, versions, one table of every
 figure with its target, and the command that reproduces each.
 
-    .venv/bin/python tools/bench_report.py          # after tools/bench_train.py, bench_data.py, bench_embed.py
+    .venv/bin/python tools/bench_report.py          # after tools/bench_train.py, bench_data.py, bench_embed.py, bench_dense.py
 """
 
 import json
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import bench_common
 
-ORDER = ("train", "data", "embed")
+ORDER = ("train", "data", "embed", "dense")
 INTRO = """# Benchmarks
 
 Every figure is the ratio of two things measured side by side in one run: timed rounds alternate between the two

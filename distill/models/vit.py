@@ -149,12 +149,15 @@ class VisionTransformer(nn.Module):
         return masks.reshape(batch, num_patches)
 
     def prepare_tokens(
-        self, x: torch.Tensor, masks: Optional[torch.Tensor] = None
+        self, x: torch.Tensor, masks: Optional[torch.Tensor] = None, stride: Optional[int] = None
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Images [B, C, H, W] -> tokens [B, prefix + H/p * W/p, D]; masked patches become the mask token."""
-        tokens = self.patch_embed(x)
+        """Images [B, C, H, W] -> tokens [B, prefix + H/p * W/p, D]; masked patches become the mask token.
+
+        stride < patch size: overlapping patches, the position embedding resized to their denser grid (the
+        dense-descriptor trick of Amir et al. 2021, "Deep ViT Features as Dense Visual Descriptors")."""
+        tokens = self.patch_embed(x, stride)
         batch, height, width = x.shape[0], x.shape[-2], x.shape[-1]
-        grid = (height // self.patch_size, width // self.patch_size)
+        grid = self.patch_embed.grid(height, width, stride)
         if masks is not None:
             masks = self._check_masks(masks, batch, grid)
             tokens = torch.where(masks.unsqueeze(-1), self.mask_token.to(tokens.dtype).unsqueeze(0), tokens)

@@ -8,8 +8,9 @@ import argparse
 import sys
 from typing import List, Optional
 
-from distill.logs import configure_logging
+from distill.cli.arguments import add_backbone_choice, parse_sets
 from distill.errors import DistillError
+from distill.logs import configure_logging
 
 
 def _cmd_models(args: argparse.Namespace) -> None:
@@ -95,23 +96,13 @@ def _cmd_submit(args) -> None:
         print_training_summary(results, [20])
 
 
-def _parse_sets(items: List[str]) -> dict:
-    """--set key=value pairs for the backbone, values parsed as YAML (4 -> int, true -> bool)."""
-    import yaml
-
-    bad = [item for item in items if "=" not in item]
-    if bad:
-        raise DistillError(f"--set takes key=value, got {', '.join(bad)}")
-    return {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in items)}
-
-
 def _model_and_view(args: argparse.Namespace):
     """The backbone of --checkpoint and the evaluation view (size and normalisation) that goes with it."""
     from distill.data.eval_views import EvalView
     from distill.eval.loading import load_backbone
 
     fashion = args.data == "fashion_mnist"
-    model, setup = load_backbone(args.checkpoint, args.backbone, _parse_sets(args.set), args.checkpoint_key, fashion)
+    model, setup = load_backbone(args.checkpoint, args.backbone, parse_sets(args.set), args.checkpoint_key, fashion)
     size = args.image_size or setup.image_size
     mean, std = args.mean or setup.mean, args.std or setup.std
     print(f"backbone from {setup.source}; {size} px views, mean {mean}, std {std}")
@@ -212,10 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.set_defaults(run=_cmd_models)
 
     def add_checkpoint_arguments(sub: argparse.ArgumentParser, data_required: bool = True) -> None:
-        sub.add_argument("--checkpoint", required=True, help="any checkpoint `create_backbone` loads, or a run's")
-        sub.add_argument("--backbone", help="registry name (default: the run's, or recognised from the weights)")
-        sub.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="backbone overrides, e.g. depth=4")
-        sub.add_argument("--checkpoint-key", help="network in a training checkpoint: teacher (default), student")
+        add_backbone_choice(sub)
         sub.add_argument("--data", default="fashion_mnist" if not data_required else None, required=data_required,
                          help="fashion_mnist, an ImageFolder tree (with train/ and val/), or a labelled file list")
         sub.add_argument("--train-split", default="train")
@@ -231,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
         sub.add_argument("--output", help="also write the results as JSON to this file")
 
-    evaluate = commands.add_parser("eval", help="evaluate a backbone: kNN or linear probe")
+    evaluate = commands.add_parser("eval", help="evaluate a backbone: kNN, linear probe, keypoints, segmentation")
     kinds = evaluate.add_subparsers(dest="eval_kind", required=True, metavar="KIND")
     knn = kinds.add_parser("knn", help="weighted kNN (cosine, T=0.07) for several k at once")
     add_checkpoint_arguments(knn)
@@ -251,6 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
     attention.add_argument("--count", type=int, default=8)
     attention.add_argument("--threshold", type=float, default=0.6, help="attention mass kept by each head's mask")
     attention.set_defaults(run=_cmd_attention, output="attention.png")
+
+    from distill.cli.dense import add_dense_commands
+
+    add_dense_commands(commands, kinds)
 
     train = commands.add_parser("train", help="train with a YAML recipe and key=value overrides (resumes by itself)")
     train.add_argument("config", nargs="?", help="YAML recipe, e.g. configs/demo/dino_fashion_mnist.yaml")
@@ -301,8 +293,5 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"distill {args.command}: interrupted", file=sys.stderr)
         return 130
-    return status or 0
+    return status if isinstance(status, int) else 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

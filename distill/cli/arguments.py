@@ -1,0 +1,24 @@
+"""What several commands parse alike."""
+
+import argparse
+from typing import Dict, Sequence
+
+from distill.errors import InputError
+
+
+def parse_sets(items: Sequence[str]) -> Dict[str, object]:
+    """--set key=value pairs for the backbone, values read as YAML (4 -> int, true -> bool)."""
+    import yaml
+
+    bad = [item for item in items if "=" not in item]
+    if bad:
+        raise InputError(f"--set takes key=value, got {', '.join(bad)}")
+    return {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in items)}
+
+
+def add_backbone_choice(parser: argparse.ArgumentParser) -> None:
+    """--checkpoint, --backbone, --set and --checkpoint-key: which network to load, from any file."""
+    parser.add_argument("--checkpoint", required=True, help="any checkpoint `create_backbone` loads, or a run's")
+    parser.add_argument("--backbone", help="registry name (default: the run's, or recognised from the weights)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="backbone overrides, e.g. depth=4")
+    parser.add_argument("--checkpoint-key", help="network in a training checkpoint: teacher (default), student")
