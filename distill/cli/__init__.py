@@ -280,7 +280,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _python_stack_on_crash() -> None:
+    """A crash below Python (a segmentation fault, an abort from a native library) prints the Python stack of every
+    thread to stderr, so that a dead rank of a multi-process job says where it died."""
+    import faulthandler
+
+    if not faulthandler.is_enabled():
+        try:
+            faulthandler.enable()
+        except (AttributeError, ValueError, OSError):  # stderr replaced by an object without a file descriptor
+            pass
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    _python_stack_on_crash()
     args = build_parser().parse_args(argv)
     if args.command in ("baseline", "train", "submit") and args.config and "=" in args.config:  # overrides, no recipe
         args.overrides, args.config = [args.config, *args.overrides], None

@@ -41,6 +41,7 @@ def run_ranks(base: Sequence[str], output, images, batch: int, world: int, *extr
         processes.append(subprocess.Popen([sys.executable, "-m", "distill.cli", "train", *overrides], env=env,
                                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outputs = [p.communicate(timeout=300)[0] for p in processes]
-    for p, out in zip(processes, outputs):
-        assert p.returncode == 0, out[-3000:]
+    failed = [rank for rank, p in enumerate(processes) if p.returncode != 0]
+    assert not failed, "\n".join(f"--- rank {rank} exited with status {processes[rank].returncode}:\n"
+                                  f"{outputs[rank][-3000:]}" for rank in range(world))
     return outputs
