@@ -33,3 +33,17 @@ def epochs_to_steps(epochs: float, total_epochs: float, total_steps: int) -> int
     """A length given in epochs, as steps of a plan of total_steps for total_epochs (a time budget may
     compress the plan; lengths keep their share of it)."""
     return int(round(total_steps * min(epochs, total_epochs) / total_epochs)) if total_epochs > 0 else 0
+
+
+def stretch_ahead(schedule: np.ndarray, step: int, total_steps: int) -> np.ndarray:
+    """A schedule re-planned at `step` for a run of total_steps: the values up to `step` kept, and what was still
+    ahead (schedule[step:]) stretched or compressed to fill steps step..total_steps-1, so the curve goes on from
+    where it is, without a jump, and still ends on its final value. A time budget re-fitted mid-run uses it."""
+    schedule = np.asarray(schedule)
+    ahead = total_steps - step
+    if step >= len(schedule) or ahead <= 0:
+        return schedule[:total_steps] if ahead <= 0 else np.concatenate(
+            (schedule, np.full(total_steps - len(schedule), schedule[-1])))
+    remaining = len(schedule) - step
+    positions = step + np.arange(ahead) * ((remaining - 1) / (ahead - 1) if ahead > 1 else 0.0)
+    return np.concatenate((schedule[:step], np.interp(positions, np.arange(len(schedule)), schedule)))

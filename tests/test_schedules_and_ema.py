@@ -50,3 +50,15 @@ def test_ema_update_is_the_definition():
     ema_update(teacher, student, 0.0)  # momentum 0 copies the student
     assert all(torch.equal(teacher.state_dict()[k], student.state_dict()[k]) for k in before)
 
+
+
+def test_stretch_ahead_keeps_the_past_and_fits_the_rest_to_the_new_end():
+    from distill.schedules import stretch_ahead
+
+    old = cosine_schedule(1.0, 0.1, 100, warmup_steps=10)
+    for total in (40, 100, 250):  # compressed, same, stretched
+        new = stretch_ahead(old, 30, total)
+        assert len(new) == total and (new[:31] == old[:31]).all() and new[-1] == pytest.approx(old[-1])
+        assert (np.diff(new[30:]) <= 1e-12).all()  # what was ahead was a decreasing cosine: it still is
+    assert (stretch_ahead(old, 0, 100) == old).all()
+    assert len(stretch_ahead(old, 99, 100)) == 100 and stretch_ahead(old, 99, 100)[-1] == old[-1]

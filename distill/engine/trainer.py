@@ -18,7 +18,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -44,7 +44,7 @@ from distill.objectives import Objective, StepInfo, build_objective
 from distill.objectives.base import scalar
 from distill.precision import autocast, resolve_precision
 from distill.progress import progress
-from distill.schedules import cosine_schedule, epochs_to_steps
+from distill.schedules import cosine_schedule, epochs_to_steps, stretch_ahead
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +92,7 @@ class Trainer:
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.scaler: Optional[torch.amp.GradScaler] = None
         self.lr_schedule = self.wd_schedule = None
+        self.plan_history: List[Tuple[int, int]] = []
         self.metrics: Optional[MetricsWriter] = None
         self.evaluation: Optional[RunEvaluation] = None
         self.shard_units: List[torch.nn.Module] = []
@@ -193,6 +194,24 @@ class Trainer:
         self.lr_schedule = cosine_schedule(self.scaled_lr(), o.min_lr, self.total_steps, warmup)
         self.wd_schedule = cosine_schedule(o.weight_decay, o.weight_decay_end, self.total_steps)
         self.objective.plan(self.total_steps, epochs)
+        self.plan_history = [(0, self.total_steps)]
+
+    def replan(self, step: int, total_steps: int) -> None:
+        """The plan changed at `step` to total_steps in all: every schedule (learning rate, weight decay, the
+        objective's temperatures and momentum) goes on from its value at `step`, what was ahead stretched or
+        compressed to the new end. The history of changes goes into checkpoints, so a resumed run rebuilds the
+        same curves."""
+        self.total_steps = max(step + 1, total_steps)
+        self.lr_schedule = stretch_ahead(self.lr_schedule, step, self.total_steps)
+        self.wd_schedule = stretch_ahead(self.wd_schedule, step, self.total_steps)
+        self.objective.replan(step, self.total_steps, self.config.train.epochs)
+        self.plan_history.append((step, self.total_steps))
+
+    def replay_plan(self, history: List[Tuple[int, int]]) -> None:
+        """The schedules a run had after these plans: (0, first total), then (step, total) of each change."""
+        self.plan(history[0][1])
+        for step, total in history[1:]:
+            self.replan(step, total)
 
     def fit_budget(self) -> None:
         """Fit the plan to train.time_limit_minutes when a fit is due (see TimeBudget); never past the configured
@@ -205,7 +224,7 @@ class Trainer:
             logger.info("time budget %.1f min at %.3f s/step: %d steps instead of %d (%.2f epochs)",
                         self.budget.limit_seconds / 60, self.budget.pace, planned, self.total_steps,
                         planned / self.steps_per_epoch)
-            self.plan(planned)
+            self.replan(self.step, planned)
 
     # ------------------------------------------------------------------------------------------- checkpoints
 
@@ -221,6 +240,7 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "step": self.step,
             "total_steps": self.total_steps,
+            "plan_history": [list(change) for change in self.plan_history],  # (step, total) of each plan
             "steps_per_epoch": self.steps_per_epoch,
             "train_seconds": self.train_seconds,
             "rng": rng,  # one random state per rank (a single one on one process)
@@ -297,7 +317,11 @@ class Trainer:
         if self.scaler is not None and run["scaler"]:
             self.scaler.load_state_dict(run["scaler"])
         self.step, self.train_seconds = run["step"], run["train_seconds"]
-        self.plan(run["total_steps"])
+        history = run.payload.get("plan_history")  # checkpoints before continuous re-plans have none
+        if history and history[-1][1] == run["total_steps"]:
+            self.replay_plan([tuple(change) for change in history])
+        else:
+            self.plan(run["total_steps"])
         self.budget.close()
         self._restore_random_states(run["rng"])
         self.results["resumed_from_step"] = self.step

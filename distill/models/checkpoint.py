@@ -94,7 +94,8 @@ class TrainingCheckpoint:
 
     Its entries: format (TRAINING_FORMAT), objective (the objective's state dict: every trained network, keys such
     as "teacher.backbone.blocks.0..."), eval_network (the prefix of the evaluated backbone in it), eval_view (the
-    size and normalisation it is evaluated at), optimizer, scaler, step, total_steps, steps_per_epoch,
+    size and normalisation it is evaluated at), optimizer, scaler, step, total_steps, plan_history (the (step, total)
+    of each plan, when a time budget changed it), steps_per_epoch,
     train_seconds, rng and config (the resolved run config as plain containers).
     """
 

@@ -9,12 +9,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
+import numpy as np
 import torch
 from torch import nn
 
 from distill.data.eval_views import EvalView
 from distill.models import create_backbone
 from distill.models.registry import backbone_options
+from distill.schedules import stretch_ahead
 
 
 @dataclass
@@ -64,7 +66,17 @@ class Objective(nn.Module):
 
     def plan(self, total_steps: int, epochs: float) -> None:
         """(Re)build the objective's own schedules for a run of total_steps optimizer steps that stands for `epochs`
-        epochs (a time budget may compress the run: lengths given in epochs keep their share of it)."""
+        epochs (a time budget may compress the run: lengths given in epochs keep their share of it). Per-step value
+        arrays are attributes named `*_schedule` (numpy arrays), so that replan() can carry them on."""
+
+    def replan(self, step: int, total_steps: int, epochs: float) -> None:
+        """The plan changed at `step` (a time budget re-fitted): lengths in steps are planned again for the new
+        total, and every `*_schedule` array keeps its values so far and stretches what was still ahead (no jump)."""
+        before = {name: value for name, value in vars(self).items()
+                  if name.endswith("_schedule") and isinstance(value, np.ndarray)}
+        self.plan(total_steps, epochs)
+        for name, schedule in before.items():
+            setattr(self, name, stretch_ahead(schedule, step, total_steps))
 
     def views(self, channels: int):
         """The training views the loader makes for this objective."""

@@ -248,6 +248,56 @@ def test_time_budget_is_fitted_again_to_the_recent_pace(tiny_config, tmp_path):
     assert trainer.budget.fits == 5 and trainer.total_steps == planned
 
 
+def _schedules(trainer):
+    objective = trainer.objective
+    return {"lr": trainer.lr_schedule, "wd": trainer.wd_schedule, "teacher_temp": objective.teacher_temp_schedule,
+            "momentum": objective.momentum_schedule}
+
+
+def test_budget_refits_change_only_what_is_ahead_and_resume_rebuilds_the_same_curves(tiny_config, tmp_path):
+    """Each re-fit keeps every schedule's values so far and goes on from the value it had: the values a budgeted run
+    uses have no jump at a re-fit (a re-fit used to re-plan the whole curve: the learning rate jumped back up)."""
+    config = tiny_config(tmp_path, "train.time_limit_minutes=1", "train.epochs=100", "optim.warmup_epochs=5",
+                         "objective.warmup_teacher_temp_epochs=20", "objective.momentum_teacher=0.9")
+    trainer = Trainer(config)
+    trainer.setup()
+    used = {name: [] for name in _schedules(trainer)}
+    largest_change = dict.fromkeys(used, 0.0)  # the largest change between neighbouring steps within one plan
+    refits = []
+    for seconds in [0.5] * 10 + [0.05] * 10 + [0.5] * 20 + [0.2] * 30 + [0.5] * 40:
+        before = {name: schedule.copy() for name, schedule in _schedules(trainer).items()}
+        for name, schedule in before.items():
+            used[name].append(float(schedule[trainer.step]))
+            largest_change[name] = max(largest_change[name], float(abs(schedule[1:] - schedule[:-1]).max()))
+        trainer.step += 1
+        trainer.train_seconds += seconds
+        trainer.budget.record(seconds)
+        total = trainer.total_steps
+        trainer.fit_budget()
+        if trainer.total_steps != total:
+            refits.append(trainer.step)
+            for name, schedule in _schedules(trainer).items():
+                assert len(schedule) == trainer.total_steps
+                # the past and the present kept, to the last bit
+                assert (schedule[: trainer.step + 1] == before[name][: trainer.step + 1]).all(), (name, trainer.step)
+                assert schedule[-1] == pytest.approx(before[name][-1]), name  # still ending where it ended
+        if trainer.step >= trainer.total_steps:
+            break
+    assert len(refits) >= 3, refits  # shorter and longer plans, in the warm-ups and after them
+    for name, values in used.items():
+        steps = [abs(b - a) for a, b in zip(values, values[1:])]
+        assert max(steps) <= largest_change[name] * (1 + 1e-9), name
+    assert trainer.plan_history[0] == (0, trainer.configured_steps) and len(trainer.plan_history) == len(refits) + 1
+
+    trainer.save_checkpoint()
+    resumed = Trainer(tiny_config(tmp_path, "train.time_limit_minutes=1", "train.epochs=100", "optim.warmup_epochs=5",
+                                  "objective.warmup_teacher_temp_epochs=20", "objective.momentum_teacher=0.9"))
+    resumed.setup()
+    assert resumed.step == trainer.step and resumed.plan_history == trainer.plan_history
+    for name, schedule in _schedules(resumed).items():
+        assert (schedule == _schedules(trainer)[name]).all(), name
+
+
 # ------------------------------------------------------------------------------- refusals leave the folder as it was
 
 def test_a_refused_run_touches_nothing_in_the_folder(tiny_config, tmp_path, caplog):
