@@ -8,9 +8,11 @@ photometric augmentation batched (views.color=fused, and =exact for one more fig
 and batch; views/s counts every crop.
 
   Fashion-MNIST (in memory, 28 / 14 px crops, the demo's settings) and a folder of JPEG photos (scikit-image's
-  sample images resized to 224-500 px; 224 / 96 px crops, DINO's settings).
+  sample images resized to 224-500 px, or --photo-scale times that; 224 / 96 px crops, DINO's settings). Ours
+  decodes the photos at the size their crops need (data.dataset.decode_at_crop_size, the default), which DINO's
+  crops allow only on photos well above 500 px; one more figure sets it against full decoding.
 
-    .venv/bin/python tools/bench_data.py [--rounds 5] [--workers 2]
+    .venv/bin/python tools/bench_data.py [--rounds 5] [--workers 2] [--only photos] [--photo-scale 3]
     .venv/bin/python tools/bench_data.py --profile      # each stage of both photo pipelines, ms per image, and
                                                         # how far fused colour lands from the exact operations
 """
@@ -87,7 +89,7 @@ class Batches:
         return bench_common.rate(work)
 
 
-def pipelines(kind: str, batch: int, workers: int, photos: Path, color: str = "fused"):
+def pipelines(kind: str, batch: int, workers: int, photos: Path, color: str = "fused", decode_at_crop_size=True):
     from distill.data.configs import DatasetConfig
     from distill.data.datasets import build_image_source
     from distill.data.loader import build_loader
@@ -102,7 +104,8 @@ def pipelines(kind: str, batch: int, workers: int, photos: Path, color: str = "f
         reference_set = bench_common.PILImages(source.images[:, 0].numpy())
     else:
         config = MultiCropConfig(color=color)
-        source = build_image_source(DatasetConfig(kind="folder", path=str(photos)))
+        source = build_image_source(DatasetConfig(kind="folder", path=str(photos),
+                                                  decode_at_crop_size=decode_at_crop_size))
         channels = 3
         reference_set = bench_common.PILImages(source.paths)
     views = MultiCrop(config, channels)
@@ -127,20 +130,35 @@ def profile(folder: Path, images: int = 64) -> None:
     dataset, views = ours.loader.dataset, ours.loader.dataset.views
     from distill.seeds import Stream, derived_generator
 
-    stages = {"decode": 0.0, "crop and resize": 0.0, "batched photometric + normalise": 0.0}
-    samples = []
-    for index in range(images):
-        start = time.perf_counter()
-        _, image = dataset._decode(index)
-        middle = time.perf_counter()
-        samples.append(views.image_sample(image, derived_generator(0, 0, index, Stream.IMAGE_VIEWS)))
-        stages["decode"] += middle - start
-        stages["crop and resize"] += time.perf_counter() - middle
+    def geometry(most: float):
+        """decode and crop times of ours, each JPEG reduced at most `most` times (1: decode_at_crop_size off)."""
+        times, samples, reduced = {"decode": 0.0, "crop and resize": 0.0}, [], 0
+        for index in range(images):
+            drawn = []
+
+            def reduction(width: int, height: int) -> float:  # the loader's order: boxes first, then the decode
+                drawn.append(views.draw(height, width, derived_generator(0, 0, index, Stream.IMAGE_VIEWS)))
+                return min(most, views.reduction(drawn[-1]))
+
+            start = time.perf_counter()
+            image, frame = dataset.source.load_at_crop_size(index, "RGB", views.min_image_size, reduction)
+            middle = time.perf_counter()
+            samples.append(views.file_sample(image, frame, drawn[-1]))
+            times["decode"] += middle - start
+            times["crop and resize"] += time.perf_counter() - middle
+            reduced += frame.reduced
+        return times, samples, reduced
+
+    full, _, _ = geometry(1.0)
+    stages, samples, reduced = geometry(float("inf"))
+    stages["batched photometric + normalise"] = 0.0
     for first in range(0, images, 32):
         start = time.perf_counter()
         views.collate(samples[first : first + 32])
         stages["batched photometric + normalise"] += time.perf_counter() - start
-    print("ours, ms per image: " + ", ".join(f"{k} {v / images * 1000:.2f}" for k, v in stages.items()))
+    print("ours, ms per image: " + ", ".join(f"{k} {v / images * 1000:.2f}" for k, v in stages.items())
+          + f" ({reduced} of {images} decoded at a reduced size; with data.dataset.decode_at_crop_size=false: "
+          + ", ".join(f"{k} {v / images * 1000:.2f}" for k, v in full.items()) + ")")
 
     ref = reference.loader.dataset.transform
     timed = {}
@@ -184,6 +202,22 @@ def fidelity(folder: Path, images: int = 200) -> None:
           f"pixel on average; exact vs unaugmented {(exact - pixels).abs().mean():.4f}")
 
 
+def scaled_photos(folder: Path, scale: float) -> Path:
+    """The photos of `folder` resized `scale` times (bicubic, JPEG quality 90), in a folder beside it."""
+    if scale == 1:
+        return folder
+    photos = sorted(folder.glob("*.jpg"))
+    target = folder.with_name(f"{folder.name}_x{scale:g}")
+    if target.is_dir() and len(list(target.glob("*.jpg"))) == len(photos):
+        return target
+    target.mkdir(exist_ok=True)
+    for path in photos:
+        with Image.open(path) as image:
+            size = (round(image.width * scale), round(image.height * scale))
+            image.resize(size, Image.Resampling.BICUBIC).save(target / path.name, quality=90)
+    return target
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -192,32 +226,46 @@ def main() -> None:
     parser.add_argument("--fashion-batches", type=int, default=40, help="batches of 64 per timed round")
     parser.add_argument("--photo-batches", type=int, default=10, help="batches of 32 per timed round")
     parser.add_argument("--profile", action="store_true", help="only time each stage of both photo pipelines")
+    parser.add_argument("--only", choices=("fashion_mnist", "photos"), help="measure this data set alone")
+    parser.add_argument("--photo-scale", type=float, default=1.0,
+                        help="photos this many times larger (e.g. 3: 672-1500 px, where decoding at crop size pays)")
     args = parser.parse_args()
 
     folder = bench_common.photo_folder(Path(tempfile.gettempdir()) / "distill_bench_photos", args.photos)
+    folder = scaled_photos(folder, args.photo_scale)
     if args.profile:
         fidelity(folder)
         return profile(folder)
     figures = []
     for kind, batch, count in (("fashion_mnist", 64, args.fashion_batches), ("photos", 32, args.photo_batches)):
+        if args.only and kind != args.only:
+            continue
         ours, reference = pipelines(kind, batch, args.workers, folder)
         sides = {"ours": ours, "reference": reference}
-        if kind == "photos":  # the operation-by-operation colour path, for what fusing it is worth
+        if kind == "photos":  # the operation-by-operation colour path, and full decoding, for what each is worth
             sides["exact"] = pipelines(kind, batch, args.workers, folder, color="exact")[0]
+            sides["full_decode"] = pipelines(kind, batch, args.workers, folder, decode_at_crop_size=False)[0]
         for side in sides.values():  # warm-up: start the workers, fill their queues once
             side.rate(2)
         results = bench_common.alternate({name: (lambda side=side: side.rate(count)) for name, side in sides.items()},
                                          args.rounds)
         label = "Fashion-MNIST, 2 x 28 + 8 x 14 px" if kind == "fashion_mnist" else \
-            f"{args.photos} JPEG photos (224-500 px), 2 x 224 + 8 x 96 px"
+            f"{args.photos} JPEG photos ({224 * args.photo_scale:g}-{500 * args.photo_scale:g} px), 2 x 224 + 8 x 96 px"
         figures.append(bench_common.figure(f"multi-crop views/s, {label}, {args.workers} workers, ours vs DINO "
                                            "reference per-image pipeline", results["ours"], results["reference"],
-                                           "views/s", 2.0, id=f"data_{kind}"))
+                                           "views/s", 2.0 if kind == "fashion_mnist" else 3.0, id=f"data_{kind}"))
         if "exact" in results:
             figures.append(bench_common.figure(f"multi-crop views/s, {label}, {args.workers} workers, ours with "
                                                "views.color=fused (default) vs views.color=exact", results["ours"],
                                                results["exact"], "views/s", id=f"data_{kind}_fused_vs_exact"))
-    bench_common.write("data", figures)
+        if "full_decode" in results:
+            figures.append(bench_common.figure(f"multi-crop views/s, {label}, {args.workers} workers, ours with "
+                                               "data.dataset.decode_at_crop_size=true (default) vs false",
+                                               results["ours"], results["full_decode"], "views/s",
+                                               id=f"data_{kind}_decode_at_crop_size"))
+    name = "data" if not args.only else f"data_{args.only}"
+    name += f"_x{args.photo_scale:g}" if args.photo_scale != 1 else ""
+    bench_common.write(name, figures)  # data.json (what the report reads) only for the whole default run
 
 
 if __name__ == "__main__":

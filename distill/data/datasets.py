@@ -19,7 +19,8 @@ from distill.data.configs import DatasetConfig
 from distill.data.fashion_mnist import (FASHION_MNIST_CLASSES, PATH_PREFIX, fashion_mnist_selection,
                                         load_fashion_mnist)
 from distill.data.filelists import read_file_list, read_paths, readable_name
-from distill.data.images import IMAGE_EXTENSIONS, describe_error, load_image, set_max_image_pixels
+from distill.data.images import (IMAGE_EXTENSIONS, describe_error, load_image, load_image_at_crop_size,
+                                  set_max_image_pixels)
 from distill.errors import InputError
 from distill.progress import progress
 
@@ -47,20 +48,28 @@ class ArrayImages:
 
 
 class FileImages:
-    """Image files with optional labels; `load` decodes one into a PIL image."""
+    """Image files with optional labels; `load` decodes one into a PIL image. decode_at_crop_size: training
+    views that draw their boxes before decoding (multi-crop) may have JPEG files decoded at the size the boxes
+    need (`load_at_crop_size`)."""
 
-    def __init__(self, paths: List[str], labels: Optional[List[int]], classes: Sequence[str], name: str):
+    def __init__(self, paths: List[str], labels: Optional[List[int]], classes: Sequence[str], name: str,
+                 decode_at_crop_size: bool = True):
         self.paths = paths
         self.labels = None if labels is None else torch.tensor(labels, dtype=torch.int64)
         self.classes = list(classes)
         self.name = name
         self.unreadable: List[str] = []
+        self.decode_at_crop_size = decode_at_crop_size
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def load(self, index: int, mode: str = "RGB", min_size: int = 0):
         return load_image(self.paths[index], mode=mode, min_size=min_size)
+
+    def load_at_crop_size(self, index: int, mode: str, min_size: int, reduction):
+        """(image, images.Frame): see images.load_image_at_crop_size."""
+        return load_image_at_crop_size(self.paths[index], mode, min_size, reduction)
 
     def keep(self, indices: Sequence[int]) -> None:
         self.paths = [self.paths[i] for i in indices]
@@ -232,7 +241,7 @@ def build_image_source(config: DatasetConfig, split: Optional[str] = None, key: 
             paths, labels, classes = [str(p) for p in _walk_images(folder)], None, []
     if config.limit:
         paths, labels = paths[: config.limit], (labels[: config.limit] if labels is not None else None)
-    source = FileImages(paths, labels, classes, str(path))
+    source = FileImages(paths, labels, classes, str(path), config.decode_at_crop_size)
     if not paths:
         raise InputError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found in {path}")
     _check_readable(source, config.verify)

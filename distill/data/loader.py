@@ -4,13 +4,13 @@ sees exactly the batches and views the uninterrupted run would have seen, with a
 import logging
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from distill.data.datasets import ArrayImages, FileImages
 from distill.data.filelists import readable_name
 from distill.data.images import describe_error
+from distill.data.views import uint8_tensor
 from distill.errors import InputError
 from distill.seeds import Stream, derived_generator
 
@@ -101,15 +101,26 @@ class _ArrayBatches(Dataset):
 class _FileSamples(Dataset):
     """One decoded, cropped file per item. A file that fails to decode is replaced by the next readable one in
     training (substitute=True: batches stay full), and reported as unreadable otherwise (evaluation, pictures: a
-    row must come from the image it names, so nothing takes its place)."""
+    row must come from the image it names, so nothing takes its place).
+
+    Views that draw their crop boxes apart from cutting them (multi-crop: `draw`, `reduction`, `file_sample`)
+    have them drawn on the full image's size before decoding, so that a JPEG is decoded at the size they need
+    (unless the source's decode_at_crop_size is off); the draws are those image_sample would make."""
 
     def __init__(self, source: FileImages, views, seed: int, channels: int, substitute: bool = True) -> None:
         self.source, self.views, self.seed, self.substitute = source, views, seed, substitute
         self.mode = "L" if channels == 1 else "RGB"
         self._warned: set = set()
+        self.at_crop_size = getattr(source, "decode_at_crop_size", False) and hasattr(views, "file_sample")
 
     def __len__(self) -> int:
         return len(self.source)
+
+    def _skip(self, candidate: int, error: Exception) -> None:
+        path = self.source.paths[candidate]
+        if path not in self._warned:
+            self._warned.add(path)
+            logger.warning("skipping unreadable image %s (%s)", readable_name(path), describe_error(error))
 
     def _decode(self, index: int) -> Tuple[int, Optional[torch.Tensor]]:
         for attempt in range(len(self.source) if self.substitute else 1):
@@ -117,24 +128,46 @@ class _FileSamples(Dataset):
             try:
                 image = self.source.load(candidate, self.mode, self.views.min_image_size)
             except Exception as error:  # a file damaged or removed after the start-up check
-                path = self.source.paths[candidate]
-                if path not in self._warned:
-                    self._warned.add(path)
-                    logger.warning("skipping unreadable image %s (%s)", readable_name(path), describe_error(error))
+                self._skip(candidate, error)
                 continue
-            array = np.array(image)  # one writable copy
-            tensor = torch.from_numpy(array).permute(2, 0, 1) if array.ndim == 3 else torch.from_numpy(array)[None]
-            return candidate, tensor
+            return candidate, uint8_tensor(image)
+        if self.substitute:
+            raise InputError(f"no readable image left in {self.source.name}")
+        return index, None
+
+    def _decode_at_crop_size(self, epoch: int, index: int) -> Tuple[int, Optional[Dict[str, Any]]]:
+        """_decode and image_sample in one: the boxes drawn from the file's header size, then the file decoded
+        as small as they allow. Each attempt draws from a fresh generator, as image_sample after _decode would."""
+        for attempt in range(len(self.source) if self.substitute else 1):
+            candidate = (index + attempt) % len(self.source)
+            drawn: List[Any] = []
+
+            def reduction(width: int, height: int) -> float:
+                generator = derived_generator(self.seed, epoch, index, Stream.IMAGE_VIEWS)
+                drawn.append(self.views.draw(height, width, generator))
+                return self.views.reduction(drawn[-1])
+
+            try:
+                image, frame = self.source.load_at_crop_size(candidate, self.mode, self.views.min_image_size,
+                                                             reduction)
+            except Exception as error:  # a file damaged or removed after the start-up check
+                self._skip(candidate, error)
+                continue
+            return candidate, self.views.file_sample(image, frame, drawn[-1])
         if self.substitute:
             raise InputError(f"no readable image left in {self.source.name}")
         return index, None
 
     def __getitem__(self, key: Tuple[int, int]) -> Dict[str, Any]:
         epoch, index = key
-        used, image = self._decode(index)
-        if image is None:
+        if self.at_crop_size:
+            used, sample = self._decode_at_crop_size(epoch, index)
+        else:
+            used, image = self._decode(index)
+            sample = None if image is None else self.views.image_sample(
+                image, derived_generator(self.seed, epoch, index, Stream.IMAGE_VIEWS))
+        if sample is None:
             return {"index": used, "unreadable": True}
-        sample = self.views.image_sample(image, derived_generator(self.seed, epoch, index, Stream.IMAGE_VIEWS))
         sample["index"] = used
         sample["label"] = int(self.source.labels[used]) if self.source.labels is not None else -1
         return sample

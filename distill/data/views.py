@@ -6,19 +6,33 @@ same views after a resume, whatever the number of workers. The geometry of file 
 in the loader workers (bicubic, antialiased, on uint8); everything photometric runs batched: one colour matrix
 per crop for jitter, greyscale and normalisation (`color: fused`), or torchvision's operations one by one
 (`color: exact`).
+
+A file's crop boxes are drawn on its full size before it is decoded (`draw`), so that a JPEG can be decoded at
+the size they need (`reduction`, images.load_image_at_crop_size) and cut at the boxes' places in the reduced
+image (`file_sample`): the same boxes, from the same draws, as a full decode would give.
 """
 
 import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence
 
+import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import get_worker_info
 import torchvision.transforms.v2.functional as TF
 from torchvision.transforms.v2 import InterpolationMode
 
 from distill.data import augment
 from distill.data.configs import MultiCropConfig
+from distill.data.images import Frame
+
+
+def uint8_tensor(image: Image.Image) -> torch.Tensor:
+    """A decoded RGB or grey PIL image as a uint8 tensor [C, H, W] (one writable copy of its pixels)."""
+    array = np.array(image)
+    return torch.from_numpy(array).permute(2, 0, 1) if array.ndim == 3 else torch.from_numpy(array)[None]
+
 
 def _batch_tensor(shape: Sequence[int]) -> torch.Tensor:
     """An empty float tensor for crops that leave a loader worker: allocated in shared memory there, as the
@@ -108,21 +122,44 @@ class MultiCrop:
 
     # ---------------------------------------------------------------- image by image (files), then collate
 
+    def draw(self, height: int, width: int, generator: Optional[torch.Generator]) -> List[Dict[str, torch.Tensor]]:
+        """The random parameters of one image's crops, boxes on its full (height, width): one dict per group of
+        same-spec crops, drawn in the order image_sample has always drawn them (cutting draws nothing)."""
+        return [self._params(self.specs[group[0]], len(group), height, width, generator) for group in self.groups]
+
+    def reduction(self, params: List[Dict[str, torch.Tensor]]) -> float:
+        """How many times smaller the image may be decoded with every crop box still at least its crop's output
+        size in both dimensions: no crop is then enlarged where the full image would not have enlarged it, and
+        each is still a downsampling of its region."""
+        return min(float(p["boxes"][:, 2:].min()) / self.specs[group[0]].size for group, p in zip(self.groups, params))
+
+    def _cut(self, image: torch.Tensor, params: List[Dict[str, torch.Tensor]]) -> Dict[str, Any]:
+        crops = []
+        for group, p in zip(self.groups, params):
+            size = self.specs[group[0]].size
+            for (top, left, h, w), flip in zip(p["boxes"].tolist(), p["flip"].tolist()):
+                crop = TF.resized_crop(image, top, left, h, w, [size, size], interpolation=InterpolationMode.BICUBIC,
+                                       antialias=True)
+                crops.append(TF.horizontal_flip(crop) if flip else crop)
+        return {"crops": crops, "params": params}
+
     def image_sample(self, image: torch.Tensor, generator: Optional[torch.Generator]) -> Dict[str, Any]:
         """uint8 image [C, H, W] -> its uint8 crops (bicubic, antialiased) and their photometric parameters, drawn
         once per group of same-spec crops."""
-        height, width = image.shape[-2:]
-        crops, params = [], []
-        for group in self.groups:
-            spec = self.specs[group[0]]
-            p = self._params(spec, len(group), height, width, generator)
-            for box, flip in zip(p["boxes"].tolist(), p["flip"].tolist()):
-                top, left, h, w = box
-                crop = TF.resized_crop(image, top, left, h, w, [spec.size, spec.size],
-                                       interpolation=InterpolationMode.BICUBIC, antialias=True)
-                crops.append(TF.horizontal_flip(crop) if flip else crop)
-            params.append(p)
-        return {"crops": crops, "params": params}
+        return self._cut(image, self.draw(image.shape[-2], image.shape[-1], generator))
+
+    def file_sample(self, image: Image.Image, frame: Frame, params: List[Dict[str, torch.Tensor]]) -> Dict[str, Any]:
+        """image_sample for a file decoded by images.load_image_at_crop_size, with `params` drawn on the frame's
+        size: a full decode is cut exactly as image_sample cuts it; a reduced one at each box's place in it, to
+        the nearest reduced pixel edge. That is within half an output pixel of the exact place, since a reduction
+        leaves every box at least its output size (Pillow's resize takes fractional boxes, but at three times
+        torchvision's time on uint8 it would cost more than the reduced decode saves)."""
+        if not frame.reduced:
+            return self._cut(uint8_tensor(image), params)
+        placed = [dict(p, boxes=torch.tensor([frame.box(*box) for box in p["boxes"].tolist()])) for p in params]
+        sample = self._cut(uint8_tensor(image), placed)
+        sample["params"] = params  # the boxes as drawn, on the full image
+        return sample
 
     def collate(self, samples: List[Dict[str, Any]]) -> List[torch.Tensor]:
         """Per-image uint8 crops -> batches; photometric augmentation once per group of same-spec crops.
