@@ -50,6 +50,7 @@ bench: install data $(BENCH_STAMP)
 	$(BIN)/python tools/bench_data.py
 	$(BIN)/python tools/bench_embed.py
 	$(BIN)/python tools/bench_dense.py
+	$(BIN)/python tools/bench_onnx.py
 	$(BIN)/python tools/bench_report.py
 
 clean:

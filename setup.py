@@ -30,8 +30,13 @@ EXTRAS_REQUIRE = {
     # scikit-learn: only the k-means comparison of tools/curation_scale.py.
     # import-linter: the layering contracts of .importlinter, checked by tests/test_layering.py.
     # diffusers, transformers: the sd extra, whose Stable Diffusion features the tests exercise on a tiny model.
+    # onnx, onnxruntime, onnxscript: the export extra, whose ONNX graphs the tests check against PyTorch.
     "dev": ["pytest>=8", "pytest-xdist", "pytest-timeout", "scikit-learn", "import-linter>=2.17", "diffusers>=0.30",
-            "transformers"],
+            "transformers", "onnx", "onnxruntime", "onnxscript"],
+    # distill export --to onnx: the exporter (torch.onnx's dynamo path needs onnxscript) and the check of the graph
+    # against PyTorch. --to hf needs transformers only to be loaded afterwards (the hf extra).
+    "export": ["onnx", "onnxruntime", "onnxscript"],
+    "hf": ["transformers"],
     # distill correspond --with sd:...: Stable Diffusion UNet features (transformers only for the empty-prompt
     # embedding, when the weights folder has a text encoder).
     "sd": ["diffusers>=0.30", "transformers"],

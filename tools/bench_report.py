@@ -10,7 +10,7 @@ from pathlib import Path
 
 import bench_common
 
-ORDER = ("train", "data", "embed", "dense")
+ORDER = ("train", "data", "embed", "dense", "onnx")
 INTRO = """# Benchmarks
 
 Every figure is the ratio of two things measured side by side in one run: timed rounds alternate between the two

@@ -8,7 +8,7 @@ import argparse
 import sys
 from typing import List, Optional
 
-from distill.cli.arguments import add_backbone_choice, parse_sets
+from distill.cli.arguments import add_backbone_choice, add_compute_arguments, parse_sets
 from distill.errors import DistillError
 from distill.logs import configure_logging
 
@@ -152,8 +152,22 @@ def _cmd_eval_knn(args: argparse.Namespace) -> None:
     _write_json(args.output, {"knn": results})
 
 
+def _save_head(args: argparse.Namespace, classifier, view, train, val, result) -> None:
+    """--save-head: the classifier with the recipe of its features, for `distill eval classify --head`."""
+    from distill.eval.heads import HeadRecipe, save_linear_head
+
+    outputs = classifier.out_features
+    names = list(train.classes[:outputs]) if len(train.classes) >= outputs else None
+    recipe = HeadRecipe(args.n_last_blocks, args.avgpool, view.size, list(view.mean), list(view.std),
+                        view.resize_ratio, names)
+    notes = {"top1": result["top1"], "top5": result["top5"], "lr": result["lr"], "checkpoint": str(args.checkpoint),
+             "train_data": train.name, "val_data": val.name}
+    save_linear_head(args.save_head, classifier, recipe, notes)
+    print(f"linear head ({outputs} classes over {result['feature_dim']}-d features) written to {args.save_head}")
+
+
 def _cmd_eval_linear(args: argparse.Namespace) -> None:
-    from distill.eval.linear import linear_features, linear_probe
+    from distill.eval.linear import fit_linear_probe, linear_features
 
     model, view = _model_and_view(args)
     train, val = _source(args, args.train_split, args.train_limit), _source(args, args.val_split, args.val_limit)
@@ -162,9 +176,11 @@ def _cmd_eval_linear(args: argparse.Namespace) -> None:
     val_features, val_labels = _features(args, encode, view, val, "val features")
     if train_labels is None or val_labels is None:
         raise DistillError("a linear probe needs labelled data: an ImageFolder tree or a file list with labels")
-    result = linear_probe(train_features, train_labels, val_features, val_labels, epochs=args.epochs)
+    result, classifier = fit_linear_probe(train_features, train_labels, val_features, val_labels, epochs=args.epochs)
     print(f"linear probe on {val.name} ({result['feature_dim']}-d features, lr {result['lr']:g}): "
           f"top-1 {result['top1']:.2f}  top-5 {result['top5']:.2f}")
+    if args.save_head:
+        _save_head(args, classifier, view, train, val, result)
     _write_json(args.output, {"linear": result})
 
 
@@ -213,13 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--image-size", type=int, default=0, help="default: the run's global crop size")
         sub.add_argument("--mean", type=float, nargs="+")
         sub.add_argument("--std", type=float, nargs="+")
-        sub.add_argument("--batch-size", type=int, default=256)
-        sub.add_argument("--num-workers", type=int, default=2)
-        sub.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
-        sub.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-        sub.add_argument("--output", help="also write the results as JSON to this file")
+        add_compute_arguments(sub)
 
-    evaluate = commands.add_parser("eval", help="evaluate a backbone: kNN, linear probe, keypoints, segmentation")
+    evaluate = commands.add_parser("eval", help="evaluate: kNN, linear probe, classification, keypoints, segmentation")
     kinds = evaluate.add_subparsers(dest="eval_kind", required=True, metavar="KIND")
     knn = kinds.add_parser("knn", help="weighted kNN (cosine, T=0.07) for several k at once")
     add_checkpoint_arguments(knn)
@@ -231,7 +243,15 @@ def build_parser() -> argparse.ArgumentParser:
     linear.add_argument("--n-last-blocks", type=int, default=4, help="concatenate the class tokens of these")
     linear.add_argument("--avgpool", action="store_true", help="also the average of the last block's patch tokens")
     linear.add_argument("--epochs", type=int, default=30)
+    linear.add_argument("--save-head", metavar="PATH",
+                        help="also write the classifier with the recipe of its features (for eval classify --head)")
     linear.set_defaults(run=_cmd_eval_linear)
+
+    from distill.cli.classify import add_classify_arguments
+
+    classify = kinds.add_parser("classify", help="top-1 / top-5 of a classifier (a DeiT) or of a backbone with a "
+                                                 "linear head (--head), on labelled images")
+    add_classify_arguments(classify)
 
     attention = commands.add_parser("attention", help="class-token self-attention maps of the last block, as PNG")
     add_checkpoint_arguments(attention, data_required=False)
@@ -243,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     from distill.cli.dense import add_dense_commands
 
     add_dense_commands(commands, kinds)
+    from distill.cli.export import add_export_parser
+    add_export_parser(commands)
 
     train = commands.add_parser("train", help="train with a YAML recipe and key=value overrides (resumes by itself)")
     train.add_argument("config", nargs="?", help="YAML recipe, e.g. configs/demo/dino_fashion_mnist.yaml")

@@ -22,3 +22,12 @@ def add_backbone_choice(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone", help="registry name (default: the run's, or recognised from the weights)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="backbone overrides, e.g. depth=4")
     parser.add_argument("--checkpoint-key", help="network in a training checkpoint: teacher (default), student")
+
+
+def add_compute_arguments(parser: argparse.ArgumentParser) -> None:
+    """How an evaluation command runs and where its results go: the same flags for every such command."""
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--output", help="also write the results as JSON to this file")

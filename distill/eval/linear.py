@@ -1,9 +1,10 @@
 """Linear probe on frozen features: class tokens of the last n blocks (optionally with average-pooled patch
 tokens, as DINO does for ViT-B), a multinomial logistic regression trained on precomputed features, its
-learning rate chosen on a held-out tenth of the training set."""
+learning rate chosen on a held-out tenth of the training set. The trained classifier is returned on the raw
+features (the standardisation folded into it), so that it can be saved and applied later (eval/heads.py)."""
 
 import logging
-from typing import Dict, Sequence
+from typing import Any, Dict, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -47,10 +48,23 @@ def _fit(features, labels, num_classes, lr, weight_decay, epochs, batch_size, se
 def _accuracy(classifier: nn.Linear, features: torch.Tensor, labels: torch.Tensor) -> Dict[str, float]:
     top = classifier(features).topk(min(5, classifier.out_features), dim=1).indices
     hits = top == labels[:, None]
-    return {"top1": 100.0 * hits[:, 0].float().mean().item(), "top5": 100.0 * hits.any(dim=1).float().mean().item()}
+    # counts, not float32 means: the same numbers as evaluate_classifier gives for the same predictions
+    seen = len(labels)
+    return {"top1": 100.0 * int(hits[:, 0].sum()) / seen, "top5": 100.0 * int(hits.any(dim=1).sum()) / seen}
 
 
-def linear_probe(
+def fold_standardisation(classifier: nn.Linear, mean: torch.Tensor, std: torch.Tensor) -> nn.Linear:
+    """The same classifier on raw features: W (x - mean) / std + b = (W / std) x + (b - (W / std) mean).
+    weight [C, F], mean and std [F]."""
+    weight = classifier.weight.detach() / std[None, :]
+    folded = nn.Linear(weight.shape[1], weight.shape[0])
+    with torch.no_grad():
+        folded.weight.copy_(weight)
+        folded.bias.copy_(classifier.bias.detach() - weight @ mean)
+    return folded
+
+
+def fit_linear_probe(
     train_features: torch.Tensor,
     train_labels: torch.Tensor,
     val_features: torch.Tensor,
@@ -60,10 +74,11 @@ def linear_probe(
     epochs: int = 30,
     batch_size: int = 1024,
     seed: int = 0,
-) -> Dict[str, float]:
-    """Top-1 / top-5 (%) on the validation features, with the learning rate picked on held-out training data."""
+) -> Tuple[Dict[str, float], nn.Linear]:
+    """Top-1 / top-5 (%) on the validation features [M, F], with the learning rate picked on held-out training data,
+    and the classifier [F -> C] that scored them, taking raw features (its accuracy is measured as it is returned)."""
     mean, std = train_features.mean(0), train_features.std(0).clamp_min(1e-6)
-    train_x, val_x = (train_features - mean) / std, (val_features - mean) / std
+    train_x = (train_features - mean) / std
     num_classes = int(max(train_labels.max(), val_labels.max())) + 1
     order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(seed))
     held_out, kept = order[: len(order) // 10], order[len(order) // 10 :]
@@ -74,4 +89,12 @@ def linear_probe(
         logger.info("linear probe lr %.0e: held-out top-1 %.2f", lr, scores[lr])
     best = max(scores, key=scores.get)
     classifier = _fit(train_x, train_labels, num_classes, best, weight_decay, epochs, batch_size, seed)
-    return {**_accuracy(classifier, val_x, val_labels), "lr": best, "feature_dim": train_features.shape[1]}
+    folded = fold_standardisation(classifier, mean, std)
+    result = {**_accuracy(folded, val_features, val_labels), "lr": best, "feature_dim": train_features.shape[1]}
+    return result, folded
+
+
+def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, val_features: torch.Tensor,
+                 val_labels: torch.Tensor, **options: Any) -> Dict[str, float]:
+    """fit_linear_probe's scores alone (same options), for callers that do not keep the classifier."""
+    return fit_linear_probe(train_features, train_labels, val_features, val_labels, **options)[0]

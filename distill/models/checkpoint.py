@@ -3,9 +3,10 @@
 Reading never runs code from the file (`weights_only`). The layouts of the official releases are recognised and
 converted to this package's parameter names: bare backbones (DINO's and DINOv2's hub files), DINO training
 checkpoints (teacher by default; facebookresearch/dino main_dino.py), DeiT `model` files (facebookresearch/deit),
-DINOv2 teacher and training checkpoints with chunked blocks (facebookresearch/dinov2), timm state dicts and anything
-prefixed by DDP, FSDP or torch.compile; and the training checkpoints `distill train` writes. After conversion every key and shape must
-match; otherwise one error lists what differs and which registered name the file looks like.
+DINOv2 teacher and training checkpoints with chunked blocks (facebookresearch/dinov2), timm state dicts, Hugging Face
+Transformers' files and folders (hf_layout.py) and anything prefixed by DDP, FSDP or torch.compile; and the
+training checkpoints `distill train` writes. After conversion every key and shape must match; otherwise one error
+lists what differs and which registered name the file looks like.
 """
 
 import argparse
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from distill.errors import CheckpointError
+from distill.models import hf_layout
 from distill.models.diagnosis import mismatch_report, perfect_square_root
 from distill.models.layers import resize_pos_embed
 
@@ -53,8 +55,14 @@ def _refused_globals(error: Exception) -> List[str]:
 
 
 def read_checkpoint(path: Union[str, Path]) -> Any:
-    """The object stored in a .pth/.pt/.safetensors file, read without ever executing code from it."""
+    """The object stored in a .pth/.pt/.safetensors file, read without ever executing code from it; for a folder
+    that Transformers' save_pretrained wrote, its weights (model.safetensors, pytorch_model.bin or their shards)."""
     path = Path(path)
+    if path.is_dir():
+        state: Dict[str, Any] = {}
+        for file in hf_layout.hf_weight_files(path):
+            state.update(read_checkpoint(file))
+        return state
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist (or is not a file): check the path")
     if path.suffix == ".safetensors":
@@ -215,6 +223,9 @@ def extract_state_dict(obj: Any, checkpoint_key: Optional[str] = None) -> Tuple[
         state, where = _select_prefix(state, f"{role}."), f"{where} -> {role}"
     if any(k.startswith("backbone.") for k in state):  # drop the projection heads (head, dino_head, ibot_head)
         state, where = _select_prefix(state, "backbone."), f"{where} -> backbone"
+    if hf_layout.is_hf_state(state):  # Transformers' ViTModel, DeiT..., Dinov2Model files and folders
+        state, _ = hf_layout.from_hf(state)
+        where = f"{where} -> Transformers layout"
     state = {flatten_block_chunks(k): v for k, v in state.items()}
     if not state:
         raise CheckpointError(f"the {where} entry of the file holds no tensors")
@@ -269,9 +280,18 @@ def adapt_to_model(state: StateDict, model: torch.nn.Module, new_heads: bool = F
             del state[key]
         if heads:
             notes.append("dropped the classifier heads (the model is built without classes)")
+    scales = [k for k in state if re.match(r"blocks\.\d+\.ls[12]\.gamma$", k)]
+    if scales and not any(k in own for k in scales) and all(_all_ones(state[k]) for k in scales):
+        for key in scales:  # LayerScale of ones (Transformers' DINOv2 always has one) is the identity
+            del state[key]
+        notes.append("left out LayerScale gains that are all one (the model has no LayerScale)")
     if "mask_token" in own and "mask_token" not in state:
         state["mask_token"] = own["mask_token"].clone()
         notes.append("kept the model's initial mask token (the file has none; it only matters for masked training)")
+    elif "mask_token" in state and "mask_token" not in own and set(state) - {"mask_token"} <= set(own):
+        # only when the rest fits: a file of another architecture keeps it among the keys the error lists
+        del state["mask_token"]
+        notes.append("left out the file's mask token (the model has none; it only matters for masked training)")
 
     pos = state.get("pos_embed")
     if "dist_token" in own and "dist_token" not in state and "cls_token" in state and pos is not None:
@@ -299,6 +319,11 @@ def adapt_to_model(state: StateDict, model: torch.nn.Module, new_heads: bool = F
             state["pos_embed"] = torch.cat([pos[:, :n_pos], patch_pos], dim=1)
             notes.append(f"resized the position embedding from a {side}x{side} grid to {model.pos_grid}")
     return state, notes
+
+
+def _all_ones(tensor: torch.Tensor) -> bool:
+    """Whether every value is one; False for tensors without values (meta tensors: shapes only)."""
+    return not tensor.is_meta and bool((tensor == 1).all())
 
 
 @dataclass

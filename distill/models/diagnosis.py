@@ -1,8 +1,8 @@
 """What a state dict says about the network it came from, and what to tell a user when it does not fit a model.
 
 A file that does not load gets one message: the keys missing, unexpected and of other shapes (block indices
-folded, so that the distinctive ones stay visible), the architecture the file holds, and the registered name it
-looks like.
+folded, so that the distinctive ones stay visible), the architecture the file holds (a ViT or an XCiT), and the
+registered name it looks like.
 """
 
 import re
@@ -12,6 +12,8 @@ from typing import Any, Dict, List, Mapping, Optional
 import torch
 
 from distill.models.registry import get_spec, list_backbones
+from distill.models.vit import VisionTransformer
+from distill.models.xcit import XCiTBackbone
 
 StateDict = Dict[str, torch.Tensor]
 
@@ -22,10 +24,41 @@ def perfect_square_root(n: int) -> Optional[int]:
     return root if root * root == n else None
 
 
+def _indices(state: StateDict, pattern: str) -> set:
+    """The integers that the first group of `pattern` (matched at the start of each key) takes."""
+    return {int(m.group(1)) for k in state for m in [re.match(pattern, k)] if m}
+
+
+def is_xcit_state(state: StateDict) -> bool:
+    """Whether a state dict holds an XCiT: class-attention blocks after the patch blocks (both layouts)."""
+    return any(k.startswith("cls_attn_blocks.") for k in state)
+
+
+def infer_xcit_architecture(state: StateDict) -> Dict[str, Any]:
+    """What an XCiT state dict (official or timm layout) says about its architecture."""
+    convs = _indices(state, r"patch_embed\.proj\.(\d+)\.0\.weight")  # each a stride-2 3x3 convolution
+    first_conv = state.get("patch_embed.proj.0.0.weight")
+    temperature = state.get("blocks.0.attn.temperature")  # [heads, 1, 1]
+    blocks, class_blocks = _indices(state, r"blocks\.(\d+)\."), _indices(state, r"cls_attn_blocks\.(\d+)\.")
+    return {
+        "kind": "xcit",
+        "depth": max(blocks) + 1 if blocks else 0,
+        "cls_attn_layers": max(class_blocks) + 1 if class_blocks else 0,
+        "embed_dim": state["cls_token"].shape[-1] if "cls_token" in state else None,
+        "patch_size": 2 ** len(convs) if convs else None,
+        "num_heads": temperature.shape[0] if temperature is not None else None,
+        "in_chans": first_conv.shape[1] if first_conv is not None else None,
+        "timm_layout": any(k.startswith("pos_embed.") or ".attn.q." in k for k in state),
+    }
+
+
 def infer_architecture(state: StateDict) -> Dict[str, Any]:
-    """What a ViT state dict says about its architecture (after conversion to this package's names)."""
-    blocks = {int(m.group(1)) for k in state for m in [re.match(r"blocks\.(\d+)\.", k)] if m}
-    arch: Dict[str, Any] = {"depth": max(blocks) + 1 if blocks else 0}
+    """What a ViT or XCiT state dict says about its architecture (after conversion to this package's names);
+    "kind" says which."""
+    if is_xcit_state(state):
+        return infer_xcit_architecture(state)
+    blocks = _indices(state, r"blocks\.(\d+)\.")
+    arch: Dict[str, Any] = {"kind": "vit", "depth": max(blocks) + 1 if blocks else 0}
     if "cls_token" in state:
         arch["embed_dim"] = state["cls_token"].shape[-1]
     proj = state.get("patch_embed.proj.weight")
@@ -52,23 +85,48 @@ def _spec_architecture(kwargs: Dict[str, Any]) -> Dict[str, Any]:
     }
 
 
+def _guess_xcit_name(arch: Dict[str, Any]) -> Optional[str]:
+    """The registered XCiT of the same width, depth, heads and patch size (eta is not visible in trained weights)."""
+    keys = ("depth", "embed_dim", "patch_size", "num_heads")
+    for name in list_backbones():
+        spec = get_spec(name)
+        if spec.factory is XCiTBackbone and all(spec.kwargs.get(k) == arch[k] for k in keys):
+            return name
+    return None
+
+
 def guess_backbone_name(state: StateDict) -> Optional[str]:
     """The registered name whose architecture the state dict matches, official names first."""
     arch = infer_architecture(state)
+    if arch["kind"] == "xcit":
+        return _guess_xcit_name(arch)
     keys = ("depth", "embed_dim", "patch_size", "num_register_tokens", "distilled", "layerscale", "ffn_layer")
     side = perfect_square_root(state["pos_embed"].shape[1] - 1 - arch["distilled"]) if "pos_embed" in state else None
     matches = []
     for name in list_backbones():
         spec = get_spec(name)
-        if "embed_dim" not in spec.kwargs:  # not a ViT
+        if spec.factory is not VisionTransformer:  # XCiTs and ResNets have other keys
             continue
         if all(_spec_architecture(spec.kwargs).get(k) == arch.get(k) for k in keys):
             same_grid = side is not None and side * spec.kwargs.get("patch_size", 16) == spec.img_size
-            matches.append((spec.family == "vit", not same_grid, name))
-    return min(matches)[2] if matches else None
+            # a bare DINO backbone and a DeiT classifier share every block: the head (or its absence) decides
+            same_head = bool(spec.kwargs.get("num_classes", 0)) == bool(arch.get("num_classes"))
+            matches.append((not same_head, spec.family == "vit", not same_grid, name))
+    return min(matches)[-1] if matches else None
+
+
+def _describe_xcit(arch: Dict[str, Any]) -> str:
+    def known(key: str) -> Any:
+        return "?" if arch[key] is None else arch[key]
+
+    parts = [f"embed_dim {known('embed_dim')}", f"depth {arch['depth']}", f"patch {known('patch_size')}",
+             f"{known('num_heads')} heads", f"{arch['cls_attn_layers']} class-attention blocks"]
+    return ", ".join(parts)
 
 
 def _describe(arch: Dict[str, Any]) -> str:
+    if arch.get("kind") == "xcit":
+        return _describe_xcit(arch)
     parts = [f"embed_dim {arch.get('embed_dim', '?')}", f"depth {arch['depth']}", f"patch {arch.get('patch_size', '?')}"]
     if arch["num_register_tokens"]:
         parts.append(f"{arch['num_register_tokens']} registers")
@@ -137,12 +195,18 @@ def mismatch_report(state: StateDict, model: torch.nn.Module, source: str) -> Op
     lines = [f"{source} does not fit backbone '{name}':"] + [f"  {line}" for line in differences.lines()]
     arch = infer_architecture(state)
     guess = guess_backbone_name(state)
-    described = f"the file holds a ViT with {_describe(arch)}"
-    if guess and guess != name:
+    xcit = arch["kind"] == "xcit"
+    described = f"the file holds {'an XCiT' if xcit else 'a ViT'} with {_describe(arch)}"
+    if xcit and arch["timm_layout"]:
+        lines.append(f"  {described}, in timm's layout (pos_embed.*, q/k/v): convert its state dict with "
+                     "distill.models.xcit.from_timm_layout first")
+    elif guess and guess != name:
         lines.append(f"  {described}: it looks like '{guess}' -> create_backbone('{guess}', pretrained=...)")
     elif guess == name:
         lines.append(f"  {described}, the architecture of '{name}': check the overrides passed to create_backbone")
     else:
-        lines.append(f"  {described}; no registered name matches: build it with create_backbone('vit_...', "
-                     "embed_dim=..., depth=..., patch_size=...) to match")
+        example = ("'dino_xcit_small_12_p16', embed_dim=..., depth=..., num_heads=..." if xcit
+                   else "'vit_...', embed_dim=..., depth=...")
+        lines.append(f"  {described}; no registered name matches: build it with create_backbone({example}, "
+                     "patch_size=...) to match")
     return "\n".join(lines)

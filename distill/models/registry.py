@@ -3,7 +3,7 @@ factory.py, builds it).
 
 Official names reproduce the released architectures exactly (so their checkpoints load strictly); the generic
 vit_* names are the same sizes with DINOv2-style defaults, at any patch size (`vit_small_patch8` or
-`create_backbone("vit_small", patch_size=8)`).
+`create_backbone("vit_small", patch_size=8)`). Besides the ViTs, DINO released XCiTs (xcit.py) and a ResNet-50.
 """
 
 import difflib
@@ -18,6 +18,7 @@ from torch import nn
 from distill.errors import InputError
 from distill.models.resnet import ResNetBackbone
 from distill.models.vit import VisionTransformer
+from distill.models.xcit import XCiTBackbone
 
 # name: (embed_dim, depth, num_heads) of the ViT sizes (DeiT, Touvron et al. 2021; ViT-g/14 with 40 blocks of
 # width 1536, DINOv2, Oquab et al. 2023)
@@ -29,6 +30,9 @@ SIZES = {
     "giant2": (1536, 40, 24),
 }
 SIZE_LETTERS = {"t": "tiny", "s": "small", "b": "base", "l": "large", "g": "giant2"}
+# DINO's XCiTs (facebookresearch/dino hubconf.py): facebookresearch/xcit's xcit_small_12 and xcit_medium_24 (timm's
+# xcit_*_224) without classifier. size: (embed_dim, depth, num_heads, LayerScale initial value eta)
+XCIT_SIZES = {"small_12": (384, 12, 8, 1.0), "medium_24": (512, 24, 8, 1e-5)}
 
 # The two official ways of resizing position embeddings (see layers/pos_embed.py).
 OFFSET_RESIZE = dict(interpolate_offset=0.1, interpolate_antialias=False)
@@ -38,7 +42,7 @@ EXACT_RESIZE = dict(interpolate_offset=0.0, interpolate_antialias=True)
 @dataclass(frozen=True)
 class BackboneSpec:
     name: str
-    family: str  # dino | deit | dinov2 | vit | resnet
+    family: str  # dino | deit | dinov2 | vit | resnet (every ResNet, DINO's too: FLOPs trace them whole)
     kwargs: Dict[str, Any] = field(default_factory=dict)
     factory: Callable[..., nn.Module] = VisionTransformer
 
@@ -80,8 +84,16 @@ def _register_all() -> None:
     for size in SIZES:
         extra = {"layerscale_init": 1e-5} if size == "giant2" else {}
         _register(f"vit_{size}", "vit", size, img_size=224, patch_size=16, **EXACT_RESIZE, **extra)
+    for size, (embed_dim, depth, num_heads, eta) in XCIT_SIZES.items():
+        for patch in (16, 8):
+            name = f"dino_xcit_{size}_p{patch}"
+            _REGISTRY[name] = BackboneSpec(name, "dino", dict(img_size=224, patch_size=patch, embed_dim=embed_dim,
+                                                              depth=depth, num_heads=num_heads, eta=eta,
+                                                              tokens_norm=True), XCiTBackbone)
     for depth in (18, 34, 50, 101):
         _REGISTRY[f"resnet{depth}"] = BackboneSpec(f"resnet{depth}", "resnet", {"depth": depth}, ResNetBackbone)
+    # DINO's released ResNet-50: torchvision's keys without fc.* (dino_resnet50_pretrain.pth)
+    _REGISTRY["dino_resnet50"] = BackboneSpec("dino_resnet50", "resnet", {"depth": 50}, ResNetBackbone)
 
 
 _register_all()

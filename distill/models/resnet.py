@@ -32,11 +32,15 @@ class ResNetBackbone(nn.Module):
     def no_weight_decay(self) -> set:
         return set()
 
-    def forward(self, x: Union[torch.Tensor, List[torch.Tensor]]):
-        if isinstance(x, (list, tuple)):
-            return [self.forward(xi) for xi in x]
+    def forward_feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """Images [B, C, H, W] -> the last stage's feature map [B, embed_dim, H/32, W/32] (rounded up), before
+        pooling (what `forward` averages; the ONNX export gives both)."""
         if x.ndim != 4 or x.shape[1] != self.conv1.in_channels:
             raise InputError(f"expected [batch, {self.conv1.in_channels}, height, width] images, got {tuple(x.shape)}")
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    def forward(self, x: Union[torch.Tensor, List[torch.Tensor]]):
+        if isinstance(x, (list, tuple)):
+            return [self.forward(xi) for xi in x]
+        return torch.flatten(nn.functional.adaptive_avg_pool2d(self.forward_feature_map(x), 1), 1)

@@ -13,6 +13,7 @@ from torch import nn
 
 from distill.errors import InputError
 from distill.models.layers import Block, PatchEmbed, resize_pos_embed
+from distill.models.layers.pos_embed import resize_pos_embed_traceable
 from distill.models.layers.attention import PackedLayout
 
 Tokens = Dict[str, Optional[torch.Tensor]]
@@ -129,9 +130,15 @@ class VisionTransformer(nn.Module):
 
     def interpolate_pos_encoding(self, grid: Tuple[int, int]) -> torch.Tensor:
         """Position embedding [1, prefix + gh*gw, D] for a patch grid of gh x gw, resized on the fly."""
+        n = self.num_pos_prefix_tokens
+        if torch.compiler.is_exporting():
+            # torch.export / ONNX: the grid is symbolic, so the resize is built in the graph, without a branch on it
+            patch_pos = resize_pos_embed_traceable(
+                self.pos_embed[:, n:], self.pos_grid, grid, self.interpolate_offset, self.interpolate_antialias
+            )
+            return torch.cat((self.pos_embed[:, :n], patch_pos), dim=1)
         if tuple(grid) == self.pos_grid:
             return self.pos_embed
-        n = self.num_pos_prefix_tokens
         patch_pos = resize_pos_embed(
             self.pos_embed[:, n:], self.pos_grid, grid, self.interpolate_offset, self.interpolate_antialias
         )

@@ -37,6 +37,11 @@ class SelfDistillationConfig(ObjectiveConfig):
     momentum_teacher: float = 0.996
     momentum_teacher_end: float = 1.0
     freeze_last_layer_epochs: float = 1.0
+    # Continued pretraining (model.pretrained): the projection heads of the file are restored when it has them
+    # (false: fresh heads on its backbone); from a released backbone with fresh heads, the student's backbone gets
+    # no update for the first freeze_backbone_epochs, while the heads learn to read it.
+    restore_heads: bool = True
+    freeze_backbone_epochs: float = 0.0
     views: MultiCropConfig = field(default_factory=MultiCropConfig)
 
     def validate(self) -> None:
@@ -51,6 +56,10 @@ class SelfDistillationConfig(ObjectiveConfig):
             raise InputError("objective.center_momentum must lie in [0, 1)")
         if self.centering not in CENTERINGS:
             raise InputError(f"objective.centering {self.centering!r}: choose one of {', '.join(CENTERINGS)}")
+        for option in ("freeze_backbone_epochs", "freeze_last_layer_epochs"):
+            if getattr(self, option) < 0:
+                raise InputError(f"objective.{option} is {getattr(self, option)}: give a number of epochs >= 0 "
+                                 "(0: no freezing)")
 
 
 @dataclass

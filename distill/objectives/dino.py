@@ -5,18 +5,17 @@ teacher is an exponential moving average of the student; its outputs are centred
 """
 
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import nn
 
 from distill.data.views import MultiCrop
-from distill.ema import ema_update
 from distill.losses.dino import DINOLoss
 from distill.models.heads import DINOHead
 from distill.objectives.base import Objective, StepInfo, build_backbone
 from distill.objectives.configs import DINOConfig
-from distill.objectives.self_distillation import CollapseWatch, TeacherSchedules
+from distill.objectives.self_distillation import CollapseWatch, PretrainedHeads, TeacherSchedules, pretrained_heads
 
 
 class MultiCropNetwork(nn.Module):
@@ -40,7 +39,9 @@ class MultiCropNetwork(nn.Module):
 
 
 class DINOObjective(TeacherSchedules, Objective):
-    def __init__(self, config: DINOConfig, student_backbone: nn.Module, teacher_backbone: nn.Module) -> None:
+    def __init__(self, config: DINOConfig, student_backbone: nn.Module, teacher_backbone: nn.Module,
+                 heads: Optional[PretrainedHeads] = None) -> None:
+        """heads: the projection head of model.pretrained, restored into the student (and so the teacher)."""
         super().__init__()
         self.config = config
         head = dict(out_dim=config.out_dim, hidden_dim=config.hidden_dim, bottleneck_dim=config.bottleneck_dim,
@@ -48,6 +49,8 @@ class DINOObjective(TeacherSchedules, Objective):
         dim = student_backbone.embed_dim
         self.student = MultiCropNetwork(student_backbone, DINOHead(dim, norm_last_layer=config.norm_last_layer, **head))
         self.teacher = MultiCropNetwork(teacher_backbone, DINOHead(dim, **head))
+        if heads is not None:
+            heads.restore(self.student, ["head"])
         self.teacher.load_state_dict(self.student.state_dict())
         for param in self.teacher.parameters():
             param.requires_grad = False
@@ -67,7 +70,8 @@ class DINOObjective(TeacherSchedules, Objective):
 
     def scheduled_values(self, step: int) -> Dict[str, float]:
         step = min(step, len(self.momentum_schedule) - 1)
-        return {"teacher_temp": float(self.teacher_temp_schedule[step]), "momentum": float(self.momentum_schedule[step])}
+        return {"teacher_temp": float(self.teacher_temp_schedule[step]),
+                "momentum": float(self.momentum_schedule[step])}
 
     def forward(self, batch: Dict[str, Any], info: StepInfo) -> Dict[str, Any]:
         crops = batch["crops"]
@@ -82,9 +86,10 @@ class DINOObjective(TeacherSchedules, Objective):
 
     def before_optimizer_step(self, info: StepInfo) -> None:
         self.freeze_last_layers([self.student.head], info)
+        self.freeze_backbone(self.student.backbone, info)
 
     def after_optimizer_step(self, info: StepInfo) -> None:
-        ema_update(self.teacher, self.student, self.scheduled_values(info.step)["momentum"])
+        self.update_average(self.teacher, self.student, self.scheduled_values(info.step)["momentum"], info)
         stats = self.loss.target_stats
         self.collapse.update(info.step, float(stats["entropy"]), float(stats["top_share"]))
 
@@ -97,6 +102,8 @@ class DINOObjective(TeacherSchedules, Objective):
 
 
 def build(config, source=None) -> DINOObjective:
-    """Student and teacher backbones as config.model says; the teacher's without stochastic depth."""
+    """Student and teacher backbones as config.model says, the teacher's without stochastic depth; the projection
+    head of model.pretrained when the file has one (continued pretraining)."""
     return DINOObjective(config.objective, build_backbone(config.model),
-                         build_backbone(config.model, stochastic_depth=False))
+                         build_backbone(config.model, stochastic_depth=False),
+                         pretrained_heads(config.model, config.objective.restore_heads))

@@ -19,7 +19,6 @@ from torch import nn
 
 from distill.data.masking import batch_masks, mask_weights
 from distill.data.views import MultiCrop
-from distill.ema import ema_update
 from distill.errors import InputError
 from distill.losses.dino import DINOLoss
 from distill.losses.ibot import IBOTPatchLoss
@@ -30,7 +29,8 @@ from distill.models.checkpoint import (TrainingCheckpoint, extract_state_dict, f
 from distill.models.heads import DINOHead
 from distill.objectives.base import Objective, StepInfo, build_backbone
 from distill.objectives.configs import DINOv2Config
-from distill.objectives.self_distillation import CollapseWatch, TeacherSchedules
+from distill.objectives.self_distillation import (HEAD_OPTIONS, CollapseWatch, PretrainedHeads, TeacherSchedules,
+                                                  pretrained_heads)
 from distill.seeds import Stream, derived_generator
 
 logger = logging.getLogger(__name__)
@@ -54,9 +54,11 @@ class DINOv2Network(nn.Module):
 
 class DINOv2Objective(TeacherSchedules, Objective):
     def __init__(self, config: DINOv2Config, student_backbone: nn.Module, teacher_backbone: nn.Module,
-                 seed: int = 0, teacher_heads: Optional[Dict[str, torch.Tensor]] = None) -> None:
+                 seed: int = 0, teacher_heads: Optional[Dict[str, torch.Tensor]] = None,
+                 heads: Optional[PretrainedHeads] = None) -> None:
         """Distilling, teacher_backbone holds the frozen teacher's weights already and teacher_heads its DINO / iBOT
-        heads from the same file (as DINOv2Network keys), when it has them."""
+        heads from the same file (as DINOv2Network keys), when it has them. heads: the projection heads of
+        model.pretrained, restored into the student (and so its teacher or EMA)."""
         super().__init__()
         self.config, self.seed = config, seed
         self.distilling = config.distillation.enabled
@@ -65,6 +67,11 @@ class DINOv2Objective(TeacherSchedules, Objective):
         if getattr(student_backbone, "mask_token", None) is None and not self.distilling:
             raise InputError("DINOv2 masks patches: the backbone needs a mask token (mask_token=True)")
         self.student = DINOv2Network(student_backbone, config)
+        if heads is not None:
+            options = HEAD_OPTIONS
+            if not config.separate_heads:  # one head for both losses: its prototypes are out_dim and ibot_out_dim
+                options = {**options, "dino_head": {**options["dino_head"], "out_dim": ("out_dim", "ibot_out_dim")}}
+            heads.restore(self.student, ["dino_head"] + (["ibot_head"] if config.separate_heads else []), options)
         self.teacher = DINOv2Network(teacher_backbone, config)
         if self.distilling:
             self._load_teacher_heads(teacher_heads or {})
@@ -166,12 +173,13 @@ class DINOv2Objective(TeacherSchedules, Objective):
     def before_optimizer_step(self, info: StepInfo) -> None:
         heads = [self.student.dino_head] + ([self.student.ibot_head] if self.student.ibot_head is not None else [])
         self.freeze_last_layers(heads, info)
+        self.freeze_backbone(self.student.backbone, info)
 
     def after_optimizer_step(self, info: StepInfo) -> None:
         if self.distilling:
-            ema_update(self.student_ema, self.student, self.config.distillation.student_ema_momentum)
+            self.update_average(self.student_ema, self.student, self.config.distillation.student_ema_momentum, info)
         else:
-            ema_update(self.teacher, self.student, self.scheduled_values(info.step)["momentum"])
+            self.update_average(self.teacher, self.student, self.scheduled_values(info.step)["momentum"], info)
             stats = self.dino_loss.target_stats
             self.collapse.update(info.step, float(stats["entropy"]), float(stats["top_share"]))
 
@@ -201,8 +209,10 @@ def _teacher_weights(path: str) -> Dict[str, torch.Tensor]:
 def build(config, source=None) -> DINOv2Objective:
     c = config.objective
     student = build_backbone(config.model)
+    heads = pretrained_heads(config.model, c.restore_heads)  # continued pretraining: the file's DINO / iBOT heads
     if not c.distillation.enabled:
-        return DINOv2Objective(c, student, build_backbone(config.model, stochastic_depth=False), config.train.seed)
+        return DINOv2Objective(c, student, build_backbone(config.model, stochastic_depth=False), config.train.seed,
+                               heads=heads)
     d = c.distillation
     if not d.teacher_checkpoint:
         raise InputError("objective.distillation.teacher_checkpoint is not set: the frozen teacher's weights (a "
@@ -211,5 +221,5 @@ def build(config, source=None) -> DINOv2Objective:
     weights = _teacher_weights(d.teacher_checkpoint)
     load_state(teacher, {k[len("backbone."):]: v for k, v in weights.items() if k.startswith("backbone.")},
                d.teacher_checkpoint)
-    heads = {k: v for k, v in weights.items() if not k.startswith("backbone.")}
-    return DINOv2Objective(c, student, teacher, config.train.seed, teacher_heads=heads)
+    teacher_heads = {k: v for k, v in weights.items() if not k.startswith("backbone.")}
+    return DINOv2Objective(c, student, teacher, config.train.seed, teacher_heads=teacher_heads, heads=heads)
