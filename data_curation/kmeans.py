@@ -27,23 +27,49 @@ class Level:
     inertia: float  # the sum of `distances`
 
 
-def assign(rows: Rows, centroids: np.ndarray, gpu: bool = False, desc: str = "assign"):
-    """(nearest centroid, squared distance) of every row, one batch at a time."""
-    import faiss
+def nearest_centroids(batch: np.ndarray, centroids: np.ndarray, norms: np.ndarray, chunk: int = None):
+    """(nearest centroid, squared distance) of each row of a float32 batch, as |x|^2 - 2 x.c + |c|^2 from one
+    matrix product per chunk of rows. numpy's multithreaded BLAS runs this product about three times faster than
+    faiss's flat index search on CPU, and for k in the thousands the product is nearly all of the assignment."""
+    chunk = chunk or max(256, min(8192, 2**25 // max(1, len(centroids))))  # scores of a chunk: at most 128 MiB
+    labels = np.empty(len(batch), dtype=np.int64)
+    distances = np.empty(len(batch), dtype=np.float32)
+    for start in range(0, len(batch), chunk):
+        x = batch[start : start + chunk]
+        scores = x @ centroids.T
+        scores *= -2.0
+        scores += norms
+        best = scores.argmin(axis=1)
+        labels[start : start + len(x)] = best
+        d = scores[np.arange(len(x)), best] + np.einsum("ij,ij->i", x, x)
+        distances[start : start + len(x)] = np.maximum(d, 0.0)  # rounding can make a zero distance negative
+    return labels, distances
 
+
+def assign(rows: Rows, centroids: np.ndarray, gpu: bool = False, desc: str = "assign"):
+    """(nearest centroid, squared distance) of every row, one batch at a time: on the GPU through faiss, on the
+    CPU through `nearest_centroids`."""
     if centroids.ndim != 2 or centroids.shape[1] != rows.dim:
         raise InputError(f"rows of dimension {rows.dim} cannot be assigned to centroids of shape "
                          f"{list(centroids.shape)}: they come from different models")
-    index = faiss.IndexFlatL2(centroids.shape[1])
+    centroids = np.ascontiguousarray(centroids, dtype=np.float32)
     if gpu:
-        index = faiss.index_cpu_to_all_gpus(index)
-    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+        import faiss
+
+        index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(centroids.shape[1]))
+        index.add(centroids)
+    else:
+        norms = np.einsum("ij,ij->i", centroids, centroids)
     labels = np.empty(len(rows), dtype=np.int64)
     distances = np.empty(len(rows), dtype=np.float32)
     with progress(total=len(rows), desc=desc, unit="vec", leave=False) as bar:
         for start, batch in rows.batches():
-            d, i = index.search(batch, 1)
-            labels[start : start + len(batch)], distances[start : start + len(batch)] = i[:, 0], d[:, 0]
+            if gpu:
+                d, i = index.search(batch, 1)
+                i, d = i[:, 0], d[:, 0]
+            else:
+                i, d = nearest_centroids(np.ascontiguousarray(batch, dtype=np.float32), centroids, norms)
+            labels[start : start + len(batch)], distances[start : start + len(batch)] = i, d
             bar.update(len(batch))
     return labels, distances
 

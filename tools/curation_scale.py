@@ -6,6 +6,12 @@ then faiss k-means against scikit-learn's MiniBatchKMeans on the same points, in
 
     .venv/bin/python tools/curation_scale.py                       # the full run (about half an hour on 2 cores)
     .venv/bin/python tools/curation_scale.py --points 100000 --levels 1000 100 --compare-k 100   # a quick look
+    .venv/bin/python tools/curation_scale.py --compare-only --compare-k 1000 10000   # only the k-means comparison
+
+The comparison fits faiss once per setting ITERATIONSxPOINTS_PER_CENTROID of --compare-settings (by default
+today's library defaults, 20x256, and the cluster step's --iterations x --sample-per-centroid) and
+MiniBatchKMeans once, each on the same rows; every inertia is the sum over all of those rows of the squared
+distance to the nearest centroid, computed by the same assignment pass.
 """
 
 import argparse
@@ -60,24 +66,61 @@ def measured(command):
     return wall, usage.ru_maxrss / 2**20  # kilobytes on Linux
 
 
-def compare_kmeans(folder: Path, k: int, iterations: int, seed: int = 0):
+def compare_kmeans(folder: Path, k: int, settings, seed: int = 0, points: int = None, minibatch: bool = True):
+    """faiss k-means at each (iterations, points per centroid) of `settings`, then MiniBatchKMeans(batch 4096,
+    one init), on the first `points` rows of the store (all by default): seconds and inertia of each."""
     from sklearn.cluster import MiniBatchKMeans
 
     from data_curation.kmeans import assign, kmeans
     from data_curation.embeddings import ArrayRows
 
-    rows = ArrayRows(EmbeddingStore(folder).load())
+    vectors = EmbeddingStore(folder).load()
+    rows = ArrayRows(vectors if points is None else np.ascontiguousarray(vectors[:points]))
+    del vectors
     results = {}
-    start = time.perf_counter()
-    level = kmeans(rows, k, iterations, seed, spherical=False)  # the objective MiniBatchKMeans minimises
-    results["faiss"] = {"seconds": time.perf_counter() - start, "inertia": level.inertia}
-    start = time.perf_counter()
-    mbk = MiniBatchKMeans(n_clusters=k, batch_size=4096, n_init=1, random_state=seed).fit(rows.vectors)
-    seconds = time.perf_counter() - start
-    _, distances = assign(rows, mbk.cluster_centers_.astype(np.float32))
-    results["minibatch"] = {"seconds": seconds, "inertia": float(distances.astype(np.float64).sum()),
-                            "epochs": int(mbk.n_iter_)}
+    for iterations, per_centroid in settings:
+        start = time.perf_counter()
+        level = kmeans(rows, k, iterations, seed, spherical=False,  # the objective MiniBatchKMeans minimises
+                       sample_per_centroid=per_centroid)
+        results[f"faiss {iterations}x{per_centroid}"] = {"seconds": time.perf_counter() - start,
+                                                         "inertia": level.inertia, "iterations": iterations,
+                                                         "sample_per_centroid": per_centroid}
+        print(f"  k={k} faiss {iterations} iterations, {per_centroid} points per centroid: "
+              f"{results[f'faiss {iterations}x{per_centroid}']['seconds']:.1f} s, inertia {level.inertia:.1f}",
+              flush=True)
+    if minibatch:
+        start = time.perf_counter()
+        mbk = MiniBatchKMeans(n_clusters=k, batch_size=4096, n_init=1, random_state=seed).fit(rows.vectors)
+        seconds = time.perf_counter() - start
+        _, distances = assign(rows, mbk.cluster_centers_.astype(np.float32))
+        results["minibatch"] = {"seconds": seconds, "inertia": float(distances.astype(np.float64).sum()),
+                                "epochs": int(mbk.n_iter_)}
+        print(f"  k={k} MiniBatchKMeans: {seconds:.1f} s, inertia {results['minibatch']['inertia']:.1f}", flush=True)
     return results
+
+
+def report_kmeans(k: int, points: int, comparison) -> None:
+    """One line per fit, and the ratios against MiniBatchKMeans (time: >1 means faiss is faster; inertia: >1 means
+    faiss's clustering is tighter)."""
+    print(f"\nk-means, k={k}, all {points} points, one process:")
+    m = comparison.get("minibatch")
+    for name, result in comparison.items():
+        if name == "minibatch":
+            print(f"scikit-learn MiniBatchKMeans (batch 4096, {m['epochs']} epochs): {m['seconds']:.1f} s, "
+                  f"inertia {m['inertia']:.1f}")
+            continue
+        line = (f"faiss (Euclidean, {result['iterations']} iterations, fitted on {result['sample_per_centroid']} "
+                f"points per centroid): {result['seconds']:.1f} s, inertia {result['inertia']:.1f}")
+        if m is not None:
+            line += (f"; time ratio MiniBatchKMeans / faiss {m['seconds'] / result['seconds']:.2f}, "
+                     f"inertia ratio MiniBatchKMeans / faiss {m['inertia'] / result['inertia']:.4f}")
+        print(line)
+
+
+def setting(text: str):
+    """ITERATIONSxPOINTS_PER_CENTROID, e.g. 10x64."""
+    iterations, per_centroid = text.lower().split("x")
+    return int(iterations), int(per_centroid)
 
 
 def main() -> None:
@@ -91,7 +134,13 @@ def main() -> None:
     parser.add_argument("--sample-per-centroid", type=int, default=64)
     parser.add_argument("--target", type=float, default=0.2, help="share of the deduplicated pool to sample")
     parser.add_argument("--memory-gb", type=float, default=0.5, help="below the pool's float32 size: steps stream")
-    parser.add_argument("--compare-k", type=int, default=1000)
+    parser.add_argument("--compare-k", type=int, nargs="+", default=[1000])
+    parser.add_argument("--compare-settings", type=setting, nargs="+", default=None,
+                        help="faiss fits to compare, ITERATIONSxPOINTS_PER_CENTROID (default: 20x256 and the "
+                             "cluster step's --iterations x --sample-per-centroid)")
+    parser.add_argument("--compare-points", type=int, default=None, help="compare on the first N rows only")
+    parser.add_argument("--compare-only", action="store_true", help="skip dedup, cluster and sample")
+    parser.add_argument("--no-minibatch", action="store_true", help="fit faiss only")
     parser.add_argument("--output", default="runs/curation_scale")
     args = parser.parse_args()
     out = Path(args.output)
@@ -101,39 +150,45 @@ def main() -> None:
     pairs = generate(emb, args.points, args.dim, args.centres, args.copies, shard=50_000)
     print(f"generated {args.points} x {args.dim} float16 in {time.perf_counter() - start:.0f} s "
           f"({len(pairs)} injected near-copies)", flush=True)
-    curate = [sys.executable, "-m", "data_curation.cli"]
-    memory = ["--memory-gb", str(args.memory_gb)]
     steps = {}
-    steps["dedup"] = measured(curate + ["dedup", "--embeddings", str(emb), "--threshold", "0.97", "--no-grid",
-                                        "--output", str(out / "dedup")] + memory)
-    kept = read_paths(out / "dedup" / "kept.txt")
-    kept_rows = np.array([int(p[10:17]) for p in kept])
-    removed = np.setdiff1d(np.arange(args.points), kept_rows)
-    found = np.isin(pairs[:, 1], removed) | np.isin(pairs[:, 0], removed)
-    steps["cluster"] = measured(curate + ["cluster", "--embeddings", str(emb), "--keep", str(out / "dedup" / "kept.txt"),
-                                          "--levels", *map(str, args.levels), "--iterations", str(args.iterations),
-                                          "--sample-per-centroid", str(args.sample_per_centroid),
-                                          "--output", str(out / "clusters")] + memory)
-    target = int(args.target * len(kept))
-    steps["sample"] = measured(curate + ["sample", "--clusters", str(out / "clusters"), "--target", str(target),
-                                         "--output", str(out / "curated.txt")])
-    print(f"\n{args.points} x {args.dim} float16 embeddings ({args.points * args.dim * 2 / 2**30:.2f} GiB on disk, "
-          f"{args.points * args.dim * 4 / 2**30:.2f} GiB as float32), --memory-gb {args.memory_gb}")
-    print(f"dedup: kept {len(kept)}; injected near-copies caught: {found.mean():.4f}")
-    print(f"{'step':8s} {'wall (s)':>9s} {'peak RSS (GiB)':>15s}")
-    for name, (wall, peak) in steps.items():
-        print(f"{name:8s} {wall:9.1f} {peak:15.2f}")
-    comparison = compare_kmeans(emb, args.compare_k, 20)
-    f, m = comparison["faiss"], comparison["minibatch"]
-    print(f"\nk-means, k={args.compare_k}, all {args.points} points, one process:")
-    print(f"faiss (Euclidean, 20 iterations, fitted on 256 points per centroid): {f['seconds']:.1f} s, inertia {f['inertia']:.1f}")
-    print(f"scikit-learn MiniBatchKMeans (batch 4096, {m['epochs']} epochs): {m['seconds']:.1f} s, "
-          f"inertia {m['inertia']:.1f}")
-    print(f"time ratio MiniBatchKMeans / faiss: {m['seconds'] / f['seconds']:.2f}; "
-          f"inertia ratio: {m['inertia'] / f['inertia']:.4f}")
-    (out / "results.json").write_text(json.dumps({"steps": {k: {"seconds": w, "peak_gib": p} for k, (w, p) in steps.items()},
-                                                  "copies_caught": float(found.mean()), "kept": len(kept),
-                                                  "kmeans": comparison, "args": vars(args)}, indent=1))
+    if not args.compare_only:
+        curate = [sys.executable, "-m", "data_curation.cli"]
+        memory = ["--memory-gb", str(args.memory_gb)]
+        steps["dedup"] = measured(curate + ["dedup", "--embeddings", str(emb), "--threshold", "0.97", "--no-grid",
+                                            "--output", str(out / "dedup")] + memory)
+        kept = read_paths(out / "dedup" / "kept.txt")
+        kept_rows = np.array([int(p[10:17]) for p in kept])
+        removed = np.setdiff1d(np.arange(args.points), kept_rows)
+        found = np.isin(pairs[:, 1], removed) | np.isin(pairs[:, 0], removed)
+        steps["cluster"] = measured(curate + ["cluster", "--embeddings", str(emb),
+                                              "--keep", str(out / "dedup" / "kept.txt"),
+                                              "--levels", *map(str, args.levels),
+                                              "--iterations", str(args.iterations),
+                                              "--sample-per-centroid", str(args.sample_per_centroid),
+                                              "--output", str(out / "clusters")] + memory)
+        target = int(args.target * len(kept))
+        steps["sample"] = measured(curate + ["sample", "--clusters", str(out / "clusters"), "--target", str(target),
+                                             "--output", str(out / "curated.txt")])
+        print(f"\n{args.points} x {args.dim} float16 embeddings "
+              f"({args.points * args.dim * 2 / 2**30:.2f} GiB on disk, "
+              f"{args.points * args.dim * 4 / 2**30:.2f} GiB as float32), --memory-gb {args.memory_gb}")
+        print(f"dedup: kept {len(kept)}; injected near-copies caught: {found.mean():.4f}")
+        print(f"{'step':8s} {'wall (s)':>9s} {'peak RSS (GiB)':>15s}")
+        for name, (wall, peak) in steps.items():
+            print(f"{name:8s} {wall:9.1f} {peak:15.2f}")
+    today = (20, 256)  # the library's defaults
+    settings = args.compare_settings or list(dict.fromkeys([today, (args.iterations, args.sample_per_centroid)]))
+    points = min(args.points, args.compare_points or args.points)
+    comparisons = {}
+    for k in args.compare_k:
+        comparisons[k] = compare_kmeans(emb, k, settings, points=points, minibatch=not args.no_minibatch)
+        report_kmeans(k, points, comparisons[k])
+    record = {"kmeans": {str(k): c for k, c in comparisons.items()}, "args": vars(args)}
+    if steps:
+        record.update({"steps": {k: {"seconds": w, "peak_gib": p} for k, (w, p) in steps.items()},
+                       "copies_caught": float(found.mean()), "kept": len(kept)})
+    name = "results.json" if steps else "kmeans_results.json"
+    (out / name).write_text(json.dumps(record, indent=1))
 
 
 if __name__ == "__main__":
