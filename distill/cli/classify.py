@@ -63,26 +63,23 @@ def _with_head(args: argparse.Namespace, fashion: bool):
 
 def _classifier_inside(args: argparse.Namespace, fashion: bool):
     """(classifier, view settings, description) for a checkpoint that is a classifier (DeiT's layout, or a run)."""
-    from distill.eval.loading import load_backbone
+    from distill.eval.loading import classifier_overrides, load_backbone
     from distill.models import read_checkpoint
     from distill.models.checkpoint import TrainingCheckpoint, extract_state_dict, is_training_checkpoint
 
     obj = read_checkpoint(args.checkpoint)
     state, where = extract_state_dict(obj, args.checkpoint_key)
-    weight = state.get("head.weight")
-    if weight is None or weight.ndim != 2:
+    found = classifier_overrides(state)
+    if not found:
         raise InputError(f"{args.checkpoint} ({where}) holds no classifier (no head.weight): pass --head with a "
                          "linear head (`distill eval linear --save-head`, or DINO's / DINOv2's released ones)")
-    overrides: Dict[str, Any] = {"num_classes": int(weight.shape[0])}
-    if "dist_token" in state:
-        overrides["distilled"] = True
-    overrides.update(parse_sets(args.set))
+    overrides: Dict[str, Any] = {**found, **parse_sets(args.set)}
     model, setup = load_backbone(args.checkpoint, args.backbone, overrides, args.checkpoint_key, fashion)
     ratio = TrainingCheckpoint(obj).eval_view().get("resize_ratio") if is_training_checkpoint(obj) else None
     view = {"size": setup.image_size, "mean": setup.mean, "std": setup.std,
             "resize_ratio": ratio or DEFAULT_RESIZE_RATIO}
     kind = "distilled classifier (mean of its two heads)" if overrides.get("distilled") else "classifier"
-    return model, None, view, f"{kind} from {setup.source} ({int(weight.shape[0])} classes)"
+    return model, None, view, f"{kind} from {setup.source} ({found['num_classes']} classes)"
 
 
 def _checked_order(head, source, num_outputs: int) -> Optional[Tuple[int, ...]]:

@@ -8,7 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import timm
 import torch
+import transformers
 
 from distill.cli import main
 from distill.eval.loading import load_backbone, load_network
@@ -95,7 +97,6 @@ def test_distilled_deit_classifier_of_a_run(tmp_path, capsys, deit_run):
 
     code, out, _ = _export(capsys, run, "--to", "hf", "--output", tmp_path / "hf")
     assert code == 0 and "Transformers DeiTForImageClassificationWithTeacher" in out
-    transformers = pytest.importorskip("transformers")
     theirs = transformers.AutoModelForImageClassification.from_pretrained(tmp_path / "hf").eval()
     assert type(theirs).__name__ == "DeiTForImageClassificationWithTeacher"
     with torch.no_grad():
@@ -150,10 +151,6 @@ def test_onnx_is_handed_to_export_onnx(tmp_path, capsys, monkeypatch, dino_run):
 
 
 def test_real_onnx_export_of_a_tiny_run(tmp_path, capsys, dino_run):
-    pytest.importorskip("onnxruntime")
-    onnx = pytest.importorskip("distill.export.onnx")
-    if not hasattr(onnx, "export_onnx"):
-        pytest.skip("distill.export.onnx has no export_onnx yet")
     run, _ = dino_run
     code, out, err = _export(capsys, run, "--to", "onnx", "--output", tmp_path / "m.onnx")
     assert code == 0, err
@@ -224,8 +221,6 @@ def test_existing_output_refused_unless_force(tmp_path, capsys, dino_run):
 
 
 def test_transformers_folder_to_timm_carries_or_replaces_its_epsilon(tmp_path, capsys):
-    transformers = pytest.importorskip("transformers")
-    timm = pytest.importorskip("timm")
     config = transformers.ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
                                     image_size=32, patch_size=16)  # Transformers' default epsilon, 1e-12
     _randomize(transformers.ViTModel(config, add_pooling_layer=False)).save_pretrained(tmp_path / "hf")

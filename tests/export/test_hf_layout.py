@@ -11,14 +11,13 @@ import json
 
 import pytest
 import torch
+import transformers
 
-transformers = pytest.importorskip("transformers")
-
-from distill.errors import InputError  # noqa: E402
-from distill.eval.loading import load_backbone, load_network  # noqa: E402
-from distill.export.weights import Exportable, write_hf  # noqa: E402
-from distill.models import create_backbone, get_spec  # noqa: E402
-from distill.models.hf_layout import hf_class_for, own_overrides  # noqa: E402
+from distill.errors import InputError
+from distill.eval.loading import load_backbone, load_network
+from distill.export.weights import Exportable, write_hf
+from distill.models import create_backbone, get_spec
+from distill.models.hf_layout import hf_class_for, own_overrides
 
 ATOL = 1e-5
 SMALL = dict(embed_dim=64, num_heads=4, depth=2)

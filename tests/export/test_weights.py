@@ -4,6 +4,7 @@ strictly, into timm through its own pretrained-weights path) with the same outpu
 import json
 
 import pytest
+import timm
 import torch
 from safetensors import safe_open
 
@@ -13,7 +14,6 @@ from distill.export.weights import Exportable, load_exportable, write_safetensor
 from distill.models import create_backbone, read_checkpoint
 from distill.models.hf_layout import own_overrides
 
-timm = pytest.importorskip("timm")
 
 ATOL = 1e-5
 SMALL = dict(embed_dim=64, num_heads=4, depth=2)
