@@ -12,10 +12,29 @@ if TYPE_CHECKING:
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 
 
+# oneDNN's ISA names (ONEDNN_MAX_CPU_ISA) below the first with native bf16 products (AVX512_CORE_BF16).
+_ONEDNN_ISAS_WITHOUT_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI")
+
+
+def kernels_capped_below_bf16() -> bool:
+    """True when the process is told to use kernels without native bf16 (ATEN_CPU_CAPABILITY below AVX-512, or
+    ONEDNN_MAX_CPU_ISA below AVX512_CORE_BF16), as when a CPU without bf16 is reproduced on one that has it:
+    bf16 would then be emulated, slower than fp32."""
+    import os
+
+    aten = os.environ.get("ATEN_CPU_CAPABILITY", "").strip().lower()
+    if aten and aten != "avx512":
+        return True
+    return os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper() in _ONEDNN_ISAS_WITHOUT_BF16
+
+
 def cpu_has_fast_bf16() -> bool:
-    """True where the CPU multiplies bf16 natively (AVX-512 BF16 or AMX), so autocast to bf16 is faster."""
+    """True where the CPU multiplies bf16 natively (AVX-512 BF16 or AMX), so autocast to bf16 is faster; False
+    when the kernels are capped below that (kernels_capped_below_bf16)."""
     import torch
 
+    if kernels_capped_below_bf16():
+        return False
     for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
         check = getattr(torch.cpu, probe, None)
         if check is not None and check():
