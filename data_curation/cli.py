@@ -5,6 +5,7 @@
     distill-curate cluster --embeddings emb/ --keep dedup/kept.txt --levels 1000 100 --output clusters/
     distill-curate sample --clusters clusters/ --target 100000 --output curated.txt
     distill-curate retrieve --seed seed_emb/ --pool emb/ --n 4 --output retrieved.txt
+    distill-curate evaluate-retrieval --queries q_emb/ --gallery emb/ --truth truth.tsv --output results.json
 
 Selections are written as file lists (`distill.data.filelists`: absolute paths, any bytes), which `distill train`
 reads with data.dataset.kind=filelist.
@@ -68,7 +69,8 @@ def _compatible(first: str, second: str, what: str) -> None:
     a, b = EmbeddingStore(first), EmbeddingStore(second)
     if a.dim != b.dim:
         raise InputError(f"{readable_name(first)} holds embeddings of dimension {a.dim}, {what} "
-                         f"{readable_name(second)} of dimension {b.dim}: embed both with the same model")
+                         f"{readable_name(second)} of dimension {b.dim}: embed both with the same model and the same "
+                         "--descriptor (and whitening)")
     same_space(a.source, b.source, first, second)
 
 
@@ -91,7 +93,9 @@ def cmd_embed(args) -> None:
     kwargs = dict(data=args.data, output=args.output, checkpoint=args.checkpoint, backbone=args.backbone,
                   split=args.split, shard_size=args.shard_size, batch_size=args.batch_size, device=args.device,
                   npy=args.npy, limit=args.limit, flip_average=args.flip_average, parts=args.parts,
-                  precision=args.precision, workers=args.workers, overwrite=args.overwrite)
+                  precision=args.precision, workers=args.workers, overwrite=args.overwrite,
+                  descriptor=args.descriptor, gem_p=args.gem_p, scales=args.scales, whiten_on=args.whiten_on,
+                  whiten_dim=args.whiten_dim)
     if args.submit:
         from data_curation.embeddings import EmbeddingStore
         from distill.launch.slurm import Resources, check_cluster, check_local, make_executor, submit_or_explain
@@ -119,14 +123,61 @@ def cmd_embed(args) -> None:
     print(f"{written} embeddings in {where}")
 
 
+def _positions(names: List[str], paths: List[str], store: str, truth: str) -> List[int]:
+    """The rows a ground-truth file names (see `_truth_pairs`) among the usable rows of a store."""
+    from data_curation.embeddings import EmbeddingStore
+
+    where = {p: i for i, p in enumerate(paths)}
+    folder = os.path.dirname(os.path.abspath(truth))
+    every: Optional[List[str]] = None
+    out = []
+    for name in names:
+        found = next((where[form] for form in (name, os.path.join(folder, name), os.path.abspath(name))
+                      if form in where), None)
+        if found is None and name.isdigit():
+            every = EmbeddingStore(store).paths() if every is None else every
+            found = where.get(every[int(name)]) if int(name) < len(every) else None
+        if found is None:
+            raise InputError(f"--truth {readable_name(truth)} names {readable_name(name)}, which is not among the "
+                             f"usable embeddings of {readable_name(store)}: write the paths as the store names them "
+                             "(absolute; relative ones are taken from the truth file's folder) or its row numbers, "
+                             "and embed every image the truth names")
+        out.append(found)
+    return out
+
+
+def _truth_pairs(truth: str, queries: tuple, gallery: tuple) -> List[tuple]:
+    """(query row, gallery row) of each pair of a ground-truth file: `query<TAB>gallery` lines, each side a path
+    (as written, from the file's folder, or from the working folder) or a row number of its store;
+    queries and gallery are (store folder, paths of its usable rows)."""
+    from distill.eval.retrieval import read_truth
+
+    pairs = read_truth(truth)
+    left = _positions([a for a, _ in pairs], queries[1], queries[0], truth)
+    right = _positions([b for _, b in pairs], gallery[1], gallery[0], truth)
+    return list(zip(left, right))
+
+
+def _write_json(path: Path, results: dict) -> None:
+    """Results as JSON; a metric without a value (NaN: nothing to measure it on) as null."""
+    from distill.files import atomic_write_text
+
+    clean = {k: (None if isinstance(v, float) and v != v else v) for k, v in results.items()}
+    atomic_write_text(path, json.dumps(clean, indent=1, ensure_ascii=False) + "\n")
+
+
 def cmd_dedup(args) -> None:
-    from data_curation.dedup import deduplicate, far_from
+    from data_curation.dedup import deduplicate_graph, far_from, pair_detection
     from data_curation.pictures import duplicate_grid
 
     if args.against:
         _compatible(args.embeddings, args.against, "the evaluation set")
     rows, paths = _select(args.embeddings, args.memory_gb)
-    kept, groups = deduplicate(rows, args.threshold, args.k, args.exact_below)
+    truth = _truth_pairs(args.truth, (args.embeddings, paths), (args.embeddings, paths)) if args.truth else None
+    if truth is not None and any(a == b for a, b in truth):
+        raise InputError(f"--truth {readable_name(args.truth)} pairs an image with itself: list each copy with its "
+                         "original")
+    kept, groups, graph, scores = deduplicate_graph(rows, args.threshold, args.k, args.exact_below)
     if args.against:
         reference, _ = _select(args.against, args.memory_gb)
         far = far_from(rows.subset(kept), reference, args.threshold)
@@ -141,6 +192,14 @@ def cmd_dedup(args) -> None:
         duplicate_grid(out / "duplicate_groups.png", named)
     print(f"kept {len(kept)} of {len(paths)} images; {len(groups)} duplicate groups -> "
           f"{readable_name(str(out))}/kept.txt, groups.json" + (", duplicate_groups.png" if named and args.grid else ""))
+    if truth is not None:
+        found = pair_detection(graph, scores, groups, np.array(truth))
+        _write_json(out / "copy_detection.json", {**found, "truth": os.path.abspath(args.truth),
+                                                   "threshold": args.threshold, "k": args.k})
+        print(f"copy detection of the {found['truth_pairs']} pairs of {readable_name(args.truth)} by the graph: "
+              f"µAP {found['microAP']:.4f}, recall {found['pair_recall']:.4f} as edges, {found['group_recall']:.4f} "
+              f"in one group ({found['edges']} edges at or above {args.threshold}) -> "
+              f"{readable_name(str(out))}/copy_detection.json")
 
 
 def cmd_cluster(args) -> None:
@@ -268,6 +327,30 @@ def cmd_retrieve(args) -> None:
     print(f"retrieved {len(chosen)} pool images for {len(seed)} seed images -> {readable_name(args.output)}")
 
 
+def cmd_evaluate_retrieval(args) -> None:
+    from data_curation.retrieval import retrieve
+    from distill.eval.retrieval import format_metrics, retrieval_metrics
+
+    if args.k < 1:
+        raise InputError(f"--k is the number of gallery items ranked for each query, at least 1, got {args.k}")
+    _compatible(args.queries, args.gallery, "the gallery")
+    queries, query_paths = _select(args.queries, args.memory_gb)
+    gallery, gallery_paths = _select(args.gallery, args.memory_gb)
+    truth: List[set] = [set() for _ in range(len(queries))]
+    for query, item in _truth_pairs(args.truth, (args.queries, query_paths), (args.gallery, gallery_paths)):
+        truth[query].add(item)
+    k = min(args.k, len(gallery))
+    ids, scores = retrieve(queries, gallery, k)
+    results = retrieval_metrics(scores, ids, truth)
+    print(format_metrics(results, f"{len(queries)} queries of {readable_name(args.queries)} against "
+                                  f"{len(gallery)} images of {readable_name(args.gallery)}, top {k}:"))
+    if args.output:
+        _write_json(Path(args.output), {**results, "k": k, "queries_store": os.path.abspath(args.queries),
+                                        "gallery_store": os.path.abspath(args.gallery),
+                                        "truth": os.path.abspath(args.truth)})
+        print(f"-> {readable_name(args.output)}")
+
+
 def describe_os_error(error: OSError) -> str:
     """A file-system error (a missing file, no permission, a full disk) in one line."""
     where = " -> ".join(readable_name(os.fspath(f)) for f in (error.filename, error.filename2) if f is not None)
@@ -306,6 +389,17 @@ def build_parser() -> argparse.ArgumentParser:
                             "other settings than the store's is refused otherwise")
     embed.add_argument("--flip-average", action="store_true",
                        help="average each image's features with its mirror's (copy detection: copies are often flipped)")
+    embed.add_argument("--descriptor", choices=("cls", "copy"), default="cls",
+                       help="cls: the class token; copy: DINO's copy-detection descriptor, the class token and the "
+                            "GeM-pooled patch tokens of the last block (twice the dimension)")
+    embed.add_argument("--gem-p", type=float, help="with --descriptor copy: the GeM exponent (default 4)")
+    embed.add_argument("--scales", type=float, nargs="+",
+                       help="with --descriptor copy: image size factors whose descriptors are averaged (default 1)")
+    embed.add_argument("--whiten-on",
+                       help="with --descriptor copy: PCA-whiten, learned on this store of unwhitened copy descriptors "
+                            "(or on the embedded set itself: self), or as a whitened store's whitening.npz does")
+    embed.add_argument("--whiten-dim", type=int,
+                       help="with --whiten-on: dimensions kept (default: all that the learning set spans)")
     embed.set_defaults(run=cmd_embed)
 
     dedup = commands.add_parser("dedup", help="near-duplicate removal over a cosine kNN graph")
@@ -317,6 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     dedup.add_argument("--no-grid", dest="grid", action="store_false", help="skip duplicate_groups.png")
     dedup.add_argument("--output", required=True)
     dedup.add_argument("--memory-gb", **memory)
+    dedup.add_argument("--truth", help="known copies, `path<TAB>path` a line: writes the graph's µAP and recall of "
+                                       "them to copy_detection.json")
     dedup.set_defaults(run=cmd_dedup)
 
     cluster = commands.add_parser("cluster", help="hierarchical k-means with resampling")
@@ -352,6 +448,17 @@ def build_parser() -> argparse.ArgumentParser:
     retrieve.add_argument("--output", required=True)
     retrieve.add_argument("--memory-gb", **memory)
     retrieve.set_defaults(run=cmd_retrieve)
+
+    evaluate = commands.add_parser("evaluate-retrieval",
+                                   help="mAP, recall@1/5/10 and copy-detection µAP of queries against a gallery")
+    evaluate.add_argument("--queries", required=True, help="embeddings of the queries (a store)")
+    evaluate.add_argument("--gallery", required=True, help="embeddings of the gallery (a store)")
+    evaluate.add_argument("--truth", required=True,
+                          help="the relevant pairs, `query<TAB>gallery` a line (paths, or row numbers of the stores)")
+    evaluate.add_argument("--k", type=int, default=100, help="gallery items ranked for each query")
+    evaluate.add_argument("--output", help="the metrics as JSON")
+    evaluate.add_argument("--memory-gb", **memory)
+    evaluate.set_defaults(run=cmd_evaluate_retrieval)
     return parser
 
 

@@ -50,14 +50,16 @@ def build_index(rows: Rows, exact_below: int, train_per_list: int = 64, seed: in
     return index
 
 
-def similar_pairs(data, threshold: float, k: int = 16, exact_below: int = 200_000) -> np.ndarray:
-    """Pairs (i, j), i < j, with cosine similarity >= threshold among each row's k nearest neighbours."""
+def similar_pairs(data, threshold: float, k: int = 16, exact_below: int = 200_000, with_scores: bool = False):
+    """Pairs (i, j), i < j, with cosine similarity >= threshold among each row's k nearest neighbours; with
+    with_scores also their similarities (pairs, scores)."""
     rows = as_rows(data)
     n = len(rows)
     if n < 2:
-        return np.zeros((0, 2), dtype=np.int64)
+        empty = np.zeros((0, 2), dtype=np.int64)
+        return (empty, np.zeros(0, dtype=np.float32)) if with_scores else empty
     index = build_index(rows, exact_below)
-    found = []
+    found, scores = [], []
     k = min(k + 1, n)
     with progress(total=n, desc="kNN graph", unit="vec", leave=False) as bar:
         for start, batch in rows.batches():
@@ -65,10 +67,18 @@ def similar_pairs(data, threshold: float, k: int = 16, exact_below: int = 200_00
             rows_of = np.repeat(np.arange(start, start + len(ids)), k).reshape(len(ids), k)
             keep = (sims >= threshold) & (ids >= 0) & (ids != rows_of)
             found.append(np.stack([rows_of[keep], ids[keep]], axis=1))
+            scores.append(sims[keep])
             bar.update(len(ids))
     pairs = np.concatenate(found) if found else np.zeros((0, 2), dtype=np.int64)
     pairs = np.sort(pairs, axis=1)
-    return np.unique(pairs, axis=0) if len(pairs) else pairs
+    if not with_scores:
+        return np.unique(pairs, axis=0) if len(pairs) else pairs
+    if not len(pairs):
+        return pairs, np.zeros(0, dtype=np.float32)
+    unique, inverse = np.unique(pairs, axis=0, return_inverse=True)
+    best = np.full(len(unique), -np.inf, dtype=np.float32)  # a pair found from both ends: its higher similarity
+    np.maximum.at(best, inverse.ravel(), np.concatenate(scores))
+    return unique, best
 
 
 def connected_components(n: int, pairs: np.ndarray) -> np.ndarray:
@@ -89,16 +99,41 @@ def deduplicate(data, threshold: float, k: int = 16, exact_below: int = 200_000
                 ) -> Tuple[np.ndarray, List[List[int]]]:
     """(indices kept, duplicate groups): one image per connected component of the >= threshold graph, the
     first in order; groups list every component of two or more images, largest first."""
+    kept, groups, _, _ = deduplicate_graph(data, threshold, k, exact_below)
+    return kept, groups
+
+
+def deduplicate_graph(data, threshold: float, k: int = 16, exact_below: int = 200_000):
+    """deduplicate, and the graph it worked on: (kept, groups, pairs [m, 2], their similarities [m])."""
     if not -1 <= threshold <= 1:
         raise InputError(f"a cosine threshold lies in [-1, 1], got {threshold}")
     rows = as_rows(data)
-    pairs = similar_pairs(rows, threshold, k, exact_below)
+    pairs, scores = similar_pairs(rows, threshold, k, exact_below, with_scores=True)
     components = connected_components(len(rows), pairs)
     kept = np.flatnonzero(components == np.arange(len(rows)))
     groups: Dict[int, List[int]] = {}
     for i in np.flatnonzero(components != np.arange(len(rows))):
         groups.setdefault(int(components[i]), [int(components[i])]).append(int(i))
-    return kept, sorted(groups.values(), key=len, reverse=True)
+    return kept, sorted(groups.values(), key=len, reverse=True), pairs, scores
+
+
+def pair_detection(pairs: np.ndarray, scores: np.ndarray, groups: List[List[int]], truth: np.ndarray,
+                   ) -> Dict[str, float]:
+    """How a dedup graph finds known copies (truth: pairs [t, 2] of row positions): µAP of its edges ranked by
+    similarity against the truth, the fraction of truth pairs that are edges, and the fraction that ended in one
+    duplicate group (what dedup removes)."""
+    from distill.eval.retrieval import micro_average_precision
+
+    truth = np.unique(np.sort(np.asarray(truth, dtype=np.int64).reshape(-1, 2), axis=1), axis=0)
+    if not len(truth):
+        raise InputError("no ground-truth pairs to measure the graph against")
+    wanted = {(int(a), int(b)) for a, b in truth}
+    correct = np.fromiter(((int(a), int(b)) in wanted for a, b in pairs), dtype=bool, count=len(pairs))
+    group_of = {member: number for number, group in enumerate(groups) for member in group}
+    grouped = sum(1 for a, b in wanted if a in group_of and group_of.get(a) == group_of.get(b))
+    return {"microAP": micro_average_precision(scores, correct, len(truth)), "pair_recall": float(correct.sum() / len(truth)),
+            "group_recall": grouped / len(truth), "truth_pairs": int(len(truth)), "edges": int(len(pairs)),
+            "correct_edges": int(correct.sum())}
 
 
 def far_from(pool, reference, threshold: float) -> np.ndarray:

@@ -1,9 +1,16 @@
 """Images -> L2-normalised float16 embedding shards, resumable: shards already on disk are not recomputed.
 
 A store records what made it (the model file's sha256 or the random weights' seed, the backbone, the data and
-its image count, the view and precision; for --npy the file's sha256); a resume with other settings is refused,
-and --overwrite starts the store again."""
+its image count, the view and precision; for --npy the file's sha256; the descriptor); a resume with other settings
+is refused, and --overwrite starts the store again.
 
+--descriptor copy stores DINO's copy-detection descriptor (distill.eval.descriptors) instead of the class token:
+[class token, GeM of the patch tokens], averaged over --scales, and with --whiten-on PCA-whitened (the whitening,
+learned on a store of unwhitened copy descriptors, on the store itself, or taken from a whitening.npz, is written
+beside the shards as whitening.npz and named in the record by what it was learned on)."""
+
+import hashlib
+import json
 import logging
 import os
 from pathlib import Path
@@ -12,8 +19,8 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from data_curation.embeddings import (UNREADABLE, EmbeddingStore, file_digest, from_npy, read_listing,
-                                      record_difference)
+from data_curation.embeddings import (UNREADABLE, WHITENING, EmbeddingStore, file_digest, from_npy, normalize,
+                                      read_listing, record_difference, same_space, valid_mask)
 from distill.data.configs import DatasetConfig
 from distill.data.datasets import ArrayImages, build_image_source, slice_source
 from distill.data.filelists import read_paths, readable_name, write_file_list
@@ -25,6 +32,8 @@ from distill.progress import progress
 
 logger = logging.getLogger(__name__)
 RANDOM_WEIGHTS_SEED = 0  # --backbone without a checkpoint: the same random network on every run (and resume)
+DESCRIPTORS = ("cls", "copy")
+UNWHITENED = "unwhitened"  # --whiten-on self: the store of unwhitened descriptors the whitening is learned on
 
 
 def _source(data: str, split: Optional[str], limit: int):
@@ -67,23 +76,25 @@ def _list_names(listing: str) -> List[str]:
 
 
 def _embed_shard(model, source, view, batch_size: int, device: str, flip_average: bool, precision: str = "auto",
-                 workers: int = 0):
-    """(L2-normalised features [n, D], positions of images that could not be read: their rows are zero)."""
+                 workers: int = 0, describe=None, width: Optional[int] = None):
+    """(L2-normalised features [n, D], positions of images that could not be read: their rows are zero).
+    describe(images) gives the features (default: the model's output, the class token) of `width` dimensions."""
     from distill.eval.features import extract_source_features
 
     normalize = torch.nn.functional.normalize
+    describe = model if describe is None else describe
 
     def encode(images: torch.Tensor) -> torch.Tensor:
-        out = normalize(model(images).float(), dim=1)
+        out = normalize(describe(images).float(), dim=1)
         if flip_average:  # invariant to mirroring: copies are often flipped
-            out = normalize(out + normalize(model(images.flip(-1)).float(), dim=1), dim=1)
+            out = normalize(out + normalize(describe(images.flip(-1)).float(), dim=1), dim=1)
         return out
 
     try:
         features, _, used = extract_source_features(encode, source, view, batch_size, precision, device, workers,
                                                     desc="shard", with_indices=True)
     except InputError:  # not one readable image in the shard
-        return np.zeros((len(source), model.embed_dim), np.float32), list(range(len(source)))
+        return np.zeros((len(source), width or model.embed_dim), np.float32), list(range(len(source)))
     rows = np.zeros((len(source), features.shape[1]), np.float32)
     rows[used.numpy()] = features.numpy()
     unreadable = sorted(set(range(len(source))) - set(used.tolist()))
@@ -116,17 +127,192 @@ def _begin(store: EmbeddingStore, record: Dict[str, Any], names: Sequence[str], 
     return store.begin(record, overwrite=overwrite, extend=extend, names=names)
 
 
+def _descriptor_record(descriptor: str, gem_p: Optional[float], scales: Optional[Sequence[float]],
+                       whiten_on: Optional[str], whiten_dim: Optional[int], npy: Optional[str],
+                       parts: int) -> Optional[Dict[str, Any]]:
+    """The descriptor entry of a store's record, without the whitening; None for the class token (whose stores,
+    as before descriptors existed, carry no entry)."""
+    if descriptor not in DESCRIPTORS:
+        raise InputError(f"--descriptor {descriptor!r} is not one of {', '.join(DESCRIPTORS)}")
+    if descriptor == "cls":
+        given = [flag for flag, value in (("--gem-p", gem_p), ("--scales", scales), ("--whiten-on", whiten_on),
+                                          ("--whiten-dim", whiten_dim)) if value is not None]
+        if given:
+            raise InputError(f"{', '.join(given)} go with --descriptor copy: add it, or leave them out")
+        return None
+    from distill.eval.descriptors import check_scales
+
+    if npy:
+        raise InputError("--descriptor copy computes descriptors from images: give --data and a model, not --npy")
+    if whiten_dim is not None and not whiten_on:
+        raise InputError("--whiten-dim goes with --whiten-on: name the set to learn the whitening on")
+    if whiten_on == "self" and parts > 1:
+        raise InputError("--whiten-on self would learn a different whitening in each part: embed a sample of the "
+                         "pool (say 20,000 images) with --descriptor copy into another folder, and give that folder "
+                         "to --whiten-on")
+    p = 4.0 if gem_p is None else float(gem_p)
+    if not p > 0:
+        raise InputError(f"--gem-p is the exponent of the generalized mean, a positive number (4 in DINO), got {p}")
+    return {"kind": "copy", "gem_p": p, "scales": list(check_scales((1.0,) if scales is None else scales))}
+
+
+def _store_identity(store: EmbeddingStore) -> str:
+    """What a whitening was learned on, in a record: the sha256 of the learning store's manifest (its shards, rows
+    and record), so that a whitening learned again on the same store is the same entry."""
+    manifest = json.dumps(store.manifest(), sort_keys=True).encode("utf-8", errors="surrogateescape")
+    return "sha256:" + hashlib.sha256(manifest).hexdigest()
+
+
+def _learn_on_store(store: EmbeddingStore, dim: Optional[int], reuse: Optional[Path]):
+    """The whitening of a store's usable rows (read one shard at a time); a saved one learned on the same store
+    with the same --whiten-dim (`reuse`: a resume) is taken as it is."""
+    from distill.eval.descriptors import learn_whitening, load_whitening
+
+    identity = _store_identity(store)
+    if reuse is not None and reuse.is_file():
+        saved = load_whitening(reuse)
+        if saved.record.get("learned_on") == identity and saved.record.get("dim") == dim:
+            return saved
+    whitening = learn_whitening((rows[valid_mask(rows)] for _, rows in store.shards()), dim)
+    if whitening.rows <= len(whitening.mean):
+        logger.warning("whitening learned on %d descriptors of dimension %d: only %d directions are known; embed a "
+                       "larger learning set (DINO learns on 20,000 images) or give --whiten-dim", whitening.rows,
+                       len(whitening.mean), whitening.rows - 1)
+    whitening.record = {"learned_on": identity, "dim": dim, "from": _absolute(str(store.folder)),
+                        "source": store.source}
+    logger.info("whitening learned on %d descriptors of %s: %d dimensions kept", whitening.rows,
+                readable_name(str(store.folder)), whitening.dim)
+    return whitening
+
+
+def _check_learning_set(learned: Optional[Dict[str, Any]], record: Dict[str, Any], name: str) -> None:
+    """The descriptors a whitening is learned on were made as this run's are: the same model and view, the same
+    descriptor settings (unwhitened), the same --flip-average."""
+    descriptor = (learned or {}).get("descriptor")
+    if not learned or learned.get("kind") != "images" or not isinstance(descriptor, dict) or \
+            descriptor.get("whitening"):
+        raise InputError(f"--whiten-on {name} does not hold unwhitened copy descriptors of images: embed a learning "
+                         "set with --descriptor copy and no --whiten-on, and give its folder (or `self`)")
+    same_space({k: v for k, v in learned.items() if k != "descriptor"},
+               {k: v for k, v in record.items() if k != "descriptor"}, name, "this run")  # the model and view
+    if descriptor != record.get("descriptor") or learned.get("flip_average") != record["flip_average"]:
+        raise InputError(f"--whiten-on {name} holds descriptors made with descriptor {json.dumps(descriptor)} and "
+                         f"--flip-average {learned.get('flip_average')}, this run makes "
+                         f"{json.dumps(record.get('descriptor'))} with --flip-average {record['flip_average']}: "
+                         "learn the whitening on descriptors made with the same --gem-p, --scales and --flip-average")
+
+
+def _whitening(whiten_on: str, record: Dict[str, Any], dim: Optional[int], width: int, reuse: Optional[Path]):
+    """The whitening --whiten-on names: learned on a store of unwhitened copy descriptors, or the whitening.npz of
+    a whitened store (or the file itself), checked against this run's descriptors."""
+    from distill.eval.descriptors import load_whitening
+
+    path = Path(os.path.expanduser(whiten_on))
+    name = readable_name(whiten_on)
+    if path.is_dir():
+        store = EmbeddingStore(path)
+        if store.manifest()["dim"] is None:
+            raise InputError(f"--whiten-on {name} holds no embeddings: give a store embedded with --descriptor copy "
+                             "(and no --whiten-on), the whitening.npz of a whitened store, or `self`")
+        descriptor = (store.source or {}).get("descriptor")
+        if not (isinstance(descriptor, dict) and descriptor.get("whitening")):
+            _check_learning_set(store.source, record, name)
+            if store.dim != width:
+                raise InputError(f"--whiten-on {name} holds descriptors of dimension {store.dim}, this run makes "
+                                 f"{width}: learn the whitening on descriptors of the same model")
+            return _learn_on_store(store, dim, reuse)
+        found = [p / WHITENING for p in [path] + [part.folder for part in store.parts()] if (p / WHITENING).is_file()]
+        if not found:
+            raise InputError(f"--whiten-on {name} is a whitened store without its {WHITENING}: give the store it "
+                             "was learned on, or embed that store again")
+        path = found[0]
+    elif not path.is_file():
+        raise InputError(f"--whiten-on {name} is neither a store, a {WHITENING} nor `self`: give a store of copy "
+                         f"descriptors to learn on, the {WHITENING} of a whitened store, or `self`")
+    whitening = load_whitening(path)
+    _check_learning_set(whitening.record.get("source"), record, readable_name(str(path)))
+    if len(whitening.mean) != width:
+        raise InputError(f"{readable_name(str(path))} whitens descriptors of dimension {len(whitening.mean)}, this "
+                         f"run makes {width}: use a whitening learned with the same model")
+    if dim is not None and dim != whitening.dim:
+        raise InputError(f"{readable_name(str(path))} keeps {whitening.dim} dimensions, not --whiten-dim {dim}: "
+                         "leave --whiten-dim out, or learn a whitening on a store of unwhitened descriptors")
+    return whitening
+
+
+def _whitening_entry(whitening) -> Dict[str, Any]:
+    """The whitening in a store's record: what it was learned on and the dimensions asked for and kept."""
+    return {"learned_on": whitening.record.get("learned_on"), "dim": whitening.record.get("dim"),
+            "kept": whitening.dim}
+
+
+def _save_whitening(folder: Path, whitening) -> None:
+    from distill.eval.descriptors import save_whitening
+    from distill.files import atomic_write
+
+    atomic_write(folder / WHITENING, lambda handle: save_whitening(handle, whitening))
+
+
+def _whitened(rows: np.ndarray, whitening) -> np.ndarray:
+    """Rows whitened and L2-normalised; zero rows (images that could not be read) stay zero."""
+    from distill.eval.descriptors import apply_whitening
+
+    out = np.zeros((len(rows), whitening.dim), np.float32)
+    good = valid_mask(rows)
+    if good.any():
+        out[good] = normalize(apply_whitening(rows[good], whitening))
+    return out
+
+
+def _embed_and_whiten_self(output: str, overwrite: bool, whiten_dim: Optional[int], **settings) -> int:
+    """--whiten-on self: the unwhitened descriptors into output/unwhitened (resumable like any store), the
+    whitening learned on them, then each of their shards whitened into the store."""
+    raw_folder = Path(output) / UNWHITENED
+    embed_images(output=str(raw_folder), overwrite=overwrite, **settings)
+    raw, store = EmbeddingStore(raw_folder), EmbeddingStore(output)
+    whitening = _learn_on_store(raw, whiten_dim, None if overwrite else store.folder / WHITENING)
+    record = json.loads(json.dumps(raw.source))
+    record["descriptor"]["whitening"] = _whitening_entry(whitening)
+    names = raw.paths()
+    done = store.begin(record, overwrite=overwrite, names=names)
+    _save_whitening(store.folder, whitening)
+    entries = raw.manifest()["shards"]
+    starts = np.cumsum([0] + [entry["rows"] for entry in entries])
+    if done not in starts:
+        raise InputError(f"{readable_name(output)} holds {done} rows, not whole shards of "
+                         f"{readable_name(str(raw_folder))}: rerun with --overwrite")
+    for start, entry in zip(starts, entries):
+        if start >= done:
+            rows = np.asarray(raw.open_shard(entry), dtype=np.float32)
+            store.append(_whitened(rows, whitening), names[start : start + len(rows)])
+    if (raw_folder / UNREADABLE).is_file():
+        write_file_list(store.folder / UNREADABLE, read_listing(raw_folder / UNREADABLE))
+    store.finish()
+    return len(store)
+
+
 def embed_images(data: str, output: str, checkpoint: Optional[str] = None, backbone: Optional[str] = None,
                  split: Optional[str] = None, shard_size: int = 50_000, batch_size: int = 256, device: str = "cpu",
                  npy: Optional[str] = None, limit: int = 0, flip_average: bool = False, part: int = 0,
-                 parts: int = 1, precision: str = "auto", workers: int = 0, overwrite: bool = False) -> int:
+                 parts: int = 1, precision: str = "auto", workers: int = 0, overwrite: bool = False,
+                 descriptor: str = "cls", gem_p: Optional[float] = None, scales: Optional[Sequence[float]] = None,
+                 whiten_on: Optional[str] = None, whiten_dim: Optional[int] = None) -> int:
     """Write the embeddings of every readable image of `data` to `output`; returns the number of rows there.
 
     With parts > 1, only the part-th of `parts` contiguous slices of the images, into output/part_NNNN (one
     task of a job array); the steps after read the folder of parts as one store. A store started with other
-    settings is refused; overwrite removes it (its own files only) and starts again."""
+    settings is refused; overwrite removes it (its own files only) and starts again.
+
+    descriptor "copy": DINO's copy-detection descriptor (GeM exponent gem_p, default 4, averaged over `scales`),
+    whitened when whiten_on names a store of unwhitened copy descriptors, a whitening.npz, or "self"."""
     if shard_size < 1:
         raise InputError("--shard-size must be positive")
+    described = _descriptor_record(descriptor, gem_p, scales, whiten_on, whiten_dim, npy, parts)
+    if described is not None and whiten_on == "self":
+        return _embed_and_whiten_self(
+            output, overwrite, whiten_dim, data=data, checkpoint=checkpoint, backbone=backbone, split=split,
+            shard_size=shard_size, batch_size=batch_size, device=device, limit=limit, flip_average=flip_average,
+            precision=precision, workers=workers, descriptor=descriptor, gem_p=gem_p, scales=scales)
     if parts > 1:
         if not 0 <= part < parts:
             raise InputError(f"--part {part} is not one of the {parts} parts (0 to {parts - 1})")
@@ -185,6 +371,22 @@ def embed_images(data: str, output: str, checkpoint: Optional[str] = None, backb
               "backbone": getattr(model, "registry_name", backbone), "view": {**view.describe(),
                                                                              "channels": view.channels},
               "flip_average": bool(flip_average), "precision": resolved}
+    width, describe, whitening = model.embed_dim, None, None
+    if described is not None:
+        from distill.eval.descriptors import copy_descriptor
+
+        record["descriptor"] = dict(described)
+        width = 2 * model.embed_dim
+
+        def describe_copy(images: torch.Tensor) -> torch.Tensor:
+            return copy_descriptor(model, images, described["gem_p"], described["scales"])
+
+        describe = describe_copy
+
+        if whiten_on:
+            whitening = _whitening(whiten_on, record, whiten_dim, width,
+                                   None if overwrite else store.folder / WHITENING)
+            record["descriptor"]["whitening"] = _whitening_entry(whitening)
     unreadable_names = [_absolute(p) for p in source.unreadable]
     if parts > 1:
         first, last = _part_bounds(len(source), part, parts)
@@ -195,6 +397,8 @@ def embed_images(data: str, output: str, checkpoint: Optional[str] = None, backb
     # a larger (or no) --limit continues the same images: the count may grow, the names already there must stay
     extend = ("limit", "images") if parts == 1 and previous and previous.get("limit") != limit else ()
     done = _begin(store, record, names, overwrite, part, parts, extend)
+    if whitening is not None:
+        _save_whitening(store.folder, whitening)
     if done % shard_size and done != len(source):
         raise InputError(f"{readable_name(output)} holds {done} rows, not a whole number of {shard_size}-image shards: "
                          "embed with the --shard-size it was started with, or into a new folder")
@@ -205,8 +409,8 @@ def embed_images(data: str, output: str, checkpoint: Optional[str] = None, backb
         for start in range(done, len(source), shard_size):
             end = min(start + shard_size, len(source))
             features, bad = _embed_shard(model, slice_source(source, start, end), view, batch_size, device, flip_average,
-                                         resolved, workers)
-            store.append(features, names[start:end])
+                                         resolved, workers, describe=describe, width=width)
+            store.append(features if whitening is None else _whitened(features, whitening), names[start:end])
             unreadable += [names[start + i] for i in bad]
             bar.update(end - start)
     if unreadable:

@@ -30,7 +30,8 @@ LEGACY_PATHS = "paths.txt"
 UNREADABLE = "unreadable.txt"
 # the files a store writes, and so the only ones --overwrite removes (temporary ones included)
 _OWN_FILE = re.compile(r"^\.?(manifest\.json(\.tmp)?|paths\.txt|unreadable\.txt|shard_\d{5,}\.(npy|paths\.txt)"
-                       r"|shard_\d{5,}\.npy\.tmp\.npy)(\.\d+\.tmp)?$")
+                       r"|shard_\d{5,}\.npy\.tmp\.npy|whitening\.npz)(\.\d+\.tmp)?$")
+WHITENING = "whitening.npz"  # the whitening of a store embedded with --descriptor copy --whiten-on
 logger = logging.getLogger(__name__)
 
 
@@ -84,7 +85,7 @@ _RECORD_NAMES = {
     "kind": "input", "data": "--data", "split": "--split", "npy": "--npy file", "rows": "rows of --npy",
     "images": "images in --data", "limit": "--limit", "parts": "--parts", "model": "model",
     "backbone": "backbone", "view": "view (image size, mean, std)", "flip_average": "--flip-average",
-    "precision": "precision",
+    "precision": "precision", "descriptor": "descriptor (--descriptor, --gem-p, --scales, --whiten-on, --whiten-dim)",
 }
 _IDENTITY_ONLY = {"checkpoint", "npy_path"}  # where the file was: told in messages, not compared
 
@@ -97,6 +98,8 @@ def _shown(record: Dict[str, Any], key: str) -> str:
         return f"random weights (seed {value.get('seed')})"
     if key == "npy":
         return f"{readable_name(record.get('npy_path', '?'))} (sha256 {str(value)[:12]})"
+    if key == "descriptor" and value is None:
+        return "cls (the class token)"
     if isinstance(value, str):
         return readable_name(value)
     return json.dumps(value)
@@ -138,6 +141,11 @@ def same_space(a: Optional[Dict[str, Any]], b: Optional[Dict[str, Any]], a_name:
         return
     key = differing_setting({k: a.get(k) for k in ("model", "backbone", "view")},
                             {k: b.get(k) for k in ("model", "backbone", "view")})
+    if not key and a.get("descriptor") != b.get("descriptor"):  # the class token, or copy descriptors (embed.py)
+        raise InputError(f"{readable_name(a_name)} and {readable_name(b_name)} hold different descriptors "
+                         f"({_shown(a, 'descriptor')} and {_shown(b, 'descriptor')}): embed both with the same "
+                         "--descriptor, --gem-p and --scales, and whiten both with the same whitening (--whiten-on "
+                         "the other store's whitening.npz)")
     if key:
         raise InputError(f"{readable_name(a_name)} and {readable_name(b_name)} hold embeddings of different models "
                          f"({_RECORD_NAMES[key]} {_shown(a, key)} and {_shown(b, key)}): embed both with the same "
