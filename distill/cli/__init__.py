@@ -253,6 +253,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "linear head (--head), on labelled images")
     add_classify_arguments(classify)
 
+    from distill.cli.retrieval import add_retrieval_arguments
+
+    retrieval = kinds.add_parser("retrieval", help="mAP, recall@k and copy detection's µAP of queries against a "
+                                                   "gallery, from a ground truth of pairs")
+    add_retrieval_arguments(retrieval)
+
     attention = commands.add_parser("attention", help="class-token self-attention maps of the last block, as PNG")
     add_checkpoint_arguments(attention, data_required=False)
     attention.add_argument("--images", nargs="*", help="image files (default: the first --count images of --data)")

@@ -8,7 +8,8 @@ scores, and a tie never counts in a method's favour.
 - AP of one query: (1 / R) * sum over its relevant retrieved items of the precision at that item's rank, with R the
   number of relevant gallery items (those not retrieved add nothing); mAP: the mean over the queries that have at
   least one relevant item (the others are skipped and counted).
-- recall@k: the fraction of those queries with a relevant item at rank k or better.
+- recall@k: the fraction of those queries with a relevant item at rank k or better (within a tie, the irrelevant
+  items first).
 - µAP (DISC21, Douze et al. 2021; Copydays-style): every (query, reference, score) prediction pooled, sorted by
   score, and the area under the precision-recall curve of that one list, recall over the number of ground-truth
   pairs: the sum over correct predictions of the precision at their rank, divided by that number.
@@ -27,6 +28,15 @@ RECALL_AT = (1, 5, 10)
 def _tie_ranks(sorted_scores: np.ndarray) -> np.ndarray:
     """For scores sorted descending: the 1-based rank of the last item of each item's run of equal scores."""
     return np.searchsorted(-sorted_scores, -sorted_scores, side="right")
+
+
+def _first_relevant_rank(scores: np.ndarray, relevant: np.ndarray) -> float:
+    """The rank of the first relevant item when ties are broken against the method: the items scored above it, and
+    the irrelevant ones tied with it, come first (inf when nothing relevant was retrieved)."""
+    if not relevant.any():
+        return float("inf")
+    wrong = scores[~relevant]
+    return float(min((scores > s).sum() + (wrong == s).sum() + 1 for s in scores[relevant]))
 
 
 def average_precision(scores: np.ndarray, relevant: np.ndarray, total_relevant: Optional[int] = None) -> float:
@@ -73,10 +83,9 @@ def retrieval_metrics(scores: np.ndarray, ids: np.ndarray, truth: Sequence[Set[i
         if not truth[q]:
             continue
         aps.append(average_precision(row_scores[valid], correct[q, valid], len(truth[q])))
-        order = np.argsort(-row_scores[valid], kind="stable")
-        ranks = _tie_ranks(row_scores[valid][order])[correct[q, valid][order]]
+        first = _first_relevant_rank(row_scores[valid], correct[q, valid])
         for k in recall_at:
-            found[k] += bool(len(ranks) and ranks.min() <= k)
+            found[k] += first <= k
     evaluated = len(aps)
     pairs = sum(len(t) for t in truth)
     valid = ids >= 0

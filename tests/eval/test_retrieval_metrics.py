@@ -94,3 +94,14 @@ def test_the_truth_file(tmp_path):
         read_truth(empty)
     with pytest.raises(InputError, match="does not exist"):
         read_truth(tmp_path / "nowhere.tsv")
+
+
+def test_recall_breaks_ties_against_the_method_but_a_tie_of_relevant_items_still_counts_at_rank_one():
+    # query 0: two relevant items tied at the top: one of them is at rank 1 whatever the order -> recall@1 = 1
+    # query 1: a relevant and an irrelevant item tied at the top: the irrelevant one first -> rank 2, recall@1 = 0
+    scores = np.array([[0.9, 0.9, 0.1], [0.9, 0.9, 0.1]])
+    ids = np.array([[0, 1, 2], [0, 1, 2]])
+    results = retrieval_metrics(scores, ids, [{0, 1}, {1}])
+    assert results["recall@1"] == 0.5 and results["recall@5"] == 1.0
+    # AP: query 0: the run ends at rank 2 with 2 hits -> (2/2 + 2/2) / 2 = 1; query 1: 1 hit at rank 2 -> 1/2
+    assert results["mAP"] == pytest.approx((1.0 + 0.5) / 2)
