@@ -62,6 +62,17 @@ def summary(values: List[float]) -> Dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "rounds": len(values)}
 
 
+def cpu_kind() -> str:
+    """The kernels this process runs: PyTorch's CPU capability, whether bf16 is native (then `precision=auto` is
+    bf16), and the settings that cap the kernels when they are set (an AVX2 machine reproduced on a newer one)."""
+    from distill.precision import cpu_has_fast_bf16
+
+    capability = torch.backends.cpu.get_cpu_capability()
+    kind = f"{capability}, {'native bf16 (precision auto: bf16)' if cpu_has_fast_bf16() else 'no native bf16 (precision auto: fp32)'}"
+    capped = [f"{name}={os.environ[name]}" for name in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if name in os.environ]
+    return kind + (f", kernels capped by {' '.join(capped)}" if capped else "")
+
+
 def machine() -> Dict[str, str]:
     cpu = platform.processor() or platform.machine()
     try:
@@ -71,7 +82,7 @@ def machine() -> Dict[str, str]:
                 break
     except OSError:
         pass
-    info = {"cpu": cpu, "cores": str(os.cpu_count()), "threads": str(torch.get_num_threads()),
+    info = {"cpu": cpu, "cpu kind": cpu_kind(), "cores": str(os.cpu_count()), "threads": str(torch.get_num_threads()),
             "python": platform.python_version(), "torch": torch.__version__}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
