@@ -12,6 +12,7 @@ reads with data.dataset.kind=filelist.
 """
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -22,39 +23,28 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from distill.data.filelists import read_paths, readable_name, write_file_list
+from distill.data.filelists import readable_name, write_file_list
 from distill.logs import configure_logging
 from distill.errors import DistillError, InputError
 
 logger = logging.getLogger("data_curation")
 
 
-def _keep_forms(listing: str) -> List[List[str]]:
-    """The names of a --keep list, each with the forms it may have in a store: as written, and a relative one
-    also taken from the list's folder (as the trainer reads it)."""
-    folder = os.path.dirname(os.path.abspath(listing))
-    forms = []
-    for name in read_paths(listing):
-        forms.append([name] if os.path.isabs(name) or name.startswith("fashion_mnist/") else
-                     [name, os.path.join(folder, name)])
-    return forms
+def _check_keep(keep: str) -> None:
+    if not Path(keep).is_file():
+        raise InputError(f"--keep {readable_name(keep)} does not exist: give the kept.txt of `distill-curate dedup`")
 
 
 def _select(folder: str, memory_gb: float, keep: Optional[str] = None):
     """(rows, paths): usable embeddings of a store, in memory or streamed (see embeddings.select)."""
-    from data_curation.embeddings import select
+    from data_curation.embeddings import keep_forms, report_missing_kept, select
 
     if keep is None:
         return select(folder, memory_gb)
-    if not Path(keep).is_file():
-        raise InputError(f"--keep {readable_name(keep)} does not exist: give the kept.txt of `distill-curate dedup`")
-    forms = _keep_forms(keep)
+    _check_keep(keep)
+    forms = keep_forms(keep)
     rows, paths = select(folder, memory_gb, [name for names in forms for name in names])
-    found = set(paths)
-    missing = sum(1 for names in forms if not any(name in found for name in names))
-    if missing:
-        logger.warning("%d of the %d paths of --keep %s are not among the usable embeddings of %s", missing,
-                       len(forms), readable_name(keep), readable_name(folder))
+    report_missing_kept(forms, paths, keep, folder)
     return rows, paths
 
 
@@ -202,36 +192,119 @@ def cmd_dedup(args) -> None:
               f"{readable_name(str(out))}/copy_detection.json")
 
 
-def cmd_cluster(args) -> None:
-    from data_curation.embeddings import EmbeddingStore
-    from data_curation.kmeans import hierarchical_kmeans, leaf_of_top
-    from data_curation.pictures import cluster_sizes
+def _cluster_settings(args):
+    from data_curation.distributed_kmeans import ClusterSettings
 
+    return ClusterSettings(embeddings=args.embeddings, output=args.output, levels=list(args.levels),
+                           iterations=args.iterations, resampling_steps=args.resampling_steps,
+                           per_cluster=args.per_cluster, sample_per_centroid=args.sample_per_centroid, seed=args.seed,
+                           memory_gb=args.memory_gb, keep=args.keep, gpu=args.gpu)
+
+
+def _print_clustering(summary: dict) -> None:
+    print(f"{summary['images']} images in levels of {', '.join(str(k) for k in summary['levels'])} clusters -> "
+          f"{readable_name(summary['output'])} "
+          f"(largest cluster {summary['largest']}, smallest {summary['smallest']}; cluster_sizes.png)")
+
+
+def cmd_cluster(args) -> None:
+    from data_curation.distributed_kmeans import manifest_digest, write_clusters
+    from data_curation.embeddings import EmbeddingStore
+    from data_curation.kmeans import hierarchical_kmeans
+
+    if args.submit:
+        return _submit_cluster(args)
+    if args.tasks != 1:
+        raise InputError(f"--tasks {args.tasks} runs with --submit slurm or --submit local; without --submit "
+                         "`cluster` is one process")
+    digest = manifest_digest(EmbeddingStore(args.embeddings))  # before reading: a store written meanwhile is refused
     rows, paths = _select(args.embeddings, args.memory_gb, args.keep)
     levels = hierarchical_kmeans(rows, args.levels, args.iterations, args.resampling_steps, args.per_cluster,
                                  args.seed, args.gpu, args.sample_per_centroid)
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob("level*_*.npy"):  # the levels of an earlier clustering into this folder would be read too
-        match = re.fullmatch(r"level(\d+)_(assignment|centroids)\.npy", stale.name)
-        if match and int(match.group(1)) > len(levels):
-            stale.unlink()
-    for number, (level, assignment) in enumerate(zip(levels, leaf_of_top(levels)), start=1):
-        np.save(out / f"level{number}_centroids.npy", level.centroids)
-        np.save(out / f"level{number}_assignment.npy", assignment)
-    np.save(out / "distances.npy", levels[0].distances)
-    _write_list(str(out / "paths.txt"), paths)
-    store = EmbeddingStore(args.embeddings)  # what the clusters are of: retrieve --clusters checks its seed set
-    (out / EMBEDDINGS_RECORD).write_text(json.dumps({"embeddings": os.path.abspath(args.embeddings), "dim": store.dim,
-                                                     "source": store.source}, indent=1))
-    sizes = np.bincount(levels[0].assignment, minlength=len(levels[0].centroids))
-    cluster_sizes(out / "cluster_sizes.png", sizes, title=f"{len(paths)} images in {len(sizes)} clusters")
-    print(f"{len(paths)} images in levels of {', '.join(str(k) for k in args.levels)} clusters -> "
-          f"{readable_name(str(out))} "
-          f"(largest cluster {sizes.max()}, smallest {sizes.min()}; cluster_sizes.png)")
+    _print_clustering(write_clusters(args.output, levels, paths, args.embeddings, digest, args.levels))
 
 
-EMBEDDINGS_RECORD = "embeddings.json"
+@contextlib.contextmanager
+def _threads_of_tasks(threads: int):
+    """OMP_NUM_THREADS and OPENBLAS_NUM_THREADS for the processes submitted meanwhile (SLURM and the local executor
+    pass the environment on), unless already set: tasks that share a machine would otherwise each start a BLAS
+    thread per core."""
+    given = {key: os.environ.get(key) for key in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+    for key, value in given.items():
+        if value is None:
+            os.environ[key] = str(threads)
+    try:
+        yield
+    finally:
+        for key, value in given.items():
+            if value is None:
+                os.environ.pop(key, None)
+
+
+def _submit_cluster(args) -> None:
+    """`cluster --submit slurm|local --tasks N`: everything that can be checked here is, before submitting."""
+    from data_curation.distributed_kmeans import ClusterJob, check_tasks, manifest_digest
+    from data_curation.embeddings import EmbeddingStore
+    from distill.launch.slurm import Resources, check_cluster, check_local, make_executor, submit_or_explain
+
+    if args.nodes < 1 or args.tasks % args.nodes:
+        raise InputError(f"--tasks {args.tasks} over --nodes {args.nodes}: give a number of tasks that the nodes share "
+                         "evenly")
+    store = EmbeddingStore(args.embeddings)
+    manifest = store.manifest()  # parts of different dimensions are refused here
+    store.dim  # and a store without embeddings
+    check_tasks(len(manifest["shards"]), args.tasks)
+    if args.keep:
+        _check_keep(args.keep)
+    per_node = args.tasks // args.nodes
+    gpus = args.gpus_per_node or (per_node if args.gpu else 0)
+    resources = Resources(nodes=args.nodes, timeout_min=args.timeout, partition=args.partition,
+                          cpus_per_task=args.cpus_per_task, gpus_per_node=gpus, tasks_per_node=per_node)
+    local = args.submit == "local"
+    check_local(resources) if local else check_cluster(resources)
+    settings = _cluster_settings(args)
+    jobs_folder = Path(args.output) / "jobs"
+    absent = [p for p in (jobs_folder, *jobs_folder.parents) if not p.exists()]
+    executor = make_executor(jobs_folder, resources, local=local)
+    executor.update_parameters(name="distill-curate-cluster")
+    threads = max(1, min(args.cpus_per_task, (os.cpu_count() or 1) // per_node)) if local else args.cpus_per_task
+    try:
+        with _threads_of_tasks(threads):
+            job = submit_or_explain(lambda: executor.submit(ClusterJob(settings, manifest_digest(store))),
+                                    jobs_folder)
+    except InputError as refused:
+        for created in absent:  # the folders made for the refused job, innermost first, if they stayed empty
+            if created.is_dir() and not any(created.iterdir()):
+                created.rmdir()
+        if args.partition and "partition" in str(refused).lower():
+            raise InputError(f"{refused}: --partition {args.partition!r} is not one this cluster takes; `sinfo` "
+                             "lists its partitions") from None
+        raise
+    print(f"submitted job {job.job_id} ({'local processes' if local else 'SLURM'}, {args.tasks} task(s)): results "
+          f"into {readable_name(args.output)}, logs in {readable_name(str(jobs_folder / str(job.job_id)))}/")
+    if not args.wait:
+        return
+    import submitit
+
+    try:
+        result = job.results()[0]
+    except submitit.core.utils.UncompletedJobError as failure:
+        lines = [line.strip() for line in str(failure).splitlines() if line.strip()]
+        reason = next((line for line in lines if "(state:" in line), None) or next(
+            (line for line in reversed(lines) if "Error" in line and not line.startswith("Error stream")),
+            lines[0] if lines else "no reason given")
+        raise DistillError(f"job {job.job_id} ended without its result ({reason[:300]}): its logs are in "
+                           f"{readable_name(str(jobs_folder / str(job.job_id)))}/; run the same command again to "
+                           "continue from its checkpoint") from None
+    if "error" in result:
+        raise InputError(result["error"])
+    if result.get("resumed"):
+        print(f"continued from the checkpoint in {readable_name(args.output)}/checkpoint: "
+              f"{', '.join(result['resumed'])} read back")
+    _print_clustering(result)
+
+
+EMBEDDINGS_RECORD = "embeddings.json"  # written by distributed_kmeans.write_clusters
 
 
 def _clusters(folder: Path, distances: bool = False, centroids: bool = False) -> Dict[str, object]:
@@ -428,6 +501,18 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--seed", type=int, default=0)
     cluster.add_argument("--output", required=True)
     cluster.add_argument("--memory-gb", **memory)
+    cluster.add_argument("--submit", choices=("slurm", "local"),
+                         help="k-means over --tasks tasks of one job (submitit), each reading its own shards; the "
+                              "results are those of one process with the same seed")
+    cluster.add_argument("--tasks", type=int, default=1, help="with --submit: tasks of the job (at most the shards)")
+    cluster.add_argument("--nodes", type=int, default=1, help="with --submit slurm: nodes sharing the tasks")
+    cluster.add_argument("--partition", help="with --submit slurm")
+    cluster.add_argument("--timeout", type=int, default=240,
+                         help="minutes, with --submit: a job that reaches it is requeued and continues from its "
+                              "checkpoint")
+    cluster.add_argument("--cpus-per-task", type=int, default=8)
+    cluster.add_argument("--gpus-per-node", type=int, default=0, help="with --submit and --gpu (default: one a task)")
+    cluster.add_argument("--wait", action="store_true", help="with --submit: wait for the job and print its summary")
     cluster.set_defaults(run=cmd_cluster)
 
     sample = commands.add_parser("sample", help="balanced hierarchical sampling to a target size")

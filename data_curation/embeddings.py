@@ -385,7 +385,10 @@ class EmbeddingStore:
         if max_bytes is not None and need > max_bytes:
             raise InputError(f"{len(self)} x {self.dim} embeddings need {need / 2**30:.1f} GiB in float32, over the "
                              f"memory budget of {max_bytes / 2**30:.1f} GiB: raise --memory-gb or use a streaming step")
-        return np.concatenate([array for _, array in self.shards()]) if len(self) else np.zeros((0, self.dim), np.float32)
+        out = np.empty((len(self), self.dim), dtype=np.float32)  # filled shard by shard: one copy in memory
+        for start, array in self.shards():
+            out[start : start + len(array)] = array
+        return out
 
 
 def _check_manifest(manifest, path: Path) -> None:
@@ -445,9 +448,12 @@ class ArrayRows(Rows):
         vectors = np.asarray(vectors, dtype=np.float32)
         if vectors.ndim != 2:
             raise InputError(f"embeddings are a 2-D array [images, dim], got shape {vectors.shape}")
-        if not valid_mask(vectors).all():
-            raise InputError("embeddings hold NaN, inf or zero vectors: leave them out first (valid_mask)")
-        self.vectors = np.ascontiguousarray(normalize(vectors))
+        self.vectors = np.empty(vectors.shape, dtype=np.float32)
+        for start in range(0, len(vectors), batch):  # a batch at a time: no temporary of the whole array
+            part = vectors[start : start + batch]
+            if not valid_mask(part).all():
+                raise InputError("embeddings hold NaN, inf or zero vectors: leave them out first (valid_mask)")
+            self.vectors[start : start + batch] = normalize(part)
         self.dim, self.batch, self.in_memory = vectors.shape[1], batch, True
 
     def __len__(self) -> int:
@@ -462,6 +468,12 @@ class ArrayRows(Rows):
 
     def subset(self, positions: np.ndarray) -> Rows:
         return ArrayRows(self.take(positions), self.batch)
+
+    def slice(self, start: int, stop: int) -> "ArrayRows":
+        """Rows start .. stop as they are (a view, not normalised again)."""
+        part = ArrayRows.__new__(ArrayRows)
+        part.vectors, part.dim, part.batch, part.in_memory = self.vectors[start:stop], self.dim, self.batch, True
+        return part
 
 
 class StoreRows(Rows):
@@ -524,6 +536,15 @@ def select(folder, memory_gb: float, keep: Optional[Sequence[str]] = None) -> Tu
     # a store that fits is read once; a larger one is scanned here and streamed by the steps
     loaded = store.load() if len(paths) * dim * 4 <= budget else None
     valid = valid_mask(loaded) if loaded is not None else np.concatenate([valid_mask(a) for _, a in store.shards()])
+    rows = usable_rows(paths, valid, keep, name)
+    chosen = [paths[i] for i in rows]
+    return rows_in_memory_or_streamed(store, rows, memory_gb, loaded), chosen
+
+
+def usable_rows(paths: Sequence[str], valid: np.ndarray, keep: Optional[Sequence[str]], name: str) -> np.ndarray:
+    """The rows `select` uses, given which hold valid vectors: NaN / inf / zero rows and repeated paths are
+    reported and left out, and with `keep` only those paths stay."""
+    valid = valid.copy()
     if not valid.all():
         bad = [readable_name(paths[i]) for i in np.flatnonzero(~valid)[:5]]
         logger.warning("left out %d NaN / inf / zero embeddings (unreadable images or broken vectors; e.g. %s)",
@@ -542,15 +563,45 @@ def select(folder, memory_gb: float, keep: Optional[Sequence[str]] = None) -> Tu
     rows = np.flatnonzero(valid)
     if len(rows) == 0:
         raise InputError(f"no usable embeddings in {name}")
-    chosen = [paths[i] for i in rows]
-    need = len(rows) * dim * 4
+    return rows
+
+
+def rows_in_memory_or_streamed(store: EmbeddingStore, rows: np.ndarray, memory_gb: float,
+                               loaded: Optional[np.ndarray] = None, first_row: int = 0,
+                               total: Optional[int] = None) -> Rows:
+    """Chosen rows of a store (row numbers, sorted) as `select` holds them: taken from `loaded` (the float32 rows
+    first_row .. of the store, read whole because the store fits in memory_gb), read into memory when the chosen
+    rows of the whole selection (`total` of them; default: these) fit, streamed shard by shard otherwise."""
+    total = len(rows) if total is None else total
+    budget = memory_gb * 2**30
+    need = total * store.dim * 4
     if loaded is not None:
-        return ArrayRows(loaded if len(rows) == len(loaded) else loaded[rows]), chosen
+        return ArrayRows(loaded if len(rows) == len(loaded) else loaded[rows - first_row])
     if need <= budget:
-        return ArrayRows(StoreRows(store, rows).take(np.arange(len(rows)))), chosen
+        return ArrayRows(StoreRows(store, rows).take(np.arange(len(rows))))
     logger.info("%d x %d embeddings need %.1f GiB in float32, over --memory-gb %.1f: streaming them shard by shard",
-                len(rows), dim, need / 2**30, memory_gb)
-    return StoreRows(store, rows, budget), chosen
+                total, store.dim, need / 2**30, memory_gb)
+    return StoreRows(store, rows, budget)
+
+
+def keep_forms(listing) -> List[List[str]]:
+    """The names of a --keep list, each with the forms it may have in a store: as written, and a relative one
+    also taken from the list's folder (as the trainer reads it)."""
+    folder = os.path.dirname(os.path.abspath(listing))
+    forms = []
+    for name in read_paths(listing):
+        forms.append([name] if os.path.isabs(name) or name.startswith("fashion_mnist/") else
+                     [name, os.path.join(folder, name)])
+    return forms
+
+
+def report_missing_kept(forms: List[List[str]], paths: Sequence[str], listing, folder) -> None:
+    """Warn about names of a --keep list that are not among the usable rows (paths) of a store."""
+    found = set(paths)
+    missing = sum(1 for names in forms if not any(name in found for name in names))
+    if missing:
+        logger.warning("%d of the %d paths of --keep %s are not among the usable embeddings of %s", missing,
+                       len(forms), readable_name(str(listing)), readable_name(str(folder)))
 
 
 def sample_cap(rows: Rows, wanted: int, share: float = 0.5) -> int:
@@ -564,11 +615,14 @@ def as_rows(data) -> Rows:
     return data if isinstance(data, Rows) else ArrayRows(data)
 
 
-def valid_mask(vectors: np.ndarray) -> np.ndarray:
-    """True for rows that are finite and not all zero."""
-    finite = np.isfinite(vectors).all(axis=1)
-    nonzero = np.abs(np.where(np.isfinite(vectors), vectors, 0)).sum(axis=1) > 0
-    return finite & nonzero
+def valid_mask(vectors: np.ndarray, batch: int = 65_536) -> np.ndarray:
+    """True for rows that are finite and not all zero (a batch of rows at a time)."""
+    out = np.empty(len(vectors), dtype=bool)
+    for start in range(0, len(vectors), batch):
+        part = vectors[start : start + batch]
+        finite = np.isfinite(part)
+        out[start : start + batch] = finite.all(axis=1) & (np.abs(np.where(finite, part, 0)).sum(axis=1) > 0)
+    return out
 
 
 def normalize(vectors: np.ndarray) -> np.ndarray:

@@ -2,13 +2,14 @@
 """Curation at scale on this machine: 1,000,000 x 384 float16 synthetic embeddings (a long-tailed mixture of
 clusters plus injected near-copies), then `distill-curate dedup`, `cluster` (two levels) and `sample` as separate
 processes, each with wall time and peak memory, the pool over the memory budget so that every step streams it;
-then faiss k-means against scikit-learn's MiniBatchKMeans on the same points, in one process.
+then our k-means (Lloyd as faiss runs it, data_curation/kmeans.py) against scikit-learn's MiniBatchKMeans on the
+same points, in one process.
 
     .venv/bin/python tools/curation_scale.py                       # the full run (about half an hour on 2 cores)
     .venv/bin/python tools/curation_scale.py --points 100000 --levels 1000 100 --compare-k 100   # a quick look
     .venv/bin/python tools/curation_scale.py --compare-only --compare-k 1000 10000   # only the k-means comparison
 
-The comparison fits faiss once per setting ITERATIONSxPOINTS_PER_CENTROID of --compare-settings (by default
+The comparison fits our k-means once per setting ITERATIONSxPOINTS_PER_CENTROID of --compare-settings (by default
 today's library defaults, 20x256, and the cluster step's --iterations x --sample-per-centroid) and
 MiniBatchKMeans once, each on the same rows; every inertia is the sum over all of those rows of the squared
 distance to the nearest centroid, computed by the same assignment pass.
@@ -67,7 +68,7 @@ def measured(command):
 
 
 def compare_kmeans(folder: Path, k: int, settings, seed: int = 0, points: int = None, minibatch: bool = True):
-    """faiss k-means at each (iterations, points per centroid) of `settings`, then MiniBatchKMeans(batch 4096,
+    """Our k-means at each (iterations, points per centroid) of `settings`, then MiniBatchKMeans(batch 4096,
     one init), on the first `points` rows of the store (all by default): seconds and inertia of each."""
     from sklearn.cluster import MiniBatchKMeans
 
@@ -82,11 +83,11 @@ def compare_kmeans(folder: Path, k: int, settings, seed: int = 0, points: int = 
         start = time.perf_counter()
         level = kmeans(rows, k, iterations, seed, spherical=False,  # the objective MiniBatchKMeans minimises
                        sample_per_centroid=per_centroid)
-        results[f"faiss {iterations}x{per_centroid}"] = {"seconds": time.perf_counter() - start,
+        results[f"ours {iterations}x{per_centroid}"] = {"seconds": time.perf_counter() - start,
                                                          "inertia": level.inertia, "iterations": iterations,
                                                          "sample_per_centroid": per_centroid}
-        print(f"  k={k} faiss {iterations} iterations, {per_centroid} points per centroid: "
-              f"{results[f'faiss {iterations}x{per_centroid}']['seconds']:.1f} s, inertia {level.inertia:.1f}",
+        print(f"  k={k} ours {iterations} iterations, {per_centroid} points per centroid: "
+              f"{results[f'ours {iterations}x{per_centroid}']['seconds']:.1f} s, inertia {level.inertia:.1f}",
               flush=True)
     if minibatch:
         start = time.perf_counter()
@@ -100,8 +101,8 @@ def compare_kmeans(folder: Path, k: int, settings, seed: int = 0, points: int = 
 
 
 def report_kmeans(k: int, points: int, comparison) -> None:
-    """One line per fit, and the ratios against MiniBatchKMeans (time: >1 means faiss is faster; inertia: >1 means
-    faiss's clustering is tighter)."""
+    """One line per fit, and the ratios against MiniBatchKMeans (time: >1 means ours is faster; inertia: >1 means
+    our clustering is tighter)."""
     print(f"\nk-means, k={k}, all {points} points, one process:")
     m = comparison.get("minibatch")
     for name, result in comparison.items():
@@ -109,11 +110,11 @@ def report_kmeans(k: int, points: int, comparison) -> None:
             print(f"scikit-learn MiniBatchKMeans (batch 4096, {m['epochs']} epochs): {m['seconds']:.1f} s, "
                   f"inertia {m['inertia']:.1f}")
             continue
-        line = (f"faiss (Euclidean, {result['iterations']} iterations, fitted on {result['sample_per_centroid']} "
+        line = (f"ours (Euclidean, {result['iterations']} iterations, fitted on {result['sample_per_centroid']} "
                 f"points per centroid): {result['seconds']:.1f} s, inertia {result['inertia']:.1f}")
         if m is not None:
-            line += (f"; time ratio MiniBatchKMeans / faiss {m['seconds'] / result['seconds']:.2f}, "
-                     f"inertia ratio MiniBatchKMeans / faiss {m['inertia'] / result['inertia']:.4f}")
+            line += (f"; time ratio MiniBatchKMeans / ours {m['seconds'] / result['seconds']:.2f}, "
+                     f"inertia ratio MiniBatchKMeans / ours {m['inertia'] / result['inertia']:.4f}")
         print(line)
 
 
@@ -136,11 +137,11 @@ def main() -> None:
     parser.add_argument("--memory-gb", type=float, default=0.5, help="below the pool's float32 size: steps stream")
     parser.add_argument("--compare-k", type=int, nargs="+", default=[1000])
     parser.add_argument("--compare-settings", type=setting, nargs="+", default=None,
-                        help="faiss fits to compare, ITERATIONSxPOINTS_PER_CENTROID (default: 20x256 and the "
+                        help="our fits to compare, ITERATIONSxPOINTS_PER_CENTROID (default: 20x256 and the "
                              "cluster step's --iterations x --sample-per-centroid)")
     parser.add_argument("--compare-points", type=int, default=None, help="compare on the first N rows only")
     parser.add_argument("--compare-only", action="store_true", help="skip dedup, cluster and sample")
-    parser.add_argument("--no-minibatch", action="store_true", help="fit faiss only")
+    parser.add_argument("--no-minibatch", action="store_true", help="fit ours only")
     parser.add_argument("--output", default="runs/curation_scale")
     args = parser.parse_args()
     out = Path(args.output)

@@ -58,7 +58,7 @@ def check_cluster(resources: Resources) -> None:
     partitions = sorted(set(found.stdout.split()))
     if resources.partition and resources.partition not in partitions:
         raise InputError(f"partition {resources.partition!r} does not exist on this cluster: choose one of "
-                         f"{', '.join(partitions) or '(none listed by sinfo)'}")
+                         f"{', '.join(partitions) or '(none listed by sinfo)'} (as `sinfo` lists them)")
 
 
 def check_local(resources: Resources) -> None:
@@ -105,6 +105,18 @@ def submit_or_explain(submit, folder: Path):
              if line.strip()]
     reason = next((line for line in lines if "error" in line.lower()), lines[-1] if lines else "no reason given")
     raise InputError(f"SLURM refused the job ({reason[:300]}); nothing was submitted")
+
+
+def export_task_environment(set_cuda_visible_devices: bool = False) -> int:
+    """In a task of a submitit job (SLURM or local): the job's number of tasks; with more than one, the variables
+    of a torch.distributed process group exported (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, LOCAL_RANK, by
+    submitit's TorchDistributedEnvironment), for distill.distributed.init_from_env."""
+    import submitit
+
+    environment = submitit.JobEnvironment()
+    if environment.num_tasks > 1:
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=set_cuda_visible_devices)
+    return environment.num_tasks
 
 
 def make_executor(folder: Path, resources: Resources, local: bool):

@@ -27,16 +27,13 @@ class TrainJob:
         self.config, self.overrides = config, list(overrides)
 
     def __call__(self) -> Dict[str, Any]:
-        import submitit
-
         from distill.engine.train_config import load_train_config
         from distill.engine.trainer import run_training
+        from distill.launch.slurm import export_task_environment
         from distill.logs import configure_logging
 
         configure_logging()
-        environment = submitit.JobEnvironment()
-        if environment.num_tasks > 1:  # RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, LOCAL_RANK for the trainer
-            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        export_task_environment()  # RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, LOCAL_RANK for the trainer
         trainer = run_training(load_train_config(self.config, self.overrides + ["train.resume=auto"]))
         if trainer.stop_signal == signal.SIGTERM and "SLURM_JOB_ID" in os.environ:
             # SLURM requeues (or cancels) with SIGTERM, then SIGKILL: the checkpoint is written; returning now would

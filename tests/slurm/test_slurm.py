@@ -1,7 +1,8 @@
 """`distill submit` on a real single-node SLURM cluster brought up on loopback (tests/slurm/cluster.py): a DINO
 job signalled mid-run (submitit's USR2), then requeued with SIGTERM only, resumes each time and ends with the
 weights of an uninterrupted run; a job preempted by a higher-tier partition's job requeues and finishes; a 2-task
-job trains over gloo as one process group; a job array embeds one part per task."""
+job trains over gloo as one process group; a job array embeds one part per task; a k-means job of several tasks
+clusters as one process does."""
 
 import json
 import os
@@ -115,6 +116,24 @@ def test_a_job_array_embeds_one_part_per_task_and_the_next_step_reads_them_as_on
     kept = read_paths(tmp_path / "dd" / "kept.txt")
     groups = json.loads((tmp_path / "dd" / "groups.json").read_text())
     assert len(kept) + sum(len(g) - 1 for g in groups) == 300  # every row of every part was read
+
+
+@pytest.mark.timeout(600)
+def test_a_cluster_job_of_several_tasks_gives_the_clustering_of_one_process(cluster, tmp_path, monkeypatch):
+    from data_curation.cli import main as curate
+    from tests.curation.test_distributed_kmeans import SETTINGS, assert_same_clustering, clustered, make_store
+
+    for key, value in cluster.env.items():
+        monkeypatch.setenv(key, value)
+    store = make_store(tmp_path / "emb", clustered())  # 6 shards
+    common = ["cluster", "--embeddings", str(store), *SETTINGS]
+    assert curate(common + ["--output", str(tmp_path / "one")]) == 0
+    tasks = min(3, os.cpu_count() or 1)  # one CPU each: the node has this machine's CPUs
+    assert curate(common + ["--output", str(tmp_path / "job"), "--submit", "slurm", "--partition", "debug",
+                            "--tasks", str(tasks), "--cpus-per-task", "1", "--timeout", "30", "--wait"]) == 0
+    assert_same_clustering(tmp_path / "one", tmp_path / "job")
+    assert len(list((tmp_path / "job" / "jobs").glob(f"*/*_{tasks - 1}_log.out"))) == 1  # tasks ran as one job
+    assert not (tmp_path / "job" / "checkpoint").exists()
 
 
 @pytest.mark.timeout(900)
