@@ -157,17 +157,36 @@ def _write_json(path: Path, results: dict) -> None:
 
 
 def cmd_dedup(args) -> None:
-    from data_curation.dedup import deduplicate_graph, far_from, pair_detection
-    from data_curation.pictures import duplicate_grid
+    from data_curation.dedup import deduplicate_graph
 
+    if args.submit:
+        return _submit_dedup(args)
+    if args.parts != 1:
+        raise InputError(f"--parts {args.parts} runs with --submit slurm or --submit local; without --submit "
+                         "`dedup` is one process")
     if args.against:
         _compatible(args.embeddings, args.against, "the evaluation set")
     rows, paths = _select(args.embeddings, args.memory_gb)
+    truth = _dedup_truth(args, paths)
+    kept, groups, graph, scores = deduplicate_graph(rows, args.threshold, args.k, args.exact_below)
+    _write_dedup(args, rows, paths, kept, groups, graph, scores, truth)
+
+
+def _dedup_truth(args, paths: List[str]) -> Optional[List[tuple]]:
     truth = _truth_pairs(args.truth, (args.embeddings, paths), (args.embeddings, paths)) if args.truth else None
     if truth is not None and any(a == b for a, b in truth):
         raise InputError(f"--truth {readable_name(args.truth)} pairs an image with itself: list each copy with its "
                          "original")
-    kept, groups, graph, scores = deduplicate_graph(rows, args.threshold, args.k, args.exact_below)
+    return truth
+
+
+def _write_dedup(args, rows, paths: List[str], kept, groups, graph, scores, truth) -> None:
+    """The files of `dedup` (kept.txt, groups.json, duplicate_groups.png, copy_detection.json), of one process or
+    of the merged parts of a job, each written whole."""
+    from data_curation.dedup import far_from, pair_detection
+    from data_curation.pictures import duplicate_grid
+    from distill.files import atomic_write_text
+
     if args.against:
         reference, _ = _select(args.against, args.memory_gb)
         far = far_from(rows.subset(kept), reference, args.threshold)
@@ -177,7 +196,7 @@ def cmd_dedup(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     _write_list(str(out / "kept.txt"), [paths[i] for i in kept])
     named = [[paths[i] for i in g] for g in groups]
-    (out / "groups.json").write_text(json.dumps(named, indent=1))
+    atomic_write_text(out / "groups.json", json.dumps(named, indent=1))
     if named and args.grid:
         duplicate_grid(out / "duplicate_groups.png", named)
     print(f"kept {len(kept)} of {len(paths)} images; {len(groups)} duplicate groups -> "
@@ -190,6 +209,93 @@ def cmd_dedup(args) -> None:
               f"µAP {found['microAP']:.4f}, recall {found['pair_recall']:.4f} as edges, {found['group_recall']:.4f} "
               f"in one group ({found['edges']} edges at or above {args.threshold}) -> "
               f"{readable_name(str(out))}/copy_detection.json")
+
+
+def _submit_dedup(args) -> None:
+    """`dedup --submit slurm|local --parts N`: the index built here, one job-array task per part searching its
+    rows (sharded_dedup.py), then the parts' edges merged here into the files of one process."""
+    from data_curation.dedup import check_threshold
+    from data_curation.distributed_kmeans import manifest_digest
+    from data_curation.embeddings import EmbeddingStore
+    from data_curation.sharded_dedup import DedupPart, check_parts, dedup_settings, merged_graph, prepare
+    from distill.launch.slurm import Resources, check_cluster, check_local, make_executor, submit_or_explain
+
+    check_threshold(args.threshold)
+    if args.parts < 1:
+        check_parts(args.parts, 1)
+    local = args.submit == "local"
+    resources = Resources(timeout_min=args.timeout, partition=args.partition, cpus_per_task=args.cpus_per_task,
+                          tasks_per_node=1)
+    check_local(resources) if local else check_cluster(resources)
+    if args.against:
+        _compatible(args.embeddings, args.against, "the evaluation set")
+    digest = manifest_digest(EmbeddingStore(args.embeddings))  # before reading: a store written meanwhile is refused
+    rows, paths = _select(args.embeddings, args.memory_gb)
+    truth = _dedup_truth(args, paths)
+    check_parts(args.parts, len(rows))
+    settings = dedup_settings(args)
+    todo = prepare(settings, digest, rows)
+    jobs_folder = Path(args.output) / "jobs"
+    if todo:
+        absent = [p for p in (jobs_folder, *jobs_folder.parents) if not p.exists()]
+        executor = make_executor(jobs_folder, resources, local=local)
+        executor.update_parameters(name="distill-curate-dedup")
+        threads = max(1, min(args.cpus_per_task, (os.cpu_count() or 1) // len(todo))) if local else args.cpus_per_task
+        try:
+            with _threads_of_tasks(threads):
+                jobs = submit_or_explain(lambda: executor.map_array(DedupPart(settings, digest), todo), jobs_folder)
+        except InputError as refused:
+            _explain_refusal(refused, args.partition, absent)
+        print(f"submitted job array {jobs[0].job_id.split('_')[0]} ({'local processes' if local else 'SLURM'}): "
+              f"{len(jobs)} of {args.parts} parts to search"
+              + (f" ({args.parts - len(todo)} found finished)" if len(todo) < args.parts else "")
+              + f"; logs in {readable_name(str(jobs_folder))}/")
+        if not args.wait:
+            print(f"run the same command with --wait once the job is done: it merges the parts' edges into "
+                  f"{readable_name(args.output)}/kept.txt, groups.json")
+            return
+        _results_of(jobs, jobs_folder, "finished parts are not searched again")
+    else:
+        print(f"all {args.parts} parts found finished in {readable_name(str(Path(args.output) / 'parts'))}: merging")
+    kept, groups, graph, scores = merged_graph(settings, digest, len(rows))
+    _write_dedup(args, rows, paths, kept, groups, graph, scores, truth)
+
+
+def _explain_refusal(refused: InputError, partition: Optional[str], absent: List[Path]) -> None:
+    """Raises a refused submission again, once the folders made for it are removed (if they stayed empty), naming
+    the partition when it is what was refused."""
+    for created in absent:  # innermost first
+        if created.is_dir() and not any(created.iterdir()):
+            created.rmdir()
+    if partition and "partition" in str(refused).lower():
+        raise InputError(f"{refused}: --partition {partition!r} is not one this cluster takes; `sinfo` "
+                         "lists its partitions") from None
+    raise refused
+
+
+def _results_of(jobs: list, jobs_folder: Path, again: str) -> list:
+    """The results of submitted jobs, once every one has ended; a job that ended without one (killed, failed) is
+    one line naming its logs; a task's {"error": ...} is bad input."""
+    import submitit
+
+    results, failed = [], None
+    for job in jobs:
+        try:
+            results.append(job.results()[0])
+        except submitit.core.utils.UncompletedJobError as failure:
+            lines = [line.strip() for line in str(failure).splitlines() if line.strip()]
+            reason = next((line for line in lines if "(state:" in line), None) or next(
+                (line for line in reversed(lines) if "Error" in line and not line.startswith("Error stream")),
+                lines[0] if lines else "no reason given")
+            failed = failed or DistillError(
+                f"job {job.job_id} ended without its result ({reason[:300]}): its logs are in "
+                f"{readable_name(str(jobs_folder / str(job.job_id)))}/; run the same command again to {again}")
+    if failed is not None:
+        raise failed
+    for result in results:
+        if "error" in result:
+            raise InputError(result["error"])
+    return results
 
 
 def _cluster_settings(args):
@@ -273,31 +379,12 @@ def _submit_cluster(args) -> None:
             job = submit_or_explain(lambda: executor.submit(ClusterJob(settings, manifest_digest(store))),
                                     jobs_folder)
     except InputError as refused:
-        for created in absent:  # the folders made for the refused job, innermost first, if they stayed empty
-            if created.is_dir() and not any(created.iterdir()):
-                created.rmdir()
-        if args.partition and "partition" in str(refused).lower():
-            raise InputError(f"{refused}: --partition {args.partition!r} is not one this cluster takes; `sinfo` "
-                             "lists its partitions") from None
-        raise
+        _explain_refusal(refused, args.partition, absent)
     print(f"submitted job {job.job_id} ({'local processes' if local else 'SLURM'}, {args.tasks} task(s)): results "
           f"into {readable_name(args.output)}, logs in {readable_name(str(jobs_folder / str(job.job_id)))}/")
     if not args.wait:
         return
-    import submitit
-
-    try:
-        result = job.results()[0]
-    except submitit.core.utils.UncompletedJobError as failure:
-        lines = [line.strip() for line in str(failure).splitlines() if line.strip()]
-        reason = next((line for line in lines if "(state:" in line), None) or next(
-            (line for line in reversed(lines) if "Error" in line and not line.startswith("Error stream")),
-            lines[0] if lines else "no reason given")
-        raise DistillError(f"job {job.job_id} ended without its result ({reason[:300]}): its logs are in "
-                           f"{readable_name(str(jobs_folder / str(job.job_id)))}/; run the same command again to "
-                           "continue from its checkpoint") from None
-    if "error" in result:
-        raise InputError(result["error"])
+    result = _results_of([job], jobs_folder, "continue from its checkpoint")[0]
     if result.get("resumed"):
         print(f"continued from the checkpoint in {readable_name(args.output)}/checkpoint: "
               f"{', '.join(result['resumed'])} read back")
@@ -486,6 +573,18 @@ def build_parser() -> argparse.ArgumentParser:
     dedup.add_argument("--memory-gb", **memory)
     dedup.add_argument("--truth", help="known copies, `path<TAB>path` a line: writes the graph's µAP and recall of "
                                        "them to copy_detection.json")
+    dedup.add_argument("--submit", choices=("slurm", "local"),
+                       help="search the graph in --parts job-array tasks (submitit) against one index of the pool, "
+                            "then merge their edges here: the kept list and groups of one process")
+    dedup.add_argument("--parts", type=int, default=1,
+                       help="with --submit: tasks, each searching a contiguous range of the rows (at most the rows)")
+    dedup.add_argument("--partition", help="with --submit slurm")
+    dedup.add_argument("--timeout", type=int, default=240,
+                       help="minutes per task, with --submit: a task that reaches it is requeued")
+    dedup.add_argument("--cpus-per-task", type=int, default=8)
+    dedup.add_argument("--wait", action="store_true",
+                       help="with --submit: wait for the tasks and merge their edges (otherwise run the same "
+                            "command again with --wait: finished parts are not searched again)")
     dedup.set_defaults(run=cmd_dedup)
 
     cluster = commands.add_parser("cluster", help="hierarchical k-means with resampling")

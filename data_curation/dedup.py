@@ -58,26 +58,38 @@ def similar_pairs(data, threshold: float, k: int = 16, exact_below: int = 200_00
     if n < 2:
         empty = np.zeros((0, 2), dtype=np.int64)
         return (empty, np.zeros(0, dtype=np.float32)) if with_scores else empty
-    index = build_index(rows, exact_below)
+    pairs, scores = search_pairs(build_index(rows, exact_below), rows, threshold, k, n)
+    return (pairs, scores) if with_scores else pairs
+
+
+def search_pairs(index, rows: Rows, threshold: float, k: int, total: int, first: int = 0
+                 ) -> Tuple[np.ndarray, np.ndarray]:
+    """The edges found from `rows` (rows first .. first + len(rows) of a pool of `total` rows, all in `index`):
+    pairs (i, j), i < j, each once, in order, and their similarities (a pair found from both ends: the higher).
+    similar_pairs searches every row; a part of a sharded dedup (sharded_dedup.py) its own, and the union of the
+    parts' edges, merged by merge_pairs, is the graph of one process."""
     found, scores = [], []
-    k = min(k + 1, n)
-    with progress(total=n, desc="kNN graph", unit="vec", leave=False) as bar:
+    k = min(k + 1, total)
+    with progress(total=len(rows), desc="kNN graph", unit="vec", leave=False) as bar:
         for start, batch in rows.batches():
             sims, ids = index.search(batch, k)
-            rows_of = np.repeat(np.arange(start, start + len(ids)), k).reshape(len(ids), k)
+            rows_of = np.repeat(np.arange(first + start, first + start + len(ids)), k).reshape(len(ids), k)
             keep = (sims >= threshold) & (ids >= 0) & (ids != rows_of)
             found.append(np.stack([rows_of[keep], ids[keep]], axis=1))
             scores.append(sims[keep])
             bar.update(len(ids))
-    pairs = np.concatenate(found) if found else np.zeros((0, 2), dtype=np.int64)
-    pairs = np.sort(pairs, axis=1)
-    if not with_scores:
-        return np.unique(pairs, axis=0) if len(pairs) else pairs
+    pairs = np.concatenate(found).astype(np.int64) if found else np.zeros((0, 2), dtype=np.int64)
+    return merge_pairs(pairs, np.concatenate(scores) if scores else np.zeros(0, dtype=np.float32))
+
+
+def merge_pairs(pairs: np.ndarray, scores: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Edges as (min, max) pairs, each once, sorted, with the highest similarity any of its copies had."""
     if not len(pairs):
-        return pairs, np.zeros(0, dtype=np.float32)
+        return np.zeros((0, 2), dtype=np.int64), np.zeros(0, dtype=np.float32)
+    pairs = np.sort(np.asarray(pairs, dtype=np.int64), axis=1)
     unique, inverse = np.unique(pairs, axis=0, return_inverse=True)
     best = np.full(len(unique), -np.inf, dtype=np.float32)  # a pair found from both ends: its higher similarity
-    np.maximum.at(best, inverse.ravel(), np.concatenate(scores))
+    np.maximum.at(best, inverse.ravel(), np.asarray(scores, dtype=np.float32))
     return unique, best
 
 
@@ -105,16 +117,27 @@ def deduplicate(data, threshold: float, k: int = 16, exact_below: int = 200_000
 
 def deduplicate_graph(data, threshold: float, k: int = 16, exact_below: int = 200_000):
     """deduplicate, and the graph it worked on: (kept, groups, pairs [m, 2], their similarities [m])."""
-    if not -1 <= threshold <= 1:
-        raise InputError(f"a cosine threshold lies in [-1, 1], got {threshold}")
+    check_threshold(threshold)
     rows = as_rows(data)
     pairs, scores = similar_pairs(rows, threshold, k, exact_below, with_scores=True)
-    components = connected_components(len(rows), pairs)
-    kept = np.flatnonzero(components == np.arange(len(rows)))
+    kept, groups = kept_and_groups(len(rows), pairs)
+    return kept, groups, pairs, scores
+
+
+def check_threshold(threshold: float) -> None:
+    if not -1 <= threshold <= 1:
+        raise InputError(f"a cosine threshold lies in [-1, 1], got {threshold}")
+
+
+def kept_and_groups(n: int, pairs: np.ndarray) -> Tuple[np.ndarray, List[List[int]]]:
+    """One row kept per connected component of the graph (its first), and the components of two or more rows,
+    largest first."""
+    components = connected_components(n, pairs)
+    kept = np.flatnonzero(components == np.arange(n))
     groups: Dict[int, List[int]] = {}
-    for i in np.flatnonzero(components != np.arange(len(rows))):
+    for i in np.flatnonzero(components != np.arange(n)):
         groups.setdefault(int(components[i]), [int(components[i])]).append(int(i))
-    return kept, sorted(groups.values(), key=len, reverse=True), pairs, scores
+    return kept, sorted(groups.values(), key=len, reverse=True)
 
 
 def pair_detection(pairs: np.ndarray, scores: np.ndarray, groups: List[List[int]], truth: np.ndarray,

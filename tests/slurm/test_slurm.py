@@ -2,7 +2,7 @@
 job signalled mid-run (submitit's USR2), then requeued with SIGTERM only, resumes each time and ends with the
 weights of an uninterrupted run; a job preempted by a higher-tier partition's job requeues and finishes; a 2-task
 job trains over gloo as one process group; a job array embeds one part per task; a k-means job of several tasks
-clusters as one process does."""
+clusters as one process does; a dedup job array gives the kept list and groups of one process."""
 
 import json
 import os
@@ -134,6 +134,24 @@ def test_a_cluster_job_of_several_tasks_gives_the_clustering_of_one_process(clus
     assert_same_clustering(tmp_path / "one", tmp_path / "job")
     assert len(list((tmp_path / "job" / "jobs").glob(f"*/*_{tasks - 1}_log.out"))) == 1  # tasks ran as one job
     assert not (tmp_path / "job" / "checkpoint").exists()
+
+
+@pytest.mark.timeout(600)
+def test_a_dedup_job_array_gives_the_kept_list_and_groups_of_one_process(cluster, tmp_path, monkeypatch):
+    from data_curation.cli import main as curate
+    from tests.curation.test_distributed_kmeans import make_store
+    from tests.curation.test_sharded_dedup import pool_with_copies
+
+    for key, value in cluster.env.items():
+        monkeypatch.setenv(key, value)
+    store = make_store(tmp_path / "emb", pool_with_copies(), shard=150)
+    common = ["dedup", "--embeddings", str(store), "--threshold", "0.95", "--no-grid"]
+    assert curate(common + ["--output", str(tmp_path / "one")]) == 0
+    assert curate(common + ["--output", str(tmp_path / "job"), "--submit", "slurm", "--partition", "debug",
+                            "--parts", "3", "--cpus-per-task", "1", "--timeout", "30", "--wait"]) == 0
+    for name in ("kept.txt", "groups.json"):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "job" / name).read_bytes(), name
+    assert sorted(p.name for p in (tmp_path / "job" / "parts").glob("done_*")) == [f"done_{i:04d}" for i in range(3)]
 
 
 @pytest.mark.timeout(900)
