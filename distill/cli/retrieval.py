@@ -10,8 +10,6 @@ import argparse
 import os
 from typing import List, Optional, Set
 
-import torch
-
 from distill.cli.arguments import add_backbone_choice, add_compute_arguments, parse_sets
 from distill.errors import InputError
 
@@ -91,8 +89,10 @@ def _descriptors(args, model, view, source, desc: str):
     return F.normalize(features.float(), dim=1), indices
 
 
-def nearest(queries: torch.Tensor, gallery: torch.Tensor, k: int, chunk: int = 4096):
-    """Exact cosine search of normalised rows: (scores, ids) [len(queries), k], best first."""
+def nearest(queries, gallery, k: int, chunk: int = 4096):
+    """Exact cosine search of normalised rows (torch tensors): (scores, ids) [len(queries), k], best first."""
+    import torch
+
     scores, ids = [], []
     for start in range(0, len(queries), chunk):
         similarity = queries[start:start + chunk] @ gallery.T
