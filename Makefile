@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 DEMO_MINUTES ?= 10
-DEMO_RUN := runs/dino_fashion_mnist
+DEMO_RUN := runs/dinov2_fashion_mnist
 
 .PHONY: install data slurm demo baseline test bench clean
 
@@ -25,11 +25,12 @@ data:
 slurm:
 	tools/get_slurm.sh
 
-# The main job: DINO on Fashion-MNIST for DEMO_MINUTES of training, then kNN against raw pixels and the random
-# initialisation, attention maps and the loss curve. Each demo starts afresh in $(DEMO_RUN).
+# The main job: DINOv2 (DINO + iBOT + KoLeo) on Fashion-MNIST for DEMO_MINUTES of training, then kNN against raw
+# pixels and the random initialisation, attention maps and the loss curve. Each demo starts afresh in $(DEMO_RUN).
+# DINO alone on the same network: distill train configs/demo/dino_fashion_mnist.yaml
 demo: install data
 	rm -rf $(DEMO_RUN)
-	$(BIN)/distill train configs/demo/dino_fashion_mnist.yaml train.time_limit_minutes=$(DEMO_MINUTES) \
+	$(BIN)/distill train configs/dinov2/dinov2_fashion_mnist.yaml train.time_limit_minutes=$(DEMO_MINUTES) \
 		train.output_dir=$(DEMO_RUN)
 
 # The kNN baselines alone: raw pixels and randomly initialised ViTs (a few minutes).
