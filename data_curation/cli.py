@@ -26,6 +26,7 @@ import numpy as np
 from distill.data.filelists import readable_name, write_file_list
 from distill.logs import configure_logging
 from distill.errors import DistillError, InputError
+from distill.eval.retrieval import truth_sets, write_metrics
 
 logger = logging.getLogger("data_curation")
 
@@ -148,14 +149,6 @@ def _truth_pairs(truth: str, queries: tuple, gallery: tuple) -> List[tuple]:
     return list(zip(left, right))
 
 
-def _write_json(path: Path, results: dict) -> None:
-    """Results as JSON; a metric without a value (NaN: nothing to measure it on) as null."""
-    from distill.files import atomic_write_text
-
-    clean = {k: (None if isinstance(v, float) and v != v else v) for k, v in results.items()}
-    atomic_write_text(path, json.dumps(clean, indent=1, ensure_ascii=False) + "\n")
-
-
 def cmd_dedup(args) -> None:
     from data_curation.dedup import deduplicate_graph
 
@@ -203,7 +196,7 @@ def _write_dedup(args, rows, paths: List[str], kept, groups, graph, scores, trut
           f"{readable_name(str(out))}/kept.txt, groups.json" + (", duplicate_groups.png" if named and args.grid else ""))
     if truth is not None:
         found = pair_detection(graph, scores, groups, np.array(truth))
-        _write_json(out / "copy_detection.json", {**found, "truth": os.path.abspath(args.truth),
+        write_metrics(out / "copy_detection.json", {**found, "truth": os.path.abspath(args.truth),
                                                    "threshold": args.threshold, "k": args.k})
         print(f"copy detection of the {found['truth_pairs']} pairs of {readable_name(args.truth)} by the graph: "
               f"µAP {found['microAP']:.4f}, recall {found['pair_recall']:.4f} as edges, {found['group_recall']:.4f} "
@@ -496,16 +489,15 @@ def cmd_evaluate_retrieval(args) -> None:
     _compatible(args.queries, args.gallery, "the gallery")
     queries, query_paths = _select(args.queries, args.memory_gb)
     gallery, gallery_paths = _select(args.gallery, args.memory_gb)
-    truth: List[set] = [set() for _ in range(len(queries))]
-    for query, item in _truth_pairs(args.truth, (args.queries, query_paths), (args.gallery, gallery_paths)):
-        truth[query].add(item)
+    pairs = _truth_pairs(args.truth, (args.queries, query_paths), (args.gallery, gallery_paths))
+    truth = truth_sets(len(queries), pairs)
     k = min(args.k, len(gallery))
     ids, scores = retrieve(queries, gallery, k)
     results = retrieval_metrics(scores, ids, truth)
     print(format_metrics(results, f"{len(queries)} queries of {readable_name(args.queries)} against "
                                   f"{len(gallery)} images of {readable_name(args.gallery)}, top {k}:"))
     if args.output:
-        _write_json(Path(args.output), {**results, "k": k, "queries_store": os.path.abspath(args.queries),
+        write_metrics(Path(args.output), {**results, "k": k, "queries_store": os.path.abspath(args.queries),
                                         "gallery_store": os.path.abspath(args.gallery),
                                         "truth": os.path.abspath(args.truth)})
         print(f"-> {readable_name(args.output)}")

@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from data_curation.embeddings import (MANIFEST, EmbeddingStore, file_digest, keep_forms, report_missing_kept,
+from data_curation.embeddings import (MANIFEST, EmbeddingStore, contiguous_runs, file_digest, keep_forms, report_missing_kept,
                                       rows_in_memory_or_streamed, usable_rows, valid_mask)
 from data_curation.kmeans import ALONE, Checkpoints, Level, Share, hierarchical_kmeans, leaf_of_top
 from data_curation.pictures import cluster_sizes
@@ -54,11 +54,6 @@ def check_tasks(shards: int, tasks: int) -> None:
     if tasks > shards:
         raise InputError(f"--tasks {tasks} but the store has {shards} shard{'s' if shards != 1 else ''}: use at most "
                          f"{shards} task{'s' if shards != 1 else ''} or re-embed with a smaller --shard-size")
-
-
-def split_shards(shards: int, tasks: int) -> List[Tuple[int, int]]:
-    """(first, stop) shard numbers of each task: contiguous runs, as even in count as they can be."""
-    return [((shards * t) // tasks, (shards * (t + 1)) // tasks) for t in range(tasks)]
 
 
 @dataclass
@@ -162,7 +157,7 @@ def select_share(settings: ClusterSettings, digest: str, group=ALONE) -> Tuple[S
         manifest = store.manifest()
         shards, dim = manifest["shards"], store.dim
         check_tasks(len(shards), group.size)
-        first, stop = split_shards(len(shards), group.size)[group.rank]
+        first, stop = contiguous_runs(len(shards), group.size)[group.rank]  # each task's shards
         bounds = np.cumsum([0] + [s["rows"] for s in shards])
         # select reads a store that fits whole into memory; this task reads its shards, one at a time
         fits = bounds[-1] * dim * 4 <= settings.memory_gb * 2**30

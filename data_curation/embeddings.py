@@ -604,6 +604,11 @@ def report_missing_kept(forms: List[List[str]], paths: Sequence[str], listing, f
                        len(forms), readable_name(str(listing)), readable_name(str(folder)))
 
 
+def contiguous_runs(count: int, parts: int) -> List[Tuple[int, int]]:
+    """(first, stop) of each of `parts` contiguous runs of range(count), as even in length as they can be."""
+    return [((count * p) // parts, (count * (p + 1)) // parts) for p in range(parts)]
+
+
 def sample_cap(rows: Rows, wanted: int, share: float = 0.5) -> int:
     """How many float32 rows a step may gather at once: `wanted`, or fewer when that exceeds `share` of the
     memory budget of streamed rows."""

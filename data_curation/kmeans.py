@@ -16,7 +16,7 @@ import logging
 
 import numpy as np
 
-from data_curation.embeddings import ArrayRows, Rows, as_rows, sample_cap
+from data_curation.embeddings import ArrayRows, Rows, as_rows, contiguous_runs, sample_cap
 from distill.errors import InputError
 from distill.progress import progress
 
@@ -83,7 +83,7 @@ def spread(rows: ArrayRows, group=ALONE) -> Share:
     share per process."""
     if group.size == 1:
         return Share(rows, 0, len(rows))
-    start, stop = (len(rows) * group.rank) // group.size, (len(rows) * (group.rank + 1)) // group.size
+    start, stop = contiguous_runs(len(rows), group.size)[group.rank]
     return Share(rows.slice(start, stop), start, len(rows))
 
 

@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Tuple
 import numpy as np
 
 from data_curation.distributed_kmeans import _attempt, manifest_digest
-from data_curation.embeddings import ArrayRows, EmbeddingStore, Rows, select
+from data_curation.embeddings import ArrayRows, EmbeddingStore, Rows, contiguous_runs, select
 from distill.data.filelists import readable_name
 from distill.errors import InputError
 from distill.files import atomic_write, atomic_write_text
@@ -58,11 +58,6 @@ def check_parts(parts: int, rows: int) -> None:
     if parts > rows:
         raise InputError(f"--parts {parts} but the store has {rows} usable embedding{'s' if rows != 1 else ''}: "
                          f"use at most {rows} parts")
-
-
-def split_rows(rows: int, parts: int) -> List[Tuple[int, int]]:
-    """(first, stop) rows of each part: contiguous, as even as they can be."""
-    return [((rows * p) // parts, (rows * (p + 1)) // parts) for p in range(parts)]
 
 
 def part_rows(rows: Rows, first: int, stop: int) -> Rows:
@@ -122,7 +117,7 @@ def search_part(settings: DedupSettings, digest: str, part: int) -> Dict[str, An
 
     _check_store(settings, digest, "since the job was submitted")
     rows, _ = select(settings.embeddings, settings.memory_gb)
-    first, stop = split_rows(len(rows), settings.parts)[part]
+    first, stop = contiguous_runs(len(rows), settings.parts)[part]
     out = Path(settings.output)
     index = faiss.read_index(str(out / INDEX / "pool.faiss"))
     nprobe = json.loads((out / INDEX / "nprobe.json").read_text())["nprobe"]

@@ -8,7 +8,7 @@ evaluate-retrieval` computes the same figures."""
 
 import argparse
 import os
-from typing import List, Optional, Set
+from typing import List
 
 from distill.cli.arguments import add_backbone_choice, add_compute_arguments, parse_sets
 from distill.errors import InputError
@@ -105,7 +105,7 @@ def nearest(queries, gallery, k: int, chunk: int = 4096):
 def cmd_eval_retrieval(args: argparse.Namespace) -> None:
     from distill.data.eval_views import EvalView
     from distill.eval.loading import load_backbone
-    from distill.eval.retrieval import format_metrics, read_truth, retrieval_metrics
+    from distill.eval.retrieval import format_metrics, read_truth, retrieval_metrics, truth_sets, write_metrics
 
     if args.k < 1:
         raise InputError(f"--k is the number of gallery images ranked for each query, at least 1, got {args.k}")
@@ -122,24 +122,14 @@ def cmd_eval_retrieval(args: argparse.Namespace) -> None:
                        {int(i): r for r, i in enumerate(query_images)})
     gallery_rows = _rows([b for _, b in pairs], gallery_source, args.gallery, "gallery", args.truth,
                          {int(i): r for r, i in enumerate(gallery_images)})
-    truth: List[Set[int]] = [set() for _ in range(len(queries))]
-    for query, item in zip(query_rows, gallery_rows):
-        truth[query].add(item)
+    truth = truth_sets(len(queries), zip(query_rows, gallery_rows))
     k = min(args.k, len(gallery))
     scores, ids = nearest(queries, gallery, k)
     results = retrieval_metrics(scores, ids, truth)
     print(format_metrics(results, f"{len(queries)} queries of {queries_source.name} against {len(gallery)} images "
                                   f"of {gallery_source.name}, top {k}:"))
-    _write_results(args.output, {**results, "k": k, "descriptor": args.descriptor, "checkpoint": args.checkpoint,
-                                 "queries_images": args.queries, "gallery_images": args.gallery, "truth": args.truth})
+    if args.output:
+        write_metrics(args.output, {**results, "k": k, "descriptor": args.descriptor, "checkpoint": args.checkpoint,
+                                    "queries_images": args.queries, "gallery_images": args.gallery, "truth": args.truth})
+        print(f"written to {args.output}")
 
-
-def _write_results(path: Optional[str], results: dict) -> None:
-    if path:
-        import json
-
-        from distill.files import atomic_write_text
-
-        clean = {k: (None if isinstance(v, float) and v != v else v) for k, v in results.items()}
-        atomic_write_text(path, json.dumps(clean, indent=1, ensure_ascii=False) + "\n")
-        print(f"written to {path}")

@@ -129,3 +129,21 @@ def read_truth(path) -> List[Tuple[str, str]]:
     if not pairs:
         raise InputError(f"--truth {name} holds no pairs: write one `query<TAB>gallery` line per ground-truth pair")
     return pairs
+
+
+def truth_sets(queries: int, pairs: Sequence[Tuple[int, int]]) -> List[Set[int]]:
+    """The relevant gallery rows of each of `queries` query rows, from (query row, gallery row) pairs."""
+    truth: List[Set[int]] = [set() for _ in range(queries)]
+    for query, item in pairs:
+        truth[query].add(item)
+    return truth
+
+
+def write_metrics(path, results: Dict[str, object]) -> None:
+    """Metrics as JSON, written whole; a metric without a value (NaN: nothing to measure it on) as null."""
+    import json
+
+    from distill.files import atomic_write_text
+
+    clean = {k: (None if isinstance(v, float) and v != v else v) for k, v in results.items()}
+    atomic_write_text(path, json.dumps(clean, indent=1, ensure_ascii=False) + "\n")

@@ -12,7 +12,8 @@ import pytest
 from data_curation.cli import main
 from data_curation.dedup import search_pairs, similar_pairs
 from data_curation.embeddings import ArrayRows, EmbeddingStore
-from data_curation.sharded_dedup import EXIT_PART, part_rows, split_rows
+from data_curation.embeddings import contiguous_runs
+from data_curation.sharded_dedup import EXIT_PART, part_rows
 from tests.curation.test_distributed_kmeans import files_of, make_store
 from tests.distributed.test_submit import _fake_slurm
 
@@ -61,7 +62,7 @@ def test_the_parts_edges_are_the_edges_of_one_process():
     whole = similar_pairs(rows, 0.95, with_scores=True)
     index = faiss.IndexFlatIP(rows.dim)
     index.add(rows.vectors)
-    found = [search_pairs(index, part_rows(rows, a, b), 0.95, 16, len(rows), a) for a, b in split_rows(len(rows), 3)]
+    found = [search_pairs(index, part_rows(rows, a, b), 0.95, 16, len(rows), a) for a, b in contiguous_runs(len(rows), 3)]
     from data_curation.dedup import merge_pairs
 
     merged = merge_pairs(np.concatenate([p for p, _ in found]), np.concatenate([s for _, s in found]))
