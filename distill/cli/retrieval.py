@@ -48,9 +48,9 @@ def _images(spec: str, what: str):
     return build_image_source(DatasetConfig(kind=kind, path=spec), None)
 
 
-def _rows(names: List[str], source, spec: str, flag: str, truth: str, rows_of_images: dict) -> List[int]:
-    """The descriptor rows the truth file's names stand for: a path (as written, from the truth file's folder, from
-    the image set's folder) or an image number of the set."""
+def _image_numbers(names: List[str], source, spec: str, flag: str, truth: str) -> List[int]:
+    """The images of a set the truth file's names stand for: a path (as written, from the truth file's folder, from
+    the image set's folder) or an image number of the set; found before any image is encoded."""
     paths = getattr(source, "paths", None) or []
     where = {os.path.abspath(p): i for i, p in enumerate(paths)}
     truth_folder = os.path.dirname(os.path.abspath(truth))
@@ -62,12 +62,22 @@ def _rows(names: List[str], source, spec: str, flag: str, truth: str, rows_of_im
                       if os.path.abspath(form) in where), None)
         if image is None and name.isdigit() and int(name) < len(source):
             image = int(name)
-        if image is None or image not in rows_of_images:
-            why = "is not one of its images" if image is None else "could not be read"
-            raise InputError(f"--truth {truth} names {name!r}, which {why} of --{flag} ({source.name}): write paths "
-                             "as the set lists them or image numbers, one `query<TAB>gallery` pair a line")
-        out.append(rows_of_images[image])
+        if image is None:
+            raise InputError(f"--truth {truth} names {name!r}, which is not one of the images of --{flag} "
+                             f"({source.name}): write paths as the set lists them or image numbers, one "
+                             "`query<TAB>gallery` pair a line")
+        out.append(image)
     return out
+
+
+def _rows(images: List[int], encoded, names: List[str], flag: str, truth: str) -> List[int]:
+    """The descriptor rows of those images (encoded: the image number of each row)."""
+    row_of = {int(i): r for r, i in enumerate(encoded)}
+    missing = next((name for name, image in zip(names, images) if image not in row_of), None)
+    if missing is not None:
+        raise InputError(f"--truth {truth} names {missing!r} of --{flag}, which could not be read: replace the "
+                         "file or leave its pairs out")
+    return [row_of[image] for image in images]
 
 
 def _descriptors(args, model, view, source, desc: str):
@@ -111,17 +121,18 @@ def cmd_eval_retrieval(args: argparse.Namespace) -> None:
         raise InputError(f"--k is the number of gallery images ranked for each query, at least 1, got {args.k}")
     pairs = read_truth(args.truth)  # a bad truth file stops before any image is read
     queries_source, gallery_source = _images(args.queries, "queries"), _images(args.gallery, "gallery")
+    query_names, gallery_names = [a for a, _ in pairs], [b for _, b in pairs]
+    query_images = _image_numbers(query_names, queries_source, args.queries, "queries", args.truth)
+    gallery_images = _image_numbers(gallery_names, gallery_source, args.gallery, "gallery", args.truth)
     fashion = args.queries.startswith("fashion_mnist") or args.gallery.startswith("fashion_mnist")
     model, setup = load_backbone(args.checkpoint, args.backbone, parse_sets(args.set), args.checkpoint_key, fashion)
     view = EvalView(args.image_size or setup.image_size, args.mean or setup.mean, args.std or setup.std,
                     model.config["in_chans"])
     print(f"backbone from {setup.source}; {args.descriptor} descriptors of {view.size} px views")
-    queries, query_images = _descriptors(args, model, view, queries_source, "queries")
-    gallery, gallery_images = _descriptors(args, model, view, gallery_source, "gallery")
-    query_rows = _rows([a for a, _ in pairs], queries_source, args.queries, "queries", args.truth,
-                       {int(i): r for r, i in enumerate(query_images)})
-    gallery_rows = _rows([b for _, b in pairs], gallery_source, args.gallery, "gallery", args.truth,
-                         {int(i): r for r, i in enumerate(gallery_images)})
+    queries, query_encoded = _descriptors(args, model, view, queries_source, "queries")
+    gallery, gallery_encoded = _descriptors(args, model, view, gallery_source, "gallery")
+    query_rows = _rows(query_images, query_encoded, query_names, "queries", args.truth)
+    gallery_rows = _rows(gallery_images, gallery_encoded, gallery_names, "gallery", args.truth)
     truth = truth_sets(len(queries), zip(query_rows, gallery_rows))
     k = min(args.k, len(gallery))
     scores, ids = nearest(queries, gallery, k)

@@ -66,8 +66,10 @@ def test_a_wrong_pair_lowers_the_figures_by_its_rank(sets, capsys):
 
 def test_a_truth_naming_an_image_not_in_the_set_is_one_line_and_status_2(sets, capsys):
     assert _run(sets, ["queries/q0.png\tgallery/missing.png"]) == 2
-    err = capsys.readouterr().err
+    said = capsys.readouterr()
+    err = said.err
     assert err.count("\n") == 1 and "'gallery/missing.png'" in err and "--gallery" in err
+    assert "backbone from" not in said.out  # found before the network is loaded and any image encoded
     assert not (sets / "out.json").exists()
     assert _run(sets, ["queries/q0.png gallery/g0.png"]) == 2
     assert "not two fields" in capsys.readouterr().err
