@@ -152,6 +152,8 @@ def _truth_pairs(truth: str, queries: tuple, gallery: tuple) -> List[tuple]:
 def cmd_dedup(args) -> None:
     from data_curation.dedup import deduplicate_graph
 
+    if args.nprobe < 1:
+        raise InputError(f"--nprobe is how many inverted lists each image searches, at least 1, got {args.nprobe}")
     if args.submit:
         return _submit_dedup(args)
     if args.parts != 1:
@@ -161,7 +163,7 @@ def cmd_dedup(args) -> None:
         _compatible(args.embeddings, args.against, "the evaluation set")
     rows, paths = _select(args.embeddings, args.memory_gb)
     truth = _dedup_truth(args, paths)
-    kept, groups, graph, scores = deduplicate_graph(rows, args.threshold, args.k, args.exact_below)
+    kept, groups, graph, scores = deduplicate_graph(rows, args.threshold, args.k, args.exact_below, args.nprobe)
     _write_dedup(args, rows, paths, kept, groups, graph, scores, truth)
 
 
@@ -559,6 +561,8 @@ def build_parser() -> argparse.ArgumentParser:
     dedup.add_argument("--threshold", type=float, default=0.95)
     dedup.add_argument("--k", type=int, default=16, help="neighbours per image in the graph")
     dedup.add_argument("--exact-below", type=int, default=200_000, help="exact search up to this many images")
+    dedup.add_argument("--nprobe", type=int, default=16,
+                       help="inverted lists searched per image above --exact-below (fewer: faster, some pairs missed)")
     dedup.add_argument("--against", help="embeddings of an evaluation set: drop pool images this close to it")
     dedup.add_argument("--no-grid", dest="grid", action="store_false", help="skip duplicate_groups.png")
     dedup.add_argument("--output", required=True)

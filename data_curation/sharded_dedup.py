@@ -44,6 +44,7 @@ class DedupSettings:
     exact_below: int
     memory_gb: float
     parts: int
+    nprobe: int = 16
 
     def identity(self, digest: str) -> Dict[str, Any]:
         """What decides the index and the parts' edges: a folder of another run's parts is started afresh."""
@@ -98,12 +99,13 @@ def prepare(settings: DedupSettings, digest: str, rows: Rows) -> List[int]:
                         "starting afresh", readable_name(str(out / PARTS)))
         shutil.rmtree(out / PARTS, ignore_errors=True)
         shutil.rmtree(out / INDEX, ignore_errors=True)
-        index = build_index(rows, settings.exact_below)
+        index = build_index(rows, settings.exact_below, nprobe=settings.nprobe)
         (out / INDEX).mkdir(parents=True, exist_ok=True)
         staged = out / INDEX / f".pool.faiss.{os.getpid()}.tmp"
         faiss.write_index(index, str(staged))
         os.replace(staged, index_file)
-        atomic_write_text(out / INDEX / "nprobe.json", json.dumps({"nprobe": getattr(index, "nprobe", None)}))
+        atomic_write_text(out / INDEX / "nprobe.json", json.dumps({  # what a saved index does not keep
+            "nprobe": getattr(index, "nprobe", None), "rescore_margin": getattr(index, "rescore_margin", None)}))
         _check_store(settings, digest, "while its index was built")
         atomic_write_text(record, json.dumps(identity, indent=1))  # last: it vouches for the index
     return [p for p in range(settings.parts) if not _edges(out / PARTS, p)[2].is_file()]
@@ -120,11 +122,13 @@ def search_part(settings: DedupSettings, digest: str, part: int) -> Dict[str, An
     first, stop = contiguous_runs(len(rows), settings.parts)[part]
     out = Path(settings.output)
     index = faiss.read_index(str(out / INDEX / "pool.faiss"))
-    nprobe = json.loads((out / INDEX / "nprobe.json").read_text())["nprobe"]
-    if nprobe is not None:
-        index.nprobe = nprobe
+    saved = json.loads((out / INDEX / "nprobe.json").read_text())
+    if saved["nprobe"] is not None:
+        index.nprobe = saved["nprobe"]
+    if saved.get("rescore_margin") is not None:
+        index.__dict__["rescore_margin"] = saved["rescore_margin"]
     pairs, scores = search_pairs(index, part_rows(rows, first, stop), settings.threshold, settings.k, len(rows),
-                                 first)
+                                 first, pool=rows)
     if os.environ.get(EXIT_PART) == str(part):
         logger.warning("%s=%d: ending here, as a killed task would", EXIT_PART, part)
         os._exit(3)
@@ -179,5 +183,6 @@ class DedupPart:
 
 def dedup_settings(args) -> DedupSettings:
     return DedupSettings(embeddings=args.embeddings, output=args.output, threshold=args.threshold, k=args.k,
-                         exact_below=args.exact_below, memory_gb=args.memory_gb, parts=args.parts)
+                         exact_below=args.exact_below, memory_gb=args.memory_gb, parts=args.parts,
+                         nprobe=args.nprobe)
 

@@ -3,11 +3,14 @@
 resize, flip, JPEG), embedded by a backbone trained by this project; precision and recall of the copy pairs
 found by `distill-curate dedup`'s graph at several thresholds, next to raw pixels.
 
-    .venv/bin/python tools/curation_dedup_study.py --checkpoint runs/dinov2_fashion_mnist_rerun/checkpoint.pth
+    .venv/bin/python tools/curation_dedup_study.py          # after `make demo`: its checkpoint
 
 Two strengths of change: "strong" as first specified (a 60% resize of a 28-pixel image keeps 17 pixels a side,
 JPEG down to quality 50) and "mild" (the same changes scaled to 28-pixel images). Features: the class token,
-the class token averaged with the mirrored image's (`distill-curate embed --flip-average`), raw pixels.
+the class token averaged with the mirrored image's (`distill-curate embed --flip-average`), DINO's
+copy-detection descriptor (`distill-curate embed --descriptor copy`: the class token with the GeM-pooled patch
+tokens, PCA-whitened with a whitening learned on --whiten-images training images, never the test images), the
+same flip-averaged, and raw pixels.
 
 A predicted pair is two images in one connected component; recall counts the (original, copy) pairs so
 found, precision the share of predicted pairs that are such pairs (natural near-twins of the dataset count
@@ -81,20 +84,37 @@ def nearest_is_original(vectors: np.ndarray, sources: np.ndarray) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", default="runs/dinov2_fashion_mnist_rerun/checkpoint.pth")
+    parser.add_argument("--checkpoint", default="runs/dinov2_fashion_mnist/checkpoint.pth")
     parser.add_argument("--copies", type=int, default=1000)
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.9, 0.95, 0.97, 0.98, 0.99, 0.995])
+    parser.add_argument("--gem-p", type=float, default=4.0, help="the copy descriptor's GeM exponent")
+    parser.add_argument("--whiten-images", type=int, default=20_000,
+                        help="training images the copy descriptor's whitening is learned on")
     parser.add_argument("--output", default="runs/dedup_study")
     args = parser.parse_args()
     images, _ = load_fashion_mnist("test")
 
     from distill.data.eval_views import EvalView
+    from distill.eval.descriptors import apply_whitening, copy_descriptor, learn_whitening
     from distill.eval.features import extract_features
     from distill.eval.loading import load_backbone
 
     model, setup = load_backbone(args.checkpoint, fashion_mnist=True)
     view = EvalView(setup.image_size, setup.mean, setup.std, 1)
     normed = lambda f: f / np.linalg.norm(f, axis=1, keepdims=True)  # noqa: E731
+    preprocess = lambda b: view.array_batch(b)[0]  # noqa: E731
+    described = lambda a: extract_features(  # noqa: E731
+        lambda x: copy_descriptor(model, x, args.gem_p), np.ascontiguousarray(a[:, None]), preprocess,
+        desc="copy descriptor").numpy()
+    train_images, _ = load_fashion_mnist("train")
+    chosen = np.random.default_rng(1).choice(len(train_images), size=min(args.whiten_images, len(train_images)),
+                                             replace=False)
+    learning = train_images[np.sort(chosen)]
+    # as `embed --descriptor copy [--flip-average] --whiten-on`: the whitening learned on descriptors made alike
+    flip_described = lambda a: normed(described(a) + described(a[:, :, ::-1]))  # noqa: E731
+    whitenings = {False: learn_whitening(described(learning)), True: learn_whitening(flip_described(learning))}
+    print(f"copy descriptor: GeM p={args.gem_p}, whitening learned on {whitenings[False].rows} training images, "
+          f"{whitenings[False].dim} dimensions")
     out = Path(args.output)
     for preset, strength in PRESETS.items():
         rng = np.random.default_rng(0)
@@ -103,10 +123,13 @@ def main() -> None:
         pool = np.concatenate([images, copies])
         truth = {(int(s), len(images) + j) for j, s in enumerate(sources)}
         embed = lambda a: normed(extract_features(model, np.ascontiguousarray(a[:, None]),  # noqa: E731
-                                                  lambda b: view.array_batch(b)[0], desc="embed").numpy())
+                                                  preprocess, desc="embed").numpy())
         plain, mirrored = embed(pool), embed(pool[:, :, ::-1])
+        copy = normed(apply_whitening(described(pool), whitenings[False]))
+        copy_flip = normed(apply_whitening(flip_described(pool), whitenings[True]))
         pixels = pool.reshape(len(pool), -1).astype(np.float32) / 255.0
         features = {"class token": plain, "class token, flip-averaged": normed(plain + mirrored),
+                    "copy descriptor": copy, "copy descriptor, flip-averaged": copy_flip,
                     "raw pixels (centred)": pixels - pixels.mean(axis=0)}
         print(f"\n{preset} copies {strength}: {len(images)} test images + {args.copies} near-copies; "
               f"backbone {args.checkpoint}")

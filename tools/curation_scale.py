@@ -20,8 +20,10 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Dict, Tuple
 
 import numpy as np
 
@@ -56,15 +58,61 @@ def generate(folder: Path, points: int, dim: int, clusters: int, copies: float, 
     return np.concatenate(pairs)
 
 
-def measured(command):
-    """Run one step as its own process: (wall seconds, peak resident memory in GiB)."""
+def _tree_rss(root: int) -> Dict[int, int]:
+    """Resident memory in bytes of `root` and every process below it (read from /proc)."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry)] = int(stat[stat.rindex(")") + 2:].split()[1])
+    tree, grown = {root}, True
+    while grown:
+        grown = False
+        for pid, parent in parents.items():
+            if parent in tree and pid not in tree:
+                tree.add(pid)
+                grown = True
+    rss = {}
+    for pid in tree:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        for line in status.splitlines():
+            if line.startswith("VmRSS:"):
+                rss[pid] = int(line.split()[1]) * 1024
+    return rss
+
+
+def measured(command) -> Tuple[float, float, float]:
+    """Run one step as its own process, with what it starts (local job tasks): (wall seconds, peak resident
+    memory of all its processes together, of the largest one), in GiB, from a poll every 0.2 s and the kernel's
+    own peak of the main process."""
     start = time.perf_counter()
     process = subprocess.Popen(command)
+    peaks = {"total": 0, "largest": 0}
+    done = threading.Event()
+
+    def poll():
+        while not done.wait(0.2):
+            rss = _tree_rss(process.pid)
+            if rss:
+                peaks["total"] = max(peaks["total"], sum(rss.values()))
+                peaks["largest"] = max(peaks["largest"], max(rss.values()))
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
     _, status, usage = os.wait4(process.pid, 0)
     wall = time.perf_counter() - start
+    done.set()
+    poller.join()
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"step failed: {' '.join(command)}")
-    return wall, usage.ru_maxrss / 2**20  # kilobytes on Linux
+    main = usage.ru_maxrss * 1024  # kilobytes on Linux
+    return wall, max(peaks["total"], main) / 2**30, max(peaks["largest"], main) / 2**30
 
 
 def compare_kmeans(folder: Path, k: int, settings, seed: int = 0, points: int = None, minibatch: bool = True):
@@ -118,6 +166,16 @@ def report_kmeans(k: int, points: int, comparison) -> None:
         print(line)
 
 
+def agreement(first: Path, second: Path, name: str) -> str:
+    """How a file of two runs compares: 'identical', the largest difference of two float arrays, or 'DIFFERENT'."""
+    if name.endswith(".npy"):
+        a, b = np.load(first / name), np.load(second / name)
+        if a.shape == b.shape and a.dtype.kind == "f" and not np.array_equal(a, b):
+            return f"within {np.abs(a - b).max():.1e}"
+        return "identical" if np.array_equal(a, b) else "DIFFERENT"
+    return "identical" if (first / name).read_bytes() == (second / name).read_bytes() else "DIFFERENT"
+
+
 def setting(text: str):
     """ITERATIONSxPOINTS_PER_CENTROID, e.g. 10x64."""
     iterations, per_centroid = text.lower().split("x")
@@ -135,7 +193,11 @@ def main() -> None:
     parser.add_argument("--sample-per-centroid", type=int, default=64)
     parser.add_argument("--target", type=float, default=0.2, help="share of the deduplicated pool to sample")
     parser.add_argument("--memory-gb", type=float, default=0.5, help="below the pool's float32 size: steps stream")
-    parser.add_argument("--compare-k", type=int, nargs="+", default=[1000])
+    parser.add_argument("--nprobe", type=int, default=16, help="dedup --nprobe")
+    parser.add_argument("--tasks", type=int, nargs="+", default=[1],
+                        help="run dedup and cluster with each of these task counts (above 1: --submit local "
+                             "--parts/--tasks N), and check that they agree")
+    parser.add_argument("--compare-k", type=int, nargs="*", default=[1000], help="none: skip the comparison")
     parser.add_argument("--compare-settings", type=setting, nargs="+", default=None,
                         help="our fits to compare, ITERATIONSxPOINTS_PER_CENTROID (default: 20x256 and the "
                              "cluster step's --iterations x --sample-per-centroid)")
@@ -155,28 +217,41 @@ def main() -> None:
     if not args.compare_only:
         curate = [sys.executable, "-m", "data_curation.cli"]
         memory = ["--memory-gb", str(args.memory_gb)]
-        steps["dedup"] = measured(curate + ["dedup", "--embeddings", str(emb), "--threshold", "0.97", "--no-grid",
-                                            "--output", str(out / "dedup")] + memory)
-        kept = read_paths(out / "dedup" / "kept.txt")
-        kept_rows = np.array([int(p[10:17]) for p in kept])
+        results = {}
+        for tasks in args.tasks:
+            suffix = "" if tasks == 1 else f"_{tasks}tasks"
+            dedup_out, cluster_out = out / f"dedup{suffix}", out / f"clusters{suffix}"
+            job = [] if tasks == 1 else ["--submit", "local", "--wait"]
+            steps[f"dedup{suffix}"] = measured(
+                curate + ["dedup", "--embeddings", str(emb), "--threshold", "0.97", "--no-grid", "--nprobe",
+                          str(args.nprobe), "--output", str(dedup_out)] + memory + job
+                + (["--parts", str(tasks)] if job else []))
+            steps[f"cluster{suffix}"] = measured(
+                curate + ["cluster", "--embeddings", str(emb), "--keep", str(dedup_out / "kept.txt"),
+                          "--levels", *map(str, args.levels), "--iterations", str(args.iterations),
+                          "--sample-per-centroid", str(args.sample_per_centroid), "--output", str(cluster_out)]
+                + memory + job + (["--tasks", str(tasks)] if job else []))
+            results[tasks] = (dedup_out, cluster_out)
+        dedup_out, cluster_out = results[args.tasks[0]]
+        kept = read_paths(dedup_out / "kept.txt")
+        kept_rows = np.array([int(p[10:-4]) for p in kept])
         removed = np.setdiff1d(np.arange(args.points), kept_rows)
         found = np.isin(pairs[:, 1], removed) | np.isin(pairs[:, 0], removed)
-        steps["cluster"] = measured(curate + ["cluster", "--embeddings", str(emb),
-                                              "--keep", str(out / "dedup" / "kept.txt"),
-                                              "--levels", *map(str, args.levels),
-                                              "--iterations", str(args.iterations),
-                                              "--sample-per-centroid", str(args.sample_per_centroid),
-                                              "--output", str(out / "clusters")] + memory)
         target = int(args.target * len(kept))
-        steps["sample"] = measured(curate + ["sample", "--clusters", str(out / "clusters"), "--target", str(target),
+        steps["sample"] = measured(curate + ["sample", "--clusters", str(cluster_out), "--target", str(target),
                                              "--output", str(out / "curated.txt")])
         print(f"\n{args.points} x {args.dim} float16 embeddings "
               f"({args.points * args.dim * 2 / 2**30:.2f} GiB on disk, "
               f"{args.points * args.dim * 4 / 2**30:.2f} GiB as float32), --memory-gb {args.memory_gb}")
         print(f"dedup: kept {len(kept)}; injected near-copies caught: {found.mean():.4f}")
-        print(f"{'step':8s} {'wall (s)':>9s} {'peak RSS (GiB)':>15s}")
-        for name, (wall, peak) in steps.items():
-            print(f"{name:8s} {wall:9.1f} {peak:15.2f}")
+        for tasks in args.tasks[1:]:
+            files = [(0, "kept.txt"), (0, "groups.json"), (1, "level1_centroids.npy")] + [
+                (1, f"level{level}_assignment.npy") for level in range(1, len(args.levels) + 1)]
+            print(f"{tasks} tasks against {args.tasks[0]}: " + ", ".join(
+                f"{name} {agreement(results[args.tasks[0]][i], results[tasks][i], name)}" for i, name in files))
+        print(f"{'step':16s} {'wall (s)':>9s} {'peak RSS, all processes (GiB)':>30s} {'largest process':>16s}")
+        for name, (wall, total, largest) in steps.items():
+            print(f"{name:16s} {wall:9.1f} {total:30.2f} {largest:16.2f}")
     today = (20, 256)  # the library's defaults
     settings = args.compare_settings or list(dict.fromkeys([today, (args.iterations, args.sample_per_centroid)]))
     points = min(args.points, args.compare_points or args.points)
@@ -186,7 +261,8 @@ def main() -> None:
         report_kmeans(k, points, comparisons[k])
     record = {"kmeans": {str(k): c for k, c in comparisons.items()}, "args": vars(args)}
     if steps:
-        record.update({"steps": {k: {"seconds": w, "peak_gib": p} for k, (w, p) in steps.items()},
+        record.update({"steps": {k: {"seconds": w, "peak_gib_all": t, "peak_gib_largest": g}
+                                 for k, (w, t, g) in steps.items()},
                        "copies_caught": float(found.mean()), "kept": len(kept)})
     name = "results.json" if steps else "kmeans_results.json"
     (out / name).write_text(json.dumps(record, indent=1))

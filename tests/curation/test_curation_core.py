@@ -110,7 +110,7 @@ def test_streamed_rows_give_what_rows_in_memory_give(tmp_path):
     _store(tmp_path, x, shard=100)
     memory, names = select(tmp_path / "emb", memory_gb=1.0)
     streamed, same_names = select(tmp_path / "emb", memory_gb=50_000 / 2**30)  # float32 takes 62,400 bytes
-    tight, _ = select(tmp_path / "emb", memory_gb=20_000 / 2**30)  # float16 codes do not fit: 8-bit ones
+    tight, _ = select(tmp_path / "emb", memory_gb=20_000 / 2**30)  # 8-bit codes do not fit: product-quantised
     assert isinstance(memory, ArrayRows) and isinstance(streamed, StoreRows) and names == same_names
     assert np.allclose(streamed.take(np.array([649, 3, 99, 100])), memory.take(np.array([649, 3, 99, 100])))
 

@@ -19,8 +19,10 @@ from tests.distributed.test_submit import _fake_slurm
 
 RESULTS = ("kept.txt", "groups.json")
 # an exact index; inverted lists; and a pool streamed shard by shard past --memory-gb (76.8 kB of float32 rows),
-# in an index of float16 codes
-KINDS = {"exact": [], "ivf": ["--exact-below", "100"], "streamed": ["--memory-gb", str(20_000 / 2**30)]}
+# in an index of 8-bit codes, or (a budget below the 8-bit codes' 19.2 kB) of product-quantised codes whose
+# similarities are then computed again exactly
+KINDS = {"exact": [], "ivf": ["--exact-below", "100"], "streamed": ["--memory-gb", str(30_000 / 2**30)],
+         "quantised": ["--memory-gb", str(20_000 / 2**30)]}
 
 
 def pool_with_copies(n=600, dim=32, seed=0):
@@ -120,6 +122,7 @@ def test_bad_input_is_one_line_and_leaves_an_earlier_result_as_it_was(pool, tmp_
     assert "--parts 601 but the store has 600 usable embeddings" in refused("--submit", "local", "--parts", "601")
     assert "--parts 3 runs with --submit" in refused("--parts", "3")
     assert "SLURM option" in refused("--submit", "local", "--parts", "3", "--partition", "gpu")
+    assert "--nprobe is how many inverted lists each image searches, at least 1, got 0" in refused("--nprobe", "0")
 
     monkeypatch.setenv("PATH", f"{_fake_slurm(tmp_path / 'bin', partitions='debug')}:/usr/bin:/bin")
     err = refused("--submit", "slurm", "--parts", "3", "--partition", "gpu")
@@ -139,3 +142,48 @@ def test_bad_input_is_one_line_and_leaves_an_earlier_result_as_it_was(pool, tmp_
     monkeypatch.setattr(slurm, "submit_or_explain", submitted_then_edited)
     err = refused("--submit", "local", "--parts", "3", "--wait", store=edited)
     assert f"{edited} changed since the job was submitted" in err or f"{edited} changed while" in err
+
+
+def test_the_index_codes_fit_three_quarters_of_the_budget(tmp_path):
+    """float16 codes, else 8-bit, else product quantisation with the most 4-bit sub-vectors that fit; a budget
+    too small even for those is one clear error."""
+    from data_curation.dedup import code_kind
+    from data_curation.embeddings import select
+    from distill.errors import InputError
+
+    store = make_store(tmp_path / "emb", pool_with_copies(), shard=150)  # 600 x 32: float16 codes 38.4 kB
+    kinds = {budget: code_kind(select(store, budget / 2**30)[0])
+             for budget in (1e6, 60_000, 30_000, 20_000, 4_000)}
+    assert kinds[1e6] == (None, 0)  # held in memory: float32
+    assert kinds[60_000] == ("float16", 0) and kinds[30_000] == ("8bit", 0)
+    assert kinds[20_000] == ("pq", 32)  # 600 x 16 bytes = 9.6 kB <= 15 kB; 8-bit would take 19.2 kB
+    assert kinds[4_000] == ("pq", 8)  # 600 x 4 bytes = 2.4 kB <= 3 kB
+    with pytest.raises(InputError, match="raise --memory-gb"):
+        code_kind(select(store, 500 / 2**30)[0])  # not even one byte a row
+
+
+def test_product_quantised_similarities_are_replaced_by_exact_ones(tmp_path):
+    """The edges of an index of 4-bit product-quantised codes carry the exact cosine similarity of their rows,
+    all at or above the threshold, and are the edges an exact search finds; a part searched without the pool to
+    rescore from is refused."""
+    import faiss
+
+    from data_curation.dedup import approximate, build_index
+    from data_curation.embeddings import select
+
+    x = pool_with_copies()
+    store = make_store(tmp_path / "emb", x, shard=150)
+    rows, _ = select(store, 20_000 / 2**30)
+    index = build_index(rows, exact_below=10_000)
+    assert approximate(index)
+    pairs, scores = search_pairs(index, rows, 0.95, 16, len(rows), pool=rows)
+    unit = x.astype(np.float16).astype(np.float32)
+    unit /= np.linalg.norm(unit, axis=1, keepdims=True)
+    assert len(pairs) >= 60 and (scores >= 0.95).all()
+    assert np.allclose(scores, (unit[pairs[:, 0]] * unit[pairs[:, 1]]).sum(1), atol=1e-6)
+    exact = faiss.IndexFlatIP(rows.dim)
+    exact.add(unit)
+    truth, _ = search_pairs(exact, ArrayRows(unit), 0.95, 16, len(rows))
+    assert (pairs == truth).all()
+    with pytest.raises(ValueError, match="whole pool"):
+        search_pairs(index, part_rows(rows, 0, 300), 0.95, 16, len(rows), 0)
