@@ -8,6 +8,11 @@ same points, in one process.
     .venv/bin/python tools/curation_scale.py                       # the full run (about half an hour on 2 cores)
     .venv/bin/python tools/curation_scale.py --points 100000 --levels 1000 100 --compare-k 100   # a quick look
     .venv/bin/python tools/curation_scale.py --compare-only --compare-k 1000 10000   # only the k-means comparison
+    .venv/bin/python tools/curation_scale.py --points 10000000 --levels 1000 100 --tasks 1 2 --nprobe 1 \
+        --compare-k --memory-gb 2 --output /work/scale10m   # ten million, one process and two local tasks
+
+With --tasks 1 2, dedup and cluster run once as one process and once as `--submit local` jobs of 2 parts / tasks;
+the peak memory of every process of a step is polled, and the outputs of the runs are compared.
 
 The comparison fits our k-means once per setting ITERATIONSxPOINTS_PER_CENTROID of --compare-settings (by default
 today's library defaults, 20x256, and the cluster step's --iterations x --sample-per-centroid) and
