@@ -2,7 +2,8 @@
 (union-find), one image kept per component; and removal of pool images too close to an evaluation set.
 
 Rows held in memory are indexed in float32; streamed rows (a pool over the memory budget) go into an index of
-float16 codes, filled and searched shard by shard, so memory is the index's codes plus one shard."""
+codes that fit the budget (code_kind: float16, 8-bit or product-quantised), filled and searched shard by shard, so
+memory is the index's codes plus one shard."""
 
 import logging
 from typing import Dict, List, Optional, Tuple
@@ -54,9 +55,9 @@ def build_index(rows: Rows, exact_below: int, train_per_list: int = 64, seed: in
     kind, subvectors = code_kind(rows)
     codes = {"float16": faiss.ScalarQuantizer.QT_fp16, "8bit": faiss.ScalarQuantizer.QT_8bit}.get(kind)
     if kind is not None:
-        logger.info("index of %s codes: %.2f GiB for %d rows", f"{subvectors}x4-bit product-quantised"
-                    if kind == "pq" else kind, n * dim * {"float16": 2, "8bit": 1, "pq": subvectors / 2 / dim}[kind]
-                    / 2**30, n)
+        row_bytes = {"float16": 2 * dim, "8bit": dim, "pq": subvectors // 2}[kind]
+        logger.info("index of %s codes: %.2f GiB for %d rows",
+                    f"{subvectors}x4-bit product-quantised" if kind == "pq" else kind, n * row_bytes / 2**30, n)
     if n <= exact_below:
         if kind == "pq":
             index = faiss.IndexPQFastScan(dim, subvectors, 4, faiss.METRIC_INNER_PRODUCT)
@@ -73,7 +74,6 @@ def build_index(rows: Rows, exact_below: int, train_per_list: int = 64, seed: in
         else:
             index = faiss.IndexIVFScalarQuantizer(coarse, dim, lists, codes, faiss.METRIC_INNER_PRODUCT)
         index.nprobe = min(lists, nprobe)
-        index.cp.niter = 10  # the lists only partition the pool: a short k-means does
     quantizer = getattr(index, "sq", None)
     if quantizer is not None and codes == faiss.ScalarQuantizer.QT_8bit:
         # per-dimension ranges from a sample, widened by a fifth so that rows outside the sample are not clipped

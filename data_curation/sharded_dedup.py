@@ -44,7 +44,7 @@ class DedupSettings:
     exact_below: int
     memory_gb: float
     parts: int
-    nprobe: int = 16
+    nprobe: int
 
     def identity(self, digest: str) -> Dict[str, Any]:
         """What decides the index and the parts' edges: a folder of another run's parts is started afresh."""

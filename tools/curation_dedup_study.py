@@ -148,9 +148,10 @@ def main() -> None:
         best = None
         for name, vectors in features.items():
             vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+            unit = normed(vectors)
             print(f"  {name}: the nearest image of a copy is its original for "
-                  f"{nearest_is_original(normed(vectors), sources):.3f} of the copies; "
-                  f"µAP of the copy pairs over the graph {micro_ap(normed(vectors), truth):.3f}")
+                  f"{nearest_is_original(unit, sources):.3f} of the copies; "
+                  f"µAP of the copy pairs over the graph {micro_ap(unit, truth):.3f}")
             print("    threshold  precision  recall  predicted pairs")
             for t in (args.copy_thresholds if name.startswith("copy") else args.thresholds):
                 p, r, n = scores(vectors, truth, t)
