@@ -5,6 +5,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# Test processes (pytest-xdist): one per core, at most 4; 0 runs the suite in this process.
+TEST_WORKERS ?= $(shell $(PYTHON) -c 'import os; print(min(4, len(os.sched_getaffinity(0))))')
 DEMO_MINUTES ?= 10
 DEMO_RUN := runs/dinov2_fashion_mnist
 
@@ -38,7 +40,7 @@ baseline: install data
 	$(BIN)/distill baseline configs/demo/baseline.yaml
 
 test: install data slurm
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 # Speed figures, each a ratio measured side by side in one run, written to docs/benchmarks.md (about 15 minutes).
 BENCH_STAMP := $(VENV)/.bench-installed

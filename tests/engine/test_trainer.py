@@ -400,12 +400,15 @@ def test_fp16_on_a_cpu_is_warned_about(tiny_config, tmp_path, caplog):
 def test_threads_follow_the_cores_the_process_may_use(tmp_path, monkeypatch):
     from distill.engine import runtime
 
-    (tmp_path / "cpu.max").write_text("50000 100000\n")  # half a CPU
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})  # 4 cores, whatever this machine has
+    (tmp_path / "cpu.max").write_text("150000 100000\n")  # 1.5 CPUs
     monkeypatch.setattr(runtime, "CGROUP_ROOT", tmp_path)
     cores, how = runtime.available_cores()
-    assert cores == 1 and "cgroup quota of 0.5 CPUs" in how
+    assert cores == 2 and "cgroup quota of 1.5 CPUs" in how
+    (tmp_path / "cpu.max").write_text("50000 100000\n")  # half a CPU
+    assert runtime.available_cores()[0] == 1
     (tmp_path / "cpu.max").write_text("max 100000\n")
-    assert runtime.available_cores()[0] == len(os.sched_getaffinity(0))
+    assert runtime.available_cores() == (4, f"4 cores in the affinity mask of {os.cpu_count()}")
 
 
 def test_names_that_are_not_utf8_train_and_are_listed_byte_for_byte(tmp_path, tiny_overrides):
