@@ -96,7 +96,10 @@ def machine() -> Dict[str, str]:
 
 
 def command_line() -> str:
-    return " ".join([".venv/bin/python"] + sys.argv)
+    """The command that reran this script, with the settings that capped its kernels or moved its results."""
+    settings = [f"{name}={os.environ[name]}" for name in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "BENCH_RESULTS")
+                if name in os.environ]
+    return " ".join(settings + [".venv/bin/python"] + sys.argv)
 
 
 def write(name: str, figures: List[Dict], notes: List[str] = ()) -> Path:
