@@ -181,12 +181,13 @@ def step_flops(ours: OurStep, batch) -> float:
 
 
 def profile(args) -> None:
-    """Where a step of the demo recipe spends its time, at default precision (PyTorch's profiler, 10 steps)."""
+    """Where a step of the demo recipe spends its time, at --precision (PyTorch's profiler, 10 steps)."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
     from distill.precision import resolve_precision
 
-    ours = OurStep(resolve_precision("auto", torch.device("cpu")), args.batch_size, 0, tempfile.mkdtemp())
+    precision = resolve_precision(args.precision, torch.device("cpu"))
+    ours = OurStep(precision, args.batch_size, 0, tempfile.mkdtemp())
     batch = ours.next_batch()
     ours.steps(5, batch)
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -197,7 +198,6 @@ def profile(args) -> None:
     backbone = ours.trainer.objective.student.backbone
     width, patch = backbone.embed_dim, backbone.patch_size
     rows = sum(len(c) * ((c.shape[-1] // patch) * (c.shape[-2] // patch) + 1) for c in batch["crops"])
-    precision = resolve_precision("auto", torch.device("cpu"))
     peak = matmul_flops_per_second(precision)
     for name, (m, k, n) in {"qkv": (rows, width, 3 * width), "projection": (rows, width, width),
                             "mlp in": (rows, width, 4 * width), "mlp out": (rows, 4 * width, width),
@@ -297,6 +297,7 @@ def main() -> None:
     parser.add_argument("--vit-s-batch", type=int, default=8, help="images per ViT-S/16 step (0: skip that figure)")
     parser.add_argument("--compiled", type=int, default=1, help="also time the demo step compiled (1) or not (0)")
     parser.add_argument("--profile", action="store_true", help="only profile our step (where the time goes)")
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"), help="--profile's precision")
     args = parser.parse_args()
     profile(args) if args.profile else run(args)
 
