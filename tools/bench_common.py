@@ -62,6 +62,14 @@ def summary(values: List[float]) -> Dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "rounds": len(values)}
 
 
+KERNEL_CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")  # the settings that make a newer CPU run AVX2 kernels
+
+
+def _settings(names) -> List[str]:
+    """NAME=value of each of `names` set in the environment."""
+    return [f"{name}={os.environ[name]}" for name in names if name in os.environ]
+
+
 def cpu_kind() -> str:
     """The kernels this process runs: PyTorch's CPU capability, whether bf16 is native (then `precision=auto` is
     bf16), and the settings that cap the kernels when they are set (an AVX2 machine reproduced on a newer one)."""
@@ -69,7 +77,7 @@ def cpu_kind() -> str:
 
     capability = torch.backends.cpu.get_cpu_capability()
     kind = f"{capability}, {'native bf16 (precision auto: bf16)' if cpu_has_fast_bf16() else 'no native bf16 (precision auto: fp32)'}"
-    capped = [f"{name}={os.environ[name]}" for name in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if name in os.environ]
+    capped = _settings(KERNEL_CAPS)
     return kind + (f", kernels capped by {' '.join(capped)}" if capped else "")
 
 
@@ -97,9 +105,7 @@ def machine() -> Dict[str, str]:
 
 def command_line() -> str:
     """The command that reran this script, with the settings that capped its kernels or moved its results."""
-    settings = [f"{name}={os.environ[name]}" for name in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "BENCH_RESULTS")
-                if name in os.environ]
-    return " ".join(settings + [".venv/bin/python"] + sys.argv)
+    return " ".join(_settings(KERNEL_CAPS + ("BENCH_RESULTS",)) + [".venv/bin/python"] + sys.argv)
 
 
 def write(name: str, figures: List[Dict], notes: List[str] = ()) -> Path:
