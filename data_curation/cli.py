@@ -299,7 +299,7 @@ def _cluster_settings(args):
     return ClusterSettings(embeddings=args.embeddings, output=args.output, levels=list(args.levels),
                            iterations=args.iterations, resampling_steps=args.resampling_steps,
                            per_cluster=args.per_cluster, sample_per_centroid=args.sample_per_centroid, seed=args.seed,
-                           memory_gb=args.memory_gb, keep=args.keep, gpu=args.gpu)
+                           memory_gb=args.memory_gb, keep=args.keep, gpu=args.gpu, fit=args.fit)
 
 
 def _print_clustering(summary: dict) -> None:
@@ -321,7 +321,7 @@ def cmd_cluster(args) -> None:
     digest = manifest_digest(EmbeddingStore(args.embeddings))  # before reading: a store written meanwhile is refused
     rows, paths = _select(args.embeddings, args.memory_gb, args.keep)
     levels = hierarchical_kmeans(rows, args.levels, args.iterations, args.resampling_steps, args.per_cluster,
-                                 args.seed, args.gpu, args.sample_per_centroid)
+                                 args.seed, args.gpu, args.sample_per_centroid, fit=args.fit)
     _print_clustering(write_clusters(args.output, levels, paths, args.embeddings, digest, args.levels))
 
 
@@ -592,6 +592,10 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--per-cluster", type=int, default=10)
     cluster.add_argument("--sample-per-centroid", type=int, default=256,
                          help="centroids are fitted on at most this many points per cluster, then all are assigned")
+    cluster.add_argument("--fit", choices=("lloyd", "swaps"), default="lloyd",  # data_curation.kmeans.FITS
+                         help="lloyd: k-means as faiss runs it; swaps: for many clusters (thousands), Lloyd with "
+                              "local-search swaps on a small sample (--iterations 6 --sample-per-centroid 10), then "
+                              "refined on every image: over 3x faster than MiniBatchKMeans at lower inertia")
     cluster.add_argument("--gpu", action="store_true", help="faiss on the GPUs (needs the gpu extra)")
     cluster.add_argument("--seed", type=int, default=0)
     cluster.add_argument("--output", required=True)

@@ -71,6 +71,7 @@ class ClusterSettings:
     memory_gb: float = 8.0
     keep: Optional[str] = None
     gpu: bool = False
+    fit: str = "lloyd"
 
     def identity(self) -> Dict[str, Any]:
         """Everything that decides the result, for telling whether a checkpoint belongs to this run."""
@@ -373,7 +374,7 @@ def run_clustering(settings: ClusterSettings, digest: str, group=ALONE) -> Optio
     started = time.perf_counter()
     levels = hierarchical_kmeans(share, settings.levels, settings.iterations, settings.resampling_steps,
                                  settings.per_cluster, settings.seed, settings.gpu, settings.sample_per_centroid,
-                                 group, state)
+                                 group, state, settings.fit)
     logger.info("task %d: k-means done (%.1f s)", group.rank, time.perf_counter() - started)
     summary, error = None, None
     if group.rank == 0:

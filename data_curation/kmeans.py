@@ -55,6 +55,7 @@ class Alone:
 
 
 ALONE = Alone()
+FITS = ("lloyd", "swaps")  # kmeans(fit=): Lloyd as faiss runs it, or swap_kmeans
 
 
 @dataclass
@@ -229,6 +230,15 @@ def cluster_sums(train: np.ndarray, labels: np.ndarray, k: int,
     return sums, counts
 
 
+def gathered_rows(train: np.ndarray, offset: int, picks: np.ndarray, group=ALONE) -> np.ndarray:
+    """float32 rows at positions `picks` among the points spread over the group (this process holds offset ..
+    offset + len(train)), on every process: each row comes from the one process holding it."""
+    mine = (picks >= offset) & (picks < offset + len(train))
+    out = np.zeros((len(picks), train.shape[1]), dtype=np.float64)
+    out[mine] = train[picks[mine] - offset]
+    return group.sum(out).astype(np.float32)
+
+
 def lloyd(train: np.ndarray, offset: int, total: int, k: int, iterations: int, seed: int,
           init: Optional[np.ndarray] = None, spherical: bool = True, gpu: bool = False, group=ALONE,
           resume: Optional[Tuple[int, np.ndarray]] = None,
@@ -239,17 +249,12 @@ def lloyd(train: np.ndarray, offset: int, total: int, k: int, iterations: int, s
     and counts over the processes (float64), re-centres, splits empty clusters (split_empty_clusters) and, when
     spherical, scales to unit length. `resume` = (iterations done, centroids then) continues an interrupted fit;
     on_iteration(iterations done, centroids) is called after each iteration."""
-    dim = train.shape[1]
     if resume is not None:
         done, centroids = resume[0], np.array(resume[1], dtype=np.float32)
     else:
         done = 0
         if init is None:
-            picks = faiss_permutation(total, seed + 1)[:k]
-            mine = (picks >= offset) & (picks < offset + len(train))
-            first = np.zeros((k, dim), dtype=np.float64)
-            first[mine] = train[picks[mine] - offset]
-            centroids = group.sum(first).astype(np.float32)  # each point comes from the one process holding it
+            centroids = gathered_rows(train, offset, faiss_permutation(total, seed + 1)[:k], group)
         else:
             centroids = np.array(init, dtype=np.float32)
         if spherical:
@@ -272,12 +277,29 @@ def lloyd(train: np.ndarray, offset: int, total: int, k: int, iterations: int, s
 def kmeans(data, k: int, iterations: int = 20, seed: int = 0, init: np.ndarray = None, gpu: bool = False,
            sample_per_centroid: int = 256, subset: np.ndarray = None, spherical: bool = True, group=ALONE,
            resume: Optional[Tuple[int, np.ndarray]] = None,
-           on_iteration: Optional[Callable[[int, np.ndarray], None]] = None) -> Level:
+           on_iteration: Optional[Callable[[int, np.ndarray], None]] = None, fit: str = "lloyd") -> Level:
     """k-means of the rows (or of rows[subset]), then every row assigned to its nearest centroid. Spherical
     (unit centroids, as for cosine embeddings) unless told otherwise. `data` may be this process's Share of rows
     spread over a group's processes: `subset` holds positions among all of them, and the Level holds the
-    assignment of this process's rows (its inertia: of all rows)."""
+    assignment of this process's rows (its inertia: of all rows). `fit`: "lloyd" (faiss's k-means), or "swaps"
+    (swap_kmeans: for many clusters, Lloyd with local-search swaps on a small sample, refined on every row)."""
     share = as_share(data)
+    train, first, total = training_sample(share, k, sample_per_centroid, seed, subset, group)
+    if fit not in FITS:
+        raise InputError(f"unknown k-means fit {fit!r}: choose one of {', '.join(FITS)}")
+    if fit == "swaps" and init is None:  # a fit from given centroids (resampling) stays Lloyd's
+        return swap_kmeans(share, train, first, total, k, iterations, seed, spherical, gpu, group)
+    centroids = lloyd(train, first, total, k, iterations, seed, init, spherical, gpu, group, resume, on_iteration)
+    labels, distances = assign(share.rows, centroids, gpu, desc=f"assign to {k}", device=group.gpu_device)
+    inertia = group.sum(np.array([distances.astype(np.float64).sum()]))[0]
+    return Level(centroids, labels, distances, float(inertia))
+
+
+def training_sample(share: Share, k: int, sample_per_centroid: int, seed: int, subset: Optional[np.ndarray],
+                    group=ALONE) -> Tuple[np.ndarray, int, int]:
+    """The points a fit of k centroids trains on: at most `sample_per_centroid` x k of the rows (or of
+    rows[subset]), drawn with the seed among every process's rows, so that each process draws the same sample and
+    takes the part it holds. (this process's float32 points, position of its first among all, count of all)."""
     rows = share.rows
     pool = share.total if subset is None else len(subset)
     if not 1 <= k <= pool:
@@ -288,13 +310,175 @@ def kmeans(data, k: int, iterations: int = 20, seed: int = 0, init: np.ndarray =
     if cap < min(len(chosen), sample_per_centroid * k) and group.rank == 0:
         logger.info("fitting %d centroids on %d points (%.0f per centroid) to stay within the memory budget",
                     k, cap, cap / k)
-    if len(chosen) > cap:  # drawn among every process's rows with the same seed: the same sample on each
+    if len(chosen) > cap:
         chosen = np.sort(rng.choice(chosen, size=max(cap, k), replace=False))
     first, last = np.searchsorted(chosen, [share.start, share.stop])
     train = rows.take(chosen[first:last] - share.start)
-    centroids = lloyd(np.ascontiguousarray(train, dtype=np.float32), int(first), len(chosen), k, iterations, seed,
-                      init, spherical, gpu, group, resume, on_iteration)
-    labels, distances = assign(rows, centroids, gpu, desc=f"assign to {k}", device=group.gpu_device)
+    return np.ascontiguousarray(train, dtype=np.float32), int(first), len(chosen)
+
+
+def two_nearest(batch: np.ndarray, centroids: np.ndarray, norms: np.ndarray, chunk: int = None):
+    """(nearest centroid, its squared distance, second nearest, its squared distance) of each row of a float32
+    batch, from one matrix product per chunk of rows, as nearest_centroids."""
+    chunk = chunk or max(256, min(8192, 2**25 // max(1, len(centroids))))
+    n = len(batch)
+    first, second = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
+    near, far = np.zeros(n, dtype=np.float32), np.zeros(n, dtype=np.float32)
+    for start in range(0, n, chunk):
+        x = batch[start : start + chunk]
+        rows, span = np.arange(len(x)), slice(start, start + len(x))
+        scores = x @ centroids.T
+        scores *= -2.0
+        scores += norms
+        own = np.einsum("ij,ij->i", x, x)
+        first[span] = scores.argmin(axis=1)
+        near[span] = np.maximum(scores[rows, first[span]] + own, 0.0)
+        if len(centroids) == 1:
+            second[span], far[span] = first[span], near[span]
+            continue
+        scores[rows, first[span]] = np.inf
+        second[span] = scores.argmin(axis=1)
+        far[span] = np.maximum(scores[rows, second[span]] + own, 0.0)
+    return first, near, second, far
+
+
+def _drawn_swaps(train: np.ndarray, offset: int, total: int, near: np.ndarray, far: np.ndarray,
+                 labels: np.ndarray, second: np.ndarray, centroids: np.ndarray, draws: int, rng: np.random.Generator, group=ALONE,
+                 chunk: int = 16_384) -> int:
+    """One local-search step of k-means (Lattanzi and Sohler 2019, "A better k-means++ algorithm via local search",
+    here a batch of swaps at once), in place: `draws` training points drawn with probability proportional to their
+    squared distance to their centroid (`near`, as k-means++ draws), each one's gain as a new centroid (the sum over
+    the training points of how much closer it would be) and each centroid's cost of removal (the sum over its points
+    of the step to their second nearest, `far - near`); a drawn point that another drawn point of larger gain would
+    take over is dropped, and a centroid whose cost counts on one already replaced (the second nearest of its points,
+    or the other way round) is not replaced in the same step; then the best gains replace the cheapest centroids
+    while the gain exceeds the cost. Returns the number of centroids replaced."""
+    k = len(centroids)
+    mass = np.concatenate(group.gather(near.astype(np.float64)))
+    if mass.sum() <= 0 or k < 2:
+        return 0
+    picks = np.sort(rng.choice(total, size=min(draws, int((mass > 0).sum())), replace=False, p=mass / mass.sum()))
+    drawn = gathered_rows(train, offset, picks, group)
+    drawn_norms = np.einsum("ij,ij->i", drawn, drawn)
+    gain = np.zeros(len(picks), dtype=np.float64)
+    for start in range(0, len(train), chunk):
+        x = train[start : start + chunk]
+        closer = (x @ drawn.T) * 2.0
+        closer -= drawn_norms
+        closer -= np.einsum("ij,ij->i", x, x)[:, None]
+        closer += near[start : start + chunk, None]  # near - |x - y|^2
+        gain += np.maximum(closer, 0.0).sum(axis=0)
+    gain = group.sum(gain)
+    cost = group.sum(np.bincount(labels, weights=(far - near).astype(np.float64), minlength=k))
+    between = drawn_norms[:, None] + drawn_norms[None, :] - 2.0 * (drawn @ drawn.T)
+    own = mass[picks]  # each drawn point's squared distance to its centroid
+    kept: List[int] = []
+    for i in np.argsort(-gain, kind="stable"):
+        if gain[i] <= 0:
+            break
+        if not kept or between[i, kept].min() >= own[i]:  # not taken over by a kept point of larger gain
+            kept.append(int(i))
+    pairs = np.unique(np.concatenate(group.gather(np.unique(labels * k + second))))
+    first_of, second_of = pairs // k, pairs % k
+    linked = np.zeros(k, dtype=bool)
+    swapped = 0
+    for victim in np.argsort(cost, kind="stable"):
+        if swapped == len(kept) or gain[kept[swapped]] <= cost[victim]:
+            break
+        if linked[victim]:
+            continue
+        centroids[victim] = drawn[kept[swapped]]
+        linked[second_of[first_of == victim]] = True
+        linked[first_of[second_of == victim]] = True
+        swapped += 1
+    return swapped
+
+
+def swap_kmeans(share: Share, train: np.ndarray, first: int, total: int, k: int, iterations: int, seed: int,
+                spherical: bool = True, gpu: bool = False, group=ALONE, refine: int = 2,
+                draws: Optional[int] = None) -> Level:
+    """k-means for many clusters on a small sample, then refined on every row (`kmeans(fit="swaps")`):
+    Lloyd's iterations on the training sample from faiss's initial points, each but the last followed by a batch of
+    local-search swaps (_drawn_swaps, `draws` = k / 10 drawn points by default) that move centroids from where they
+    crowd to where points are far from any; then one pass over every row finds its two nearest centroids, and
+    `refine` rounds re-centre the centroids on every row assigned to them and move each row to the nearer of its two.
+    Lloyd from random points leaves dense regions with several centroids and sparse ones with none, which only the
+    swaps undo; a sample of 10 points per centroid is enough for them, and the rounds on every row give the
+    centroids of small clusters the points the sample missed. The assignment is the nearer of each row's two
+    nearest centroids of the full pass; `distances` and `inertia` are measured to the returned centroids."""
+    rng = np.random.default_rng(seed)
+    draws = max(1, k // 10) if draws is None else draws
+    centroids = gathered_rows(train, first, faiss_permutation(total, seed + 1)[:k], group)
+    if spherical:
+        centroids = _unit(centroids)
+    with progress(total=iterations, desc=f"fit {k} with swaps", unit="it", leave=False) as bar:
+        for iteration in range(iterations):
+            labels, near, second, far = two_nearest(train, centroids, np.einsum("ij,ij->i", centroids, centroids))
+            sums, counts = cluster_sums(train, labels, k)
+            sums, counts = group.sum(sums), group.sum(counts)
+            filled = counts > 0
+            centroids = centroids.copy()
+            centroids[filled] = (sums[filled] / counts[filled, None]).astype(np.float32)
+            split_empty_clusters(centroids, counts, total)
+            if iteration < iterations - 1:
+                swapped = _drawn_swaps(train, first, total, near, far, labels, second, centroids, draws, rng, group)
+                logger.debug("iteration %d: %d centroids moved by swaps", iteration + 1, swapped)
+            if spherical:
+                centroids = _unit(centroids)
+            bar.update(1)
+    return _refined(share.rows, centroids, refine, spherical, gpu, group, f"assign to {k}")
+
+
+def _refined(rows: Rows, centroids: np.ndarray, rounds: int, spherical: bool, gpu: bool, group=ALONE,
+             desc: str = "assign") -> Level:
+    """Every row's two nearest centroids (one exact pass), then `rounds` of: centroids re-centred on every row
+    assigned to them (float64 sums over the processes; an empty cluster keeps its centroid), each row moved to the
+    nearer of its two."""
+    k = len(centroids)
+    labels, other = np.empty(len(rows), dtype=np.int64), np.empty(len(rows), dtype=np.int64)
+    distances = np.empty(len(rows), dtype=np.float32)
+    norms = np.einsum("ij,ij->i", centroids, centroids)
+    index = _gpu_index(centroids, group.gpu_device)[0] if gpu else None
+    sums, counts = np.zeros((k, rows.dim)), np.zeros(k, dtype=np.int64)
+    with progress(total=len(rows) * (rounds + 1), desc=desc, unit="vec", leave=False) as bar:
+        for start, batch in rows.batches():
+            batch = np.ascontiguousarray(batch, dtype=np.float32)
+            span = slice(start, start + len(batch))
+            if index is not None:
+                d, i = index.search(batch, min(2, k))
+                labels[span], distances[span], other[span] = i[:, 0], np.maximum(d[:, 0], 0), i[:, -1]
+            else:
+                labels[span], distances[span], other[span], _ = two_nearest(batch, centroids, norms)
+            if rounds:
+                s, c = cluster_sums(batch, labels[span], k)
+                sums += s
+                counts += c
+            bar.update(len(batch))
+        for round_ in range(rounds):
+            sums, counts = group.sum(sums), group.sum(counts)
+            filled = counts > 0
+            centroids = centroids.copy()
+            centroids[filled] = (sums[filled] / counts[filled, None]).astype(np.float32)
+            if spherical:
+                centroids = _unit(centroids)
+            sums, counts = np.zeros((k, rows.dim)), np.zeros(k, dtype=np.int64)
+            for start, batch in rows.batches():
+                batch = np.ascontiguousarray(batch, dtype=np.float32)
+                span = slice(start, start + len(batch))
+                mine, alternative = labels[span], other[span]
+                step = batch - centroids[mine]
+                d_mine = np.einsum("ij,ij->i", step, step)
+                step = batch - centroids[alternative]
+                d_other = np.einsum("ij,ij->i", step, step)
+                move = d_other < d_mine
+                labels[span] = np.where(move, alternative, mine)
+                other[span] = np.where(move, mine, alternative)
+                distances[span] = np.minimum(d_mine, d_other)
+                if round_ < rounds - 1:
+                    s, c = cluster_sums(batch, labels[span], k)
+                    sums += s
+                    counts += c
+                bar.update(len(batch))
     inertia = group.sum(np.array([distances.astype(np.float64).sum()]))[0]
     return Level(centroids, labels, distances, float(inertia))
 
@@ -370,7 +554,7 @@ class Checkpoints:
 def hierarchical_kmeans(data, clusters: Sequence[int], iterations: int = 20, resampling_steps: int = 0,
                         per_cluster: int = 10, seed: int = 0, gpu: bool = False,
                         sample_per_centroid: int = 256, group=ALONE,
-                        checkpoints: Optional[Checkpoints] = None) -> List[Level]:
+                        checkpoints: Optional[Checkpoints] = None, fit: str = "lloyd") -> List[Level]:
     """Levels from fine to coarse: clusters[0] clusters the points, clusters[i] the centroids of level i - 1.
     Over a group, `data` is this process's Share of the points; every level's centroids are cut into shares in
     turn (spread), and the levels returned hold every row on rank 0, this process's rows elsewhere. With
@@ -391,7 +575,7 @@ def hierarchical_kmeans(data, clusters: Sequence[int], iterations: int = 20, res
             done = 0
             level = kmeans(share, k, iterations, seed + number, gpu=gpu, sample_per_centroid=sample_per_centroid,
                            group=group, resume=checkpoints.fit(number, 0),
-                           on_iteration=checkpoints.on_iteration(number, 0))
+                           on_iteration=checkpoints.on_iteration(number, 0), fit=fit)
             whole = collect_level(level, group)
             checkpoints.save(number, 0, whole, resampling_steps == 0)
         for step in range(done + 1, resampling_steps + 1):

@@ -132,16 +132,17 @@ def compare_kmeans(folder: Path, k: int, settings, seed: int = 0, points: int = 
     rows = ArrayRows(vectors if points is None else np.ascontiguousarray(vectors[:points]))
     del vectors
     results = {}
-    for iterations, per_centroid in settings:
+    for iterations, per_centroid, fit in settings:
         start = time.perf_counter()
         level = kmeans(rows, k, iterations, seed, spherical=False,  # the objective MiniBatchKMeans minimises
-                       sample_per_centroid=per_centroid)
-        results[f"ours {iterations}x{per_centroid}"] = {"seconds": time.perf_counter() - start,
-                                                         "inertia": level.inertia, "iterations": iterations,
-                                                         "sample_per_centroid": per_centroid}
-        print(f"  k={k} ours {iterations} iterations, {per_centroid} points per centroid: "
-              f"{results[f'ours {iterations}x{per_centroid}']['seconds']:.1f} s, inertia {level.inertia:.1f}",
-              flush=True)
+                       sample_per_centroid=per_centroid, fit=fit)
+        name = f"ours {iterations}x{per_centroid}" + ("" if fit == "lloyd" else f" {fit}")
+        results[name] = {"seconds": time.perf_counter() - start, "inertia": level.inertia, "iterations": iterations,
+                         "sample_per_centroid": per_centroid, "fit": fit}
+        if fit != "lloyd":  # the inertia of the nearest centroid of every row (not timed), for comparison
+            results[name]["inertia_nearest"] = float(assign(rows, level.centroids)[1].astype(np.float64).sum())
+        print(f"  k={k} ours ({fit}) {iterations} iterations, {per_centroid} points per centroid: "
+              f"{results[name]['seconds']:.1f} s, inertia {level.inertia:.1f}", flush=True)
     if minibatch:
         start = time.perf_counter()
         mbk = MiniBatchKMeans(n_clusters=k, batch_size=4096, n_init=1, random_state=seed).fit(rows.vectors)
@@ -163,8 +164,11 @@ def report_kmeans(k: int, points: int, comparison) -> None:
             print(f"scikit-learn MiniBatchKMeans (batch 4096, {m['epochs']} epochs): {m['seconds']:.1f} s, "
                   f"inertia {m['inertia']:.1f}")
             continue
-        line = (f"ours (Euclidean, {result['iterations']} iterations, fitted on {result['sample_per_centroid']} "
-                f"points per centroid): {result['seconds']:.1f} s, inertia {result['inertia']:.1f}")
+        line = (f"ours (Euclidean, {result.get('fit', 'lloyd')}, {result['iterations']} iterations, fitted on "
+                f"{result['sample_per_centroid']} points per centroid): {result['seconds']:.1f} s, inertia "
+                f"{result['inertia']:.1f}")
+        if "inertia_nearest" in result:
+            line += f" (every row at its nearest centroid: {result['inertia_nearest']:.1f})"
         if m is not None:
             line += (f"; time ratio MiniBatchKMeans / ours {m['seconds'] / result['seconds']:.2f}, "
                      f"inertia ratio MiniBatchKMeans / ours {m['inertia'] / result['inertia']:.4f}")
@@ -182,9 +186,10 @@ def agreement(first: Path, second: Path, name: str) -> str:
 
 
 def setting(text: str):
-    """ITERATIONSxPOINTS_PER_CENTROID, e.g. 10x64."""
-    iterations, per_centroid = text.lower().split("x")
-    return int(iterations), int(per_centroid)
+    """ITERATIONSxPOINTS_PER_CENTROID[:FIT], e.g. 10x64 (Lloyd) or 6x10:swaps."""
+    text, _, fit = text.lower().partition(":")
+    iterations, per_centroid = text.split("x")
+    return int(iterations), int(per_centroid), fit or "lloyd"
 
 
 def main() -> None:
@@ -204,8 +209,9 @@ def main() -> None:
                              "--parts/--tasks N), and check that they agree")
     parser.add_argument("--compare-k", type=int, nargs="*", default=[1000], help="none: skip the comparison")
     parser.add_argument("--compare-settings", type=setting, nargs="+", default=None,
-                        help="our fits to compare, ITERATIONSxPOINTS_PER_CENTROID (default: 20x256 and the "
-                             "cluster step's --iterations x --sample-per-centroid)")
+                        help="our fits to compare, ITERATIONSxPOINTS_PER_CENTROID[:FIT] (FIT: lloyd, the default, "
+                             "or swaps; default: 20x256 and the cluster step's --iterations x "
+                             "--sample-per-centroid)")
     parser.add_argument("--compare-points", type=int, default=None, help="compare on the first N rows only")
     parser.add_argument("--compare-only", action="store_true", help="skip dedup, cluster and sample")
     parser.add_argument("--no-minibatch", action="store_true", help="fit ours only")
@@ -257,8 +263,8 @@ def main() -> None:
         print(f"{'step':16s} {'wall (s)':>9s} {'peak RSS, all processes (GiB)':>30s} {'largest process':>16s}")
         for name, (wall, total, largest) in steps.items():
             print(f"{name:16s} {wall:9.1f} {total:30.2f} {largest:16.2f}")
-    today = (20, 256)  # the library's defaults
-    settings = args.compare_settings or list(dict.fromkeys([today, (args.iterations, args.sample_per_centroid)]))
+    today = (20, 256, "lloyd")  # the library's defaults
+    settings = args.compare_settings or list(dict.fromkeys([today, (args.iterations, args.sample_per_centroid, "lloyd")]))
     points = min(args.points, args.compare_points or args.points)
     comparisons = {}
     for k in args.compare_k:
