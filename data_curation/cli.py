@@ -593,9 +593,9 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--sample-per-centroid", type=int, default=256,
                          help="centroids are fitted on at most this many points per cluster, then all are assigned")
     cluster.add_argument("--fit", choices=("lloyd", "swaps"), default="lloyd",  # data_curation.kmeans.FITS
-                         help="lloyd: k-means as faiss runs it; swaps: for many clusters (thousands), Lloyd with "
-                              "local-search swaps on a small sample (--iterations 6 --sample-per-centroid 10), then "
-                              "refined on every image: over 3x faster than MiniBatchKMeans at lower inertia")
+                         help="lloyd: k-means as faiss runs it; swaps: for ten thousand clusters and more, Lloyd with "
+                              "local-search swaps on a small sample (use --iterations 6 --sample-per-centroid 10), "
+                              "then refined on every image")
     cluster.add_argument("--gpu", action="store_true", help="faiss on the GPUs (needs the gpu extra)")
     cluster.add_argument("--seed", type=int, default=0)
     cluster.add_argument("--output", required=True)
