@@ -76,6 +76,8 @@ class ClusterSettings:
     def identity(self) -> Dict[str, Any]:
         """Everything that decides the result, for telling whether a checkpoint belongs to this run."""
         out = {k: v for k, v in asdict(self).items() if k not in ("output", "gpu")}
+        if self.fit == "lloyd":  # as before `fit` existed: a checkpoint written then still continues
+            del out["fit"]
         out["embeddings"] = os.path.abspath(self.embeddings)
         out["keep"] = None if self.keep is None else [os.path.abspath(self.keep), file_digest(self.keep)]
         return out

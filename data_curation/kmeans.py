@@ -283,10 +283,10 @@ def kmeans(data, k: int, iterations: int = 20, seed: int = 0, init: np.ndarray =
     spread over a group's processes: `subset` holds positions among all of them, and the Level holds the
     assignment of this process's rows (its inertia: of all rows). `fit`: "lloyd" (faiss's k-means), or "swaps"
     (swap_kmeans: for many clusters, Lloyd with local-search swaps on a small sample, refined on every row)."""
-    share = as_share(data)
-    train, first, total = training_sample(share, k, sample_per_centroid, seed, subset, group)
     if fit not in FITS:
         raise InputError(f"unknown k-means fit {fit!r}: choose one of {', '.join(FITS)}")
+    share = as_share(data)
+    train, first, total = training_sample(share, k, sample_per_centroid, seed, subset, group)
     if fit == "swaps" and init is None:  # a fit from given centroids (resampling) stays Lloyd's
         return swap_kmeans(share, train, first, total, k, iterations, seed, spherical, gpu, group)
     centroids = lloyd(train, first, total, k, iterations, seed, init, spherical, gpu, group, resume, on_iteration)
@@ -343,16 +343,18 @@ def two_nearest(batch: np.ndarray, centroids: np.ndarray, norms: np.ndarray, chu
 
 
 def _drawn_swaps(train: np.ndarray, offset: int, total: int, near: np.ndarray, far: np.ndarray,
-                 labels: np.ndarray, second: np.ndarray, centroids: np.ndarray, draws: int, rng: np.random.Generator, group=ALONE,
-                 chunk: int = 16_384) -> int:
+                 labels: np.ndarray, second: np.ndarray, centroids: np.ndarray, draws: int,
+                 rng: np.random.Generator, group=ALONE) -> int:
     """One local-search step of k-means (Lattanzi and Sohler 2019, "A better k-means++ algorithm via local search",
-    here a batch of swaps at once), in place: `draws` training points drawn with probability proportional to their
-    squared distance to their centroid (`near`, as k-means++ draws), each one's gain as a new centroid (the sum over
-    the training points of how much closer it would be) and each centroid's cost of removal (the sum over its points
-    of the step to their second nearest, `far - near`); a drawn point that another drawn point of larger gain would
+    here a batch of swaps at once), in place on `centroids`: `draws` training points drawn with probability
+    proportional to their squared distance to their centroid (`near`, as k-means++ draws), each one's gain as a new
+    centroid (the sum over the training points of how much closer it would be) and each centroid's cost of removal
+    (the sum over its points of the step to their second nearest, `far - near`); a drawn point that another drawn point of larger gain would
     take over is dropped, and a centroid whose cost counts on one already replaced (the second nearest of its points,
     or the other way round) is not replaced in the same step; then the best gains replace the cheapest centroids
-    while the gain exceeds the cost. Returns the number of centroids replaced."""
+    while the gain exceeds the cost. The distances are those of the assignment that gave `labels`. Every decision is
+    taken from summed or gathered values (float64), so every process of a group takes the same. Returns the number
+    of centroids replaced."""
     k = len(centroids)
     mass = np.concatenate(group.gather(near.astype(np.float64)))
     if mass.sum() <= 0 or k < 2:
@@ -361,16 +363,19 @@ def _drawn_swaps(train: np.ndarray, offset: int, total: int, near: np.ndarray, f
     drawn = gathered_rows(train, offset, picks, group)
     drawn_norms = np.einsum("ij,ij->i", drawn, drawn)
     gain = np.zeros(len(picks), dtype=np.float64)
+    chunk = max(256, 2**22 // len(picks))  # [chunk, draws] float32 temporaries of at most 16 MiB
     for start in range(0, len(train), chunk):
         x = train[start : start + chunk]
         closer = (x @ drawn.T) * 2.0
         closer -= drawn_norms
         closer -= np.einsum("ij,ij->i", x, x)[:, None]
         closer += near[start : start + chunk, None]  # near - |x - y|^2
-        gain += np.maximum(closer, 0.0).sum(axis=0)
+        gain += np.maximum(closer, 0.0).sum(axis=0, dtype=np.float64)
     gain = group.sum(gain)
     cost = group.sum(np.bincount(labels, weights=(far - near).astype(np.float64), minlength=k))
-    between = drawn_norms[:, None] + drawn_norms[None, :] - 2.0 * (drawn @ drawn.T)
+    wide = drawn.astype(np.float64)
+    between = np.einsum("ij,ij->i", wide, wide)
+    between = between[:, None] + between[None, :] - 2.0 * (wide @ wide.T)
     own = mass[picks]  # each drawn point's squared distance to its centroid
     kept: List[int] = []
     for i in np.argsort(-gain, kind="stable"):
@@ -399,15 +404,17 @@ def swap_kmeans(share: Share, train: np.ndarray, first: int, total: int, k: int,
                 draws: Optional[int] = None) -> Level:
     """k-means for many clusters on a small sample, then refined on every row (`kmeans(fit="swaps")`):
     Lloyd's iterations on the training sample from faiss's initial points, each but the last followed by a batch of
-    local-search swaps (_drawn_swaps, `draws` = k / 10 drawn points by default) that move centroids from where they
-    crowd to where points are far from any; then one pass over every row finds its two nearest centroids, and
+    local-search swaps (_drawn_swaps, `draws` = k / 10 drawn points by default, at most 4,096, measured with the
+    iteration's assignment, before re-centring) that move centroids from where they crowd to where points are far
+    from any; then one pass over every row finds its two nearest centroids, and
     `refine` rounds re-centre the centroids on every row assigned to them and move each row to the nearer of its two.
     Lloyd from random points leaves dense regions with several centroids and sparse ones with none, which only the
     swaps undo; a sample of 10 points per centroid is enough for them, and the rounds on every row give the
     centroids of small clusters the points the sample missed. The assignment is the nearer of each row's two
-    nearest centroids of the full pass; `distances` and `inertia` are measured to the returned centroids."""
+    nearest centroids of the full pass; `distances` and `inertia` are measured to the returned centroids. The sample
+    iterations run on the CPU (their products are small); with `gpu`, the pass over every row runs on faiss."""
     rng = np.random.default_rng(seed)
-    draws = max(1, k // 10) if draws is None else draws
+    draws = min(max(1, k // 10), 4096) if draws is None else draws
     centroids = gathered_rows(train, first, faiss_permutation(total, seed + 1)[:k], group)
     if spherical:
         centroids = _unit(centroids)
@@ -438,7 +445,7 @@ def _refined(rows: Rows, centroids: np.ndarray, rounds: int, spherical: bool, gp
     labels, other = np.empty(len(rows), dtype=np.int64), np.empty(len(rows), dtype=np.int64)
     distances = np.empty(len(rows), dtype=np.float32)
     norms = np.einsum("ij,ij->i", centroids, centroids)
-    index = _gpu_index(centroids, group.gpu_device)[0] if gpu else None
+    index, _resources = _gpu_index(centroids, group.gpu_device) if gpu else (None, None)
     sums, counts = np.zeros((k, rows.dim)), np.zeros(k, dtype=np.int64)
     with progress(total=len(rows) * (rounds + 1), desc=desc, unit="vec", leave=False) as bar:
         for start, batch in rows.batches():

@@ -7,7 +7,7 @@ import threading
 import numpy as np
 import pytest
 
-from data_curation.cli import main
+from data_curation.cli import build_parser, main
 from data_curation.embeddings import ArrayRows
 from data_curation.kmeans import FITS, Share, _drawn_swaps, _refined, hierarchical_kmeans, kmeans, two_nearest
 from distill.errors import InputError
@@ -112,14 +112,27 @@ def test_an_unknown_fit_is_a_clear_error():
         kmeans(blobs(200), 4, fit="elkan")
 
 
-@pytest.mark.parametrize("tasks", [2, 3])
-def test_tasks_give_the_swaps_fit_of_one_process(tasks):
+@pytest.mark.parametrize("k", [1, 2, 150])
+def test_swaps_at_the_ends_one_cluster_and_one_point_per_cluster(k):
+    x = blobs(150, 8, 10, seed=6)
+    level = kmeans(x, k, 4, seed=0, spherical=False, fit="swaps")
+    d = brute(x, level.centroids)
+    assert np.allclose(level.distances, d[np.arange(len(x)), level.assignment], atol=1e-4)
+    if k == 1:
+        assert np.allclose(level.centroids[0], x.astype(np.float64).mean(axis=0), atol=1e-5)
+    if k == len(x):  # every point its own centroid: nothing left to gain
+        assert level.inertia < 1e-6 and len(np.unique(level.assignment)) == len(x)
+
+
+@pytest.mark.parametrize("cuts", [[0, 900, 2000], [0, 150, 1200, 2000], [0, 0, 1, 2000, 2000]])
+def test_tasks_give_the_swaps_fit_of_one_process(cuts):
+    """Uneven shares, and tasks holding one row or none (of the pool, so of every training sample)."""
     x = blobs(2000, 16, 40, seed=4)
     fit = dict(clusters=[30, 5], iterations=4, resampling_steps=1, per_cluster=5, sample_per_centroid=10,
                fit="swaps")
     one = hierarchical_kmeans(x, **fit)
     rows = ArrayRows(x)
-    cuts = [0, 150, 1200, 2000] if tasks == 3 else [0, 900, 2000]
+    tasks = len(cuts) - 1
     slots, barrier, results, failures = [None] * tasks, threading.Barrier(tasks, timeout=120), [None] * tasks, []
 
     def task(rank):
@@ -151,6 +164,7 @@ def test_cluster_command_fits_with_swaps(tmp_path, capsys):
     assert np.load(out / "level1_assignment.npy").max() < 40
     with pytest.raises(SystemExit):  # argparse: the choices are the library's
         main(["cluster", "--embeddings", str(store), "--levels", "4", "--fit", "elkan", "--output", str(out)])
-    assert "invalid choice: 'elkan' (choose from lloyd, swaps)" in capsys.readouterr().err.replace("'lloyd'", "lloyd")\
-        .replace("'swaps'", "swaps")
-    assert FITS == ("lloyd", "swaps")
+    assert "invalid choice: 'elkan'" in capsys.readouterr().err
+    fit_option = next(a for a in build_parser()._subparsers._group_actions[0].choices["cluster"]._actions
+                      if a.dest == "fit")
+    assert tuple(fit_option.choices) == FITS  # the command offers exactly the library's fits
