@@ -587,15 +587,15 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--embeddings", required=True)
     cluster.add_argument("--keep", help="only these paths (e.g. dedup/kept.txt)")
     cluster.add_argument("--levels", type=int, nargs="+", required=True, help="clusters per level, fine to coarse")
-    cluster.add_argument("--iterations", type=int, default=20)
+    cluster.add_argument("--iterations", type=int, help="of each fit (default: 20 with --fit lloyd, 6 with swaps)")
     cluster.add_argument("--resampling-steps", type=int, default=1)
     cluster.add_argument("--per-cluster", type=int, default=10)
-    cluster.add_argument("--sample-per-centroid", type=int, default=256,
-                         help="centroids are fitted on at most this many points per cluster, then all are assigned")
+    cluster.add_argument("--sample-per-centroid", type=int,
+                         help="centroids are fitted on at most this many points per cluster, then all are assigned "
+                              "(default: 256 with --fit lloyd, 10 with swaps)")
     cluster.add_argument("--fit", choices=("lloyd", "swaps"), default="lloyd",  # data_curation.kmeans.FITS
                          help="lloyd: k-means as faiss runs it; swaps: for ten thousand clusters and more, Lloyd with "
-                              "local-search swaps on a small sample (use --iterations 6 --sample-per-centroid 10), "
-                              "then refined on every image")
+                              "local-search swaps on a small sample, then refined on every image")
     cluster.add_argument("--gpu", action="store_true", help="faiss on the GPUs (needs the gpu extra)")
     cluster.add_argument("--seed", type=int, default=0)
     cluster.add_argument("--output", required=True)
@@ -651,6 +651,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "retrieve" and bool(args.pool) == bool(args.clusters):
         parser.error("retrieve needs one of --pool or --clusters")
+    if args.command == "cluster":  # the fit's own defaults where not given
+        from data_curation.kmeans import FIT_DEFAULTS
+
+        iterations, per_centroid = FIT_DEFAULTS[args.fit]
+        args.iterations = iterations if args.iterations is None else args.iterations
+        args.sample_per_centroid = per_centroid if args.sample_per_centroid is None else args.sample_per_centroid
     configure_logging()
     logging.getLogger("faiss").setLevel(logging.WARNING)  # which CPU build it loaded
     try:

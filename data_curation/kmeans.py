@@ -56,6 +56,7 @@ class Alone:
 
 ALONE = Alone()
 FITS = ("lloyd", "swaps")  # kmeans(fit=): Lloyd as faiss runs it, or swap_kmeans
+FIT_DEFAULTS = {"lloyd": (20, 256), "swaps": (6, 10)}  # `cluster`'s (iterations, sample per centroid) of each fit
 
 
 @dataclass

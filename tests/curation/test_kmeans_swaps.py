@@ -168,3 +168,22 @@ def test_cluster_command_fits_with_swaps(tmp_path, capsys):
     fit_option = next(a for a in build_parser()._subparsers._group_actions[0].choices["cluster"]._actions
                       if a.dest == "fit")
     assert tuple(fit_option.choices) == FITS  # the command offers exactly the library's fits
+
+
+@pytest.mark.parametrize("extra, expected", [([], (20, 256, "lloyd")), (["--fit", "swaps"], (6, 10, "swaps")),
+                                             (["--fit", "swaps", "--iterations", "3"], (3, 10, "swaps")),
+                                             (["--sample-per-centroid", "64"], (20, 64, "lloyd"))])
+def test_each_fit_brings_its_own_defaults_unless_given(extra, expected, tmp_path, monkeypatch, capsys):
+    import data_curation.kmeans
+
+    seen = []
+
+    def record(rows, levels, iterations, resampling_steps, per_cluster, seed, gpu, sample_per_centroid, fit):
+        seen.append((iterations, sample_per_centroid, fit))
+        raise InputError("recorded")
+
+    monkeypatch.setattr(data_curation.kmeans, "hierarchical_kmeans", record)
+    store = make_store(tmp_path / "emb", blobs(100, 8, 5))
+    assert main(["cluster", "--embeddings", str(store), "--levels", "4", "--output", str(tmp_path / "cl"),
+                 *extra]) == 2
+    assert seen == [expected] and "recorded" in capsys.readouterr().err
