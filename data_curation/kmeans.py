@@ -93,19 +93,37 @@ def nearest_centroids(batch: np.ndarray, centroids: np.ndarray, norms: np.ndarra
     """(nearest centroid, squared distance) of each row of a float32 batch, as |x|^2 - 2 x.c + |c|^2 from one
     matrix product per chunk of rows. numpy's multithreaded BLAS runs this product about three times faster than
     faiss's flat index search on CPU, and for k in the thousands the product is nearly all of the assignment."""
+    return two_nearest(batch, centroids, norms, chunk, second=False)[:2]
+
+
+def two_nearest(batch: np.ndarray, centroids: np.ndarray, norms: np.ndarray, chunk: int = None,
+                second: bool = True):
+    """(nearest centroid, its squared distance, second nearest, its squared distance) of each row of a float32
+    batch, from one matrix product per chunk of rows (nearest_centroids); without `second`, (nearest, distance)
+    alone. With one centroid the second nearest is the first."""
     chunk = chunk or max(256, min(8192, 2**25 // max(1, len(centroids))))  # scores of a chunk: at most 128 MiB
-    labels = np.empty(len(batch), dtype=np.int64)
-    distances = np.empty(len(batch), dtype=np.float32)
-    for start in range(0, len(batch), chunk):
+    n = len(batch)
+    first, near = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.float32)
+    if second:
+        runner_up, far = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.float32)
+    for start in range(0, n, chunk):
         x = batch[start : start + chunk]
+        rows, span = np.arange(len(x)), slice(start, start + len(x))
         scores = x @ centroids.T
         scores *= -2.0
         scores += norms
-        best = scores.argmin(axis=1)
-        labels[start : start + len(x)] = best
-        d = scores[np.arange(len(x)), best] + np.einsum("ij,ij->i", x, x)
-        distances[start : start + len(x)] = np.maximum(d, 0.0)  # rounding can make a zero distance negative
-    return labels, distances
+        own = np.einsum("ij,ij->i", x, x)
+        first[span] = scores.argmin(axis=1)
+        near[span] = np.maximum(scores[rows, first[span]] + own, 0.0)  # rounding can make a zero distance negative
+        if not second:
+            continue
+        if len(centroids) == 1:
+            runner_up[span], far[span] = first[span], near[span]
+            continue
+        scores[rows, first[span]] = np.inf
+        runner_up[span] = scores.argmin(axis=1)
+        far[span] = np.maximum(scores[rows, runner_up[span]] + own, 0.0)
+    return (first, near, runner_up, far) if second else (first, near)
 
 
 def _gpu_index(centroids: np.ndarray, device: Optional[int]):
@@ -231,6 +249,16 @@ def cluster_sums(train: np.ndarray, labels: np.ndarray, k: int,
     return sums, counts
 
 
+def recentred(centroids: np.ndarray, sums: np.ndarray, counts: np.ndarray, group=ALONE):
+    """(centroids moved to the mean of their points, the points of each) from this process's float64 sums and counts
+    (cluster_sums), added up over the group; a cluster with no point keeps its centroid."""
+    sums, counts = group.sum(sums), group.sum(counts)
+    filled = counts > 0
+    centroids = centroids.copy()
+    centroids[filled] = (sums[filled] / counts[filled, None]).astype(np.float32)
+    return centroids, counts
+
+
 def gathered_rows(train: np.ndarray, offset: int, picks: np.ndarray, group=ALONE) -> np.ndarray:
     """float32 rows at positions `picks` among the points spread over the group (this process holds offset ..
     offset + len(train)), on every process: each row comes from the one process holding it."""
@@ -263,10 +291,7 @@ def lloyd(train: np.ndarray, offset: int, total: int, k: int, iterations: int, s
     nearest = _Nearest(gpu, group.gpu_device)
     for iteration in range(done, iterations):
         sums, counts = cluster_sums(train, nearest(train, centroids) if len(train) else np.zeros(0, np.int64), k)
-        sums, counts = group.sum(sums), group.sum(counts)
-        filled = counts > 0
-        centroids = centroids.copy()
-        centroids[filled] = (sums[filled] / counts[filled, None]).astype(np.float32)
+        centroids, counts = recentred(centroids, sums, counts, group)
         split_empty_clusters(centroids, counts, total)
         if spherical:
             centroids = _unit(centroids)
@@ -318,31 +343,6 @@ def training_sample(share: Share, k: int, sample_per_centroid: int, seed: int, s
     return np.ascontiguousarray(train, dtype=np.float32), int(first), len(chosen)
 
 
-def two_nearest(batch: np.ndarray, centroids: np.ndarray, norms: np.ndarray, chunk: int = None):
-    """(nearest centroid, its squared distance, second nearest, its squared distance) of each row of a float32
-    batch, from one matrix product per chunk of rows, as nearest_centroids."""
-    chunk = chunk or max(256, min(8192, 2**25 // max(1, len(centroids))))
-    n = len(batch)
-    first, second = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
-    near, far = np.zeros(n, dtype=np.float32), np.zeros(n, dtype=np.float32)
-    for start in range(0, n, chunk):
-        x = batch[start : start + chunk]
-        rows, span = np.arange(len(x)), slice(start, start + len(x))
-        scores = x @ centroids.T
-        scores *= -2.0
-        scores += norms
-        own = np.einsum("ij,ij->i", x, x)
-        first[span] = scores.argmin(axis=1)
-        near[span] = np.maximum(scores[rows, first[span]] + own, 0.0)
-        if len(centroids) == 1:
-            second[span], far[span] = first[span], near[span]
-            continue
-        scores[rows, first[span]] = np.inf
-        second[span] = scores.argmin(axis=1)
-        far[span] = np.maximum(scores[rows, second[span]] + own, 0.0)
-    return first, near, second, far
-
-
 def _drawn_swaps(train: np.ndarray, offset: int, total: int, near: np.ndarray, far: np.ndarray,
                  labels: np.ndarray, second: np.ndarray, centroids: np.ndarray, draws: int,
                  rng: np.random.Generator, group=ALONE) -> int:
@@ -350,12 +350,12 @@ def _drawn_swaps(train: np.ndarray, offset: int, total: int, near: np.ndarray, f
     here a batch of swaps at once), in place on `centroids`: `draws` training points drawn with probability
     proportional to their squared distance to their centroid (`near`, as k-means++ draws), each one's gain as a new
     centroid (the sum over the training points of how much closer it would be) and each centroid's cost of removal
-    (the sum over its points of the step to their second nearest, `far - near`); a drawn point that another drawn point of larger gain would
-    take over is dropped, and a centroid whose cost counts on one already replaced (the second nearest of its points,
-    or the other way round) is not replaced in the same step; then the best gains replace the cheapest centroids
-    while the gain exceeds the cost. The distances are those of the assignment that gave `labels`. Every decision is
-    taken from summed or gathered values (float64), so every process of a group takes the same. Returns the number
-    of centroids replaced."""
+    (the sum over its points of the step to their second nearest, `far - near`); a drawn point that another drawn
+    point of larger gain would take over is dropped, and a centroid whose cost counts on one already replaced (the
+    second nearest of its points, or the other way round) is not replaced in the same step; then the best gains
+    replace the cheapest centroids while the gain exceeds the cost. The distances are those of the assignment that
+    gave `labels`. Every decision is taken from summed or gathered values (float64), so every process of a group
+    takes the same. Returns the number of centroids replaced."""
     k = len(centroids)
     mass = np.concatenate(group.gather(near.astype(np.float64)))
     if mass.sum() <= 0 or k < 2:
@@ -422,11 +422,7 @@ def swap_kmeans(share: Share, train: np.ndarray, first: int, total: int, k: int,
     with progress(total=iterations, desc=f"fit {k} with swaps", unit="it", leave=False) as bar:
         for iteration in range(iterations):
             labels, near, second, far = two_nearest(train, centroids, np.einsum("ij,ij->i", centroids, centroids))
-            sums, counts = cluster_sums(train, labels, k)
-            sums, counts = group.sum(sums), group.sum(counts)
-            filled = counts > 0
-            centroids = centroids.copy()
-            centroids[filled] = (sums[filled] / counts[filled, None]).astype(np.float32)
+            centroids, counts = recentred(centroids, *cluster_sums(train, labels, k), group)
             split_empty_clusters(centroids, counts, total)
             if iteration < iterations - 1:
                 swapped = _drawn_swaps(train, first, total, near, far, labels, second, centroids, draws, rng, group)
@@ -463,10 +459,7 @@ def _refined(rows: Rows, centroids: np.ndarray, rounds: int, spherical: bool, gp
                 counts += c
             bar.update(len(batch))
         for round_ in range(rounds):
-            sums, counts = group.sum(sums), group.sum(counts)
-            filled = counts > 0
-            centroids = centroids.copy()
-            centroids[filled] = (sums[filled] / counts[filled, None]).astype(np.float32)
+            centroids = recentred(centroids, sums, counts, group)[0]
             if spherical:
                 centroids = _unit(centroids)
             sums, counts = np.zeros((k, rows.dim)), np.zeros(k, dtype=np.int64)

@@ -222,13 +222,11 @@ class ThreadGroup:
         self._exchange(None)
 
 
-@pytest.mark.parametrize("tasks", [2, 3, 5])
-def test_tasks_holding_uneven_shares_or_none_of_a_level_give_the_levels_of_one_process(tasks):
-    x = clustered(1000, seed=5)
-    fit = dict(clusters=[24, 4, 2], iterations=8, resampling_steps=2, per_cluster=5, sample_per_centroid=16)
-    one = hierarchical_kmeans(x, **fit)
+def levels_of_tasks(x, cuts, **fit):
+    """hierarchical_kmeans(**fit) run by len(cuts) - 1 threads standing in for a job's tasks, task i holding rows
+    cuts[i] .. cuts[i + 1] of x: each task's levels, in rank order."""
+    tasks = len(cuts) - 1
     rows = ArrayRows(x)
-    cuts = [0, 90, 400, 401, 700, 1000][: tasks] + [1000]  # uneven; with 5 tasks level 3 (4 points) leaves one out
     slots, barrier, results, failures = [None] * tasks, threading.Barrier(tasks, timeout=120), [None] * tasks, []
 
     def task(rank):
@@ -245,6 +243,16 @@ def test_tasks_holding_uneven_shares_or_none_of_a_level_give_the_levels_of_one_p
     for thread in threads:
         thread.join()
     assert not failures, failures
+    return results
+
+
+@pytest.mark.parametrize("tasks", [2, 3, 5])
+def test_tasks_holding_uneven_shares_or_none_of_a_level_give_the_levels_of_one_process(tasks):
+    x = clustered(1000, seed=5)
+    fit = dict(clusters=[24, 4, 2], iterations=8, resampling_steps=2, per_cluster=5, sample_per_centroid=16)
+    one = hierarchical_kmeans(x, **fit)
+    cuts = [0, 90, 400, 401, 700, 1000][: tasks] + [1000]  # uneven; with 5 tasks level 3 (4 points) leaves one out
+    results = levels_of_tasks(x, cuts, **fit)
     for a, b in zip(one, results[0]):  # rank 0 holds every row of every level
         assert np.allclose(a.centroids, b.centroids, atol=1e-5) and (a.assignment == b.assignment).all()
         assert np.isclose(a.inertia, b.inertia, rtol=1e-6)

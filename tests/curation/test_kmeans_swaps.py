@@ -2,16 +2,14 @@
 definitions on small hand-made data, the whole fit against Lloyd's on uneven clusters, and over a job's tasks against
 one process."""
 
-import threading
-
 import numpy as np
 import pytest
 
 from data_curation.cli import build_parser, main
 from data_curation.embeddings import ArrayRows
-from data_curation.kmeans import FITS, Share, _drawn_swaps, _refined, hierarchical_kmeans, kmeans, two_nearest
+from data_curation.kmeans import FITS, _drawn_swaps, _refined, hierarchical_kmeans, kmeans, two_nearest
 from distill.errors import InputError
-from tests.curation.test_distributed_kmeans import ThreadGroup, make_store
+from tests.curation.test_distributed_kmeans import levels_of_tasks, make_store
 from tests.curation.test_kmeans_speed_options import blobs
 
 
@@ -131,25 +129,8 @@ def test_tasks_give_the_swaps_fit_of_one_process(cuts):
     fit = dict(clusters=[30, 5], iterations=4, resampling_steps=1, per_cluster=5, sample_per_centroid=10,
                fit="swaps")
     one = hierarchical_kmeans(x, **fit)
-    rows = ArrayRows(x)
-    tasks = len(cuts) - 1
-    slots, barrier, results, failures = [None] * tasks, threading.Barrier(tasks, timeout=120), [None] * tasks, []
-
-    def task(rank):
-        try:
-            share = Share(rows.slice(cuts[rank], cuts[rank + 1]), cuts[rank], len(x))
-            results[rank] = hierarchical_kmeans(share, **fit, group=ThreadGroup(rank, tasks, slots, barrier))
-        except BaseException as error:  # reported below
-            failures.append(error)
-            barrier.abort()
-
-    threads = [threading.Thread(target=task, args=(rank,)) for rank in range(tasks)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert not failures, failures
-    for a, b in zip(one, results[0]):
+    results = levels_of_tasks(x, cuts, **fit)
+    for a, b in zip(one, results[0]):  # rank 0 holds every row of every level
         assert np.allclose(a.centroids, b.centroids, atol=1e-5) and (a.assignment == b.assignment).all()
         assert np.isclose(a.inertia, b.inertia, rtol=1e-6)
 
