@@ -8,18 +8,24 @@ Images are float tensors [B, C, H, W] in [0, 1] with C = 1 (grey) or 3 (RGB).
 import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 GREY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601-2, as torchvision and PIL
 
 
-def _uniform(n: int, low: float, high: float, generator: Optional[torch.Generator]) -> torch.Tensor:
-    return torch.rand(n, generator=generator) * (high - low) + low
+def _uniform(n: int, low: float, high: float, generator: Optional[torch.Generator]) -> np.ndarray:
+    return torch.rand(n, generator=generator).numpy() * np.float32(high - low) + np.float32(low)
 
 
-def _bernoulli(n: int, p: float, generator: Optional[torch.Generator]) -> torch.Tensor:
-    return torch.rand(n, generator=generator) < p
+def _bernoulli(n: int, p: float, generator: Optional[torch.Generator]) -> np.ndarray:
+    return torch.rand(n, generator=generator).numpy() < p
+
+
+# The draws below take their random numbers from torch generators (the loader seeds one per image) and do the
+# rest of their arithmetic in numpy: a file image's views are drawn a few at a time, where each torch operation
+# on a tensor of ten values costs more than the arithmetic itself.
 
 
 # ------------------------------------------------------------------------------------------------ geometry
@@ -37,16 +43,17 @@ def sample_crop_boxes(
     """RandomResizedCrop boxes [n, 4] as (top, left, height, width), torchvision's algorithm vectorised:
     up to 10 tries of (area fraction in scale, log-uniform aspect ratio), else the central crop."""
     area = height * width
-    log_ratio = torch.log(torch.tensor(ratio, dtype=torch.float64))
-    target = area * (torch.rand(n, attempts, generator=generator, dtype=torch.float64) * (scale[1] - scale[0]) + scale[0])
-    aspect = torch.exp(torch.rand(n, attempts, generator=generator, dtype=torch.float64)
-                       * (log_ratio[1] - log_ratio[0]) + log_ratio[0])
-    w = torch.round(torch.sqrt(target * aspect))
-    h = torch.round(torch.sqrt(target / aspect))
+    log_ratio = np.log(np.array(ratio, dtype=np.float64))
+    draws = torch.rand(n, attempts, generator=generator, dtype=torch.float64).numpy()
+    target = area * (draws * (scale[1] - scale[0]) + scale[0])
+    draws = torch.rand(n, attempts, generator=generator, dtype=torch.float64).numpy()
+    aspect = np.exp(draws * (log_ratio[1] - log_ratio[0]) + log_ratio[0])
+    w = np.round(np.sqrt(target * aspect))
+    h = np.round(np.sqrt(target / aspect))
     valid = (w > 0) & (h > 0) & (w <= width) & (h <= height)
-    first = valid.float().argmax(dim=1)
-    rows = torch.arange(n)
-    w, h, found = w[rows, first], h[rows, first], valid.any(dim=1)
+    first = valid.argmax(axis=1)
+    rows = np.arange(n)
+    w, h, found = w[rows, first], h[rows, first], valid.any(axis=1)
 
     in_ratio = width / height
     if in_ratio < min(ratio):
@@ -55,12 +62,12 @@ def sample_crop_boxes(
         fallback_w, fallback_h = round(height * max(ratio)), height
     else:
         fallback_w, fallback_h = width, height
-    w = torch.where(found, w, torch.full_like(w, fallback_w))
-    h = torch.where(found, h, torch.full_like(h, fallback_h))
-    u = torch.rand(n, 2, generator=generator, dtype=torch.float64)
-    top = torch.where(found, torch.floor(u[:, 0] * (height - h + 1)), torch.div(height - h, 2, rounding_mode="floor"))
-    left = torch.where(found, torch.floor(u[:, 1] * (width - w + 1)), torch.div(width - w, 2, rounding_mode="floor"))
-    return torch.stack([top, left, h, w], dim=1).long()
+    w = np.where(found, w, fallback_w)
+    h = np.where(found, h, fallback_h)
+    u = torch.rand(n, 2, generator=generator, dtype=torch.float64).numpy()
+    top = np.where(found, np.floor(u[:, 0] * (height - h + 1)), (height - h) // 2)
+    left = np.where(found, np.floor(u[:, 1] * (width - w + 1)), (width - w) // 2)
+    return torch.from_numpy(np.stack([top, left, h, w], axis=1).astype(np.int64))
 
 
 def resized_crops(images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, size: int) -> torch.Tensor:
@@ -95,7 +102,7 @@ def sample_color_params(
     generator: Optional[torch.Generator] = None,
 ) -> Dict[str, torch.Tensor]:
     """Per-sample photometric parameters; ColorJitter's order of the four operations is random per sample."""
-    return {
+    params = {
         "jitter": _bernoulli(n, jitter_prob, generator),
         "order": torch.rand(n, 4, generator=generator).argsort(dim=1),  # a uniform permutation per sample
         "brightness": _uniform(n, max(0.0, 1 - brightness), 1 + brightness, generator),
@@ -107,6 +114,7 @@ def sample_color_params(
         "sigma": _uniform(n, blur_sigma[0], blur_sigma[1], generator),
         "solarize": _bernoulli(n, solarize_prob, generator),
     }
+    return {key: torch.from_numpy(value) if isinstance(value, np.ndarray) else value for key, value in params.items()}
 
 
 def to_grey(images: torch.Tensor) -> torch.Tensor:
@@ -325,20 +333,24 @@ def photometric_fused(crops: torch.Tensor, params: Dict[str, torch.Tensor], mean
     std_t = torch.tensor(list(std), dtype=torch.float64)
     matrix = (matrix / std_t.view(1, -1, 1)).float()
     offset = ((offset - mean_t) / std_t).float()[..., None]
-    low, high = (-mean_t / std_t).float().view(1, -1, 1), ((1 - mean_t) / std_t).float().view(1, -1, 1)
+    # the normalised range of [0, 1] per channel, as plain numbers: a clamp to scalar bounds runs several times
+    # faster than one to bounds broadcast from a tensor
+    bounds = list(zip((-mean_t / std_t).tolist(), ((1 - mean_t) / std_t).tolist()))
     if out is None:
         out = torch.empty(n, channels, height, width)
     flat = out.view(n, channels, height * width)
     for piece in pieces:
         torch.baddbmm(offset[piece], matrix[piece], pixels[piece].float(), out=flat[piece])
-        flat[piece].clamp_(low, high)
+        for channel, (low, high) in enumerate(bounds):
+            flat[piece, channel].clamp_(low, high)
     gaussian_blur(out, params["blur"], params["sigma"], inplace=True)
-    flagged = params["solarize"].nonzero().flatten()
-    if len(flagged):  # PIL's solarize at 128 of 255, in normalised units
-        threshold = ((128 / 255 - 1e-6 - mean_t) / std_t).float().view(1, -1, 1, 1)
-        mirror = ((1 - 2 * mean_t) / std_t).float().view(1, -1, 1, 1)
-        chosen = out[flagged]
-        out[flagged] = torch.where(chosen >= threshold, mirror - chosen, chosen)
+    # PIL's solarize at 128 of 255, in normalised units, channel by channel of each flagged sample in place
+    thresholds = ((128 / 255 - 1e-6 - mean_t) / std_t).float().tolist()
+    mirrors = ((1 - 2 * mean_t) / std_t).float().tolist()
+    for index in params["solarize"].nonzero().flatten().tolist():
+        for channel, (threshold, mirror) in enumerate(zip(thresholds, mirrors)):
+            values = out[index, channel]
+            torch.where(values >= threshold, mirror - values, values, out=values)
     return out
 
 

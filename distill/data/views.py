@@ -18,10 +18,9 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import get_worker_info
-import torchvision.transforms.v2.functional as TF
-from torchvision.transforms.v2 import InterpolationMode
 
 from distill.data import augment
 from distill.data.configs import MultiCropConfig
@@ -41,6 +40,15 @@ def _batch_tensor(shape: Sequence[int]) -> torch.Tensor:
         return torch.empty(shape)
     numel = math.prod(shape)
     return torch.empty(0).new(torch.empty(0)._typed_storage()._new_shared(numel)).view(*shape)
+
+
+def resized_crop(image: torch.Tensor, top: int, left: int, height: int, width: int, size: int) -> torch.Tensor:
+    """torchvision's resized_crop of a uint8 image [C, H, W] to size x size (bicubic, antialiased: the same uint8
+    kernel, the same pixels) without its dispatch, which costs a tenth of a small crop's time."""
+    box = image[None, :, top : top + height, left : left + width]
+    if (height, width) == (size, size):
+        return box[0].contiguous()
+    return F.interpolate(box, size=(size, size), mode="bicubic", align_corners=False, antialias=True)[0]
 
 
 @dataclass(frozen=True)
@@ -138,9 +146,8 @@ class MultiCrop:
         for group, p in zip(self.groups, params):
             size = self.specs[group[0]].size
             for (top, left, h, w), flip in zip(p["boxes"].tolist(), p["flip"].tolist()):
-                crop = TF.resized_crop(image, top, left, h, w, [size, size], interpolation=InterpolationMode.BICUBIC,
-                                       antialias=True)
-                crops.append(TF.horizontal_flip(crop) if flip else crop)
+                crop = resized_crop(image, top, left, h, w, size)
+                crops.append(crop.flip(-1) if flip else crop)
         return {"crops": crops, "params": params}
 
     def image_sample(self, image: torch.Tensor, generator: Optional[torch.Generator]) -> Dict[str, Any]:
