@@ -12,11 +12,16 @@ from distill.errors import InputError
 ATTENTION_BACKENDS = ("sdpa", "xformers")
 # Up to this many tokens, explicit attention beats PyTorch's CPU flash kernel in bf16/fp16. Measured on a
 # 2-core AVX-512 machine, forward + backward, bf16: 50 tokens 12 ms vs 70 ms, 197 tokens 25 ms vs 61 ms; at
-# 577 tokens both take 100 ms (the [N, N] matrix in fp32 no longer fits in cache). In fp32 the kernel wins.
+# 577 tokens both take 100 ms (the [N, N] matrix in fp32 no longer fits in cache).
 EXPLICIT_MAX_TOKENS = 256
 # Without backward (teachers, evaluation, embedding) the kernel wins sooner: bf16, 2 cores, 128 x 4 heads x 32:
 # 17 tokens 0.5 ms vs 0.9 ms, 37 tokens 2.6 ms both, 65 tokens 9.8 ms vs 4.7 ms; ViT-S at 197 tokens 91 vs 44 ms.
 EXPLICIT_MAX_TOKENS_NO_GRAD = 40
+# In fp32, with and without backward. Measured on a 2-core AVX2 machine (no AVX-512), heads of 32, explicit vs the
+# kernel, forward + backward: 256 x 4 heads x 5 tokens 1.6 ms vs 7.0, 128 x 4 x 17 tokens 3.2 vs 8.4, 64 x 4 x 65
+# tokens 8.5 vs 19.0, 100 tokens 19.3 vs 25.5, 145 tokens 40.9 vs 39.2, 257 tokens (32 x 4) 89 vs 46; forward
+# alone: 17 tokens 0.9 vs 2.2, 100 tokens 6.3 vs 7.1, 145 tokens 12.6 vs 11.9, 257 tokens 47 vs 14.
+EXPLICIT_MAX_TOKENS_FP32 = 100
 
 
 def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -58,10 +63,15 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: 
 
 
 def prefers_explicit(q: torch.Tensor) -> bool:
-    """q: [B, heads, N, d]; explicit attention for 16-bit CPU tensors of up to EXPLICIT_MAX_TOKENS tokens when
-    autograd records (training), EXPLICIT_MAX_TOKENS_NO_GRAD when it does not."""
+    """q: [B, heads, N, d]; explicit attention for CPU tensors of up to EXPLICIT_MAX_TOKENS_FP32 tokens in fp32,
+    and in 16 bits up to EXPLICIT_MAX_TOKENS when autograd records (training), EXPLICIT_MAX_TOKENS_NO_GRAD when it
+    does not."""
+    if q.device.type != "cpu":
+        return False
+    if q.dtype == torch.float32:
+        return q.shape[-2] <= EXPLICIT_MAX_TOKENS_FP32
     limit = EXPLICIT_MAX_TOKENS if torch.is_grad_enabled() else EXPLICIT_MAX_TOKENS_NO_GRAD
-    return q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-2] <= limit
+    return q.dtype in (torch.bfloat16, torch.float16) and q.shape[-2] <= limit
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
