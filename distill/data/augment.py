@@ -15,17 +15,17 @@ import torch.nn.functional as F
 GREY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601-2, as torchvision and PIL
 
 
+# The draws below take their random numbers from torch generators (the loader seeds one per image) and do the
+# rest of their arithmetic in numpy: a file image's views are drawn a few at a time, where each torch operation
+# on a tensor of ten values costs more than the arithmetic itself.
+
+
 def _uniform(n: int, low: float, high: float, generator: Optional[torch.Generator]) -> np.ndarray:
     return torch.rand(n, generator=generator).numpy() * np.float32(high - low) + np.float32(low)
 
 
 def _bernoulli(n: int, p: float, generator: Optional[torch.Generator]) -> np.ndarray:
     return torch.rand(n, generator=generator).numpy() < p
-
-
-# The draws below take their random numbers from torch generators (the loader seeds one per image) and do the
-# rest of their arithmetic in numpy: a file image's views are drawn a few at a time, where each torch operation
-# on a tensor of ten values costs more than the arithmetic itself.
 
 
 # ------------------------------------------------------------------------------------------------ geometry
