@@ -75,8 +75,8 @@ def test_forward_is_the_normalised_class_token_with_and_without_autograd():
     with torch.no_grad():
         reference = model.forward_features(x)["x_norm_clstoken"]
         fast = model(x)  # in-place activation path
-    with_grad = model(x)  # autograd path
-    assert torch.allclose(fast, reference, atol=1e-6) and torch.allclose(with_grad, reference, atol=1e-6)
+    with_grad = model(x)  # autograd path (on a CPU, patches of small images embedded as one matrix product)
+    assert torch.allclose(fast, reference, atol=1e-6) and torch.allclose(with_grad, reference, atol=1e-5)
     with_grad.sum().backward()
     assert model.blocks[0].mlp.fc1.weight.grad is not None
 
