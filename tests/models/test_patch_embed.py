@@ -38,3 +38,14 @@ def test_only_training_on_small_images_takes_the_unfolded_path():
         assert not embed._unfold_pays(small)  # inference and export keep the convolution
     embed.proj.requires_grad_(False)
     assert not embed._unfold_pays(small)  # a frozen embedding (an EMA teacher) too
+
+
+def test_an_exported_embedding_keeps_every_image_size():
+    """torch.export of a trainable embedding traced at a small size: the graph must not be bound to small images."""
+    embed = PatchEmbed(7, 1, 8)
+    size = torch.export.Dim("size", min=1, max=40)
+    program = torch.export.export(embed, (torch.randn(2, 1, 28, 28),), dynamic_shapes={"x": {2: 7 * size, 3: 7 * size}})
+    for pixels in (28, 224):
+        images = torch.randn(2, 1, pixels, pixels)
+        with torch.no_grad():
+            torch.testing.assert_close(program.module()(images), embed(images), atol=1e-5, rtol=1e-5)

@@ -70,10 +70,12 @@ class PatchEmbed(nn.Module):
         return out.flatten(2).transpose(1, 2)
 
     def _unfold_pays(self, x: torch.Tensor) -> bool:
-        """Training on a CPU with small images (the convolution kernel's slow backward); never while exporting."""
-        return (x.device.type == "cpu" and x.shape[-2] * x.shape[-1] <= SMALL_IMAGE_PIXELS
-                and torch.is_grad_enabled() and self.proj.weight.requires_grad
-                and not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export())
+        """Training on a CPU with small images (the convolution kernel's slow backward); never while exporting or
+        tracing (torch.export, the ONNX exporters), which are asked first: there the image size is symbolic, and
+        comparing it would fix the graph to one side of the bound."""
+        return (not torch.compiler.is_exporting() and not torch.jit.is_tracing()
+                and x.device.type == "cpu" and torch.is_grad_enabled() and self.proj.weight.requires_grad
+                and x.shape[-2] * x.shape[-1] <= SMALL_IMAGE_PIXELS)
 
     def _embed_unfolded(self, x: torch.Tensor) -> torch.Tensor:
         """The convolution's output as one matrix product: each patch's pixels, in the weight's (channel, row,
