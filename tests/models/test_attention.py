@@ -29,3 +29,17 @@ def test_the_cpu_path_takes_explicit_attention_for_few_tokens_only():
     with torch.no_grad():
         assert not attention.prefers_explicit(few.bfloat16())  # 16 bits without backward: the kernel from 41 tokens
         assert attention.prefers_explicit(few[:, :, :17].bfloat16())
+
+
+def test_an_exported_vit_keeps_every_image_size():
+    """torch.export of a small fp32 ViT, trainable, traced at 28 px (17 tokens): neither the attention's nor the patch
+    embedding's choice by size may bind the program to images that small."""
+    from distill.models import create_backbone
+
+    model = create_backbone("vit_tiny", depth=1, embed_dim=32, num_heads=2, patch_size=7, img_size=28, in_chans=1)
+    size = torch.export.Dim("size", min=1, max=40)
+    program = torch.export.export(model, (torch.randn(2, 1, 28, 28),), dynamic_shapes=({2: 7 * size, 3: 7 * size},))
+    for pixels in (28, 140):  # 17 and 401 tokens, either side of EXPLICIT_MAX_TOKENS_FP32
+        images = torch.randn(2, 1, pixels, pixels)
+        with torch.no_grad():
+            torch.testing.assert_close(program.module()(images), model(images), atol=1e-5, rtol=1e-5)

@@ -65,8 +65,9 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: 
 def prefers_explicit(q: torch.Tensor) -> bool:
     """q: [B, heads, N, d]; explicit attention for CPU tensors of up to EXPLICIT_MAX_TOKENS_FP32 tokens in fp32,
     and in 16 bits up to EXPLICIT_MAX_TOKENS when autograd records (training), EXPLICIT_MAX_TOKENS_NO_GRAD when it
-    does not."""
-    if q.device.type != "cpu":
+    does not. Never while exporting (torch.export, the ONNX exporter): there the token count is symbolic, and
+    comparing it would fix the graph to one side of the bound; the kernel serves every count."""
+    if q.device.type != "cpu" or torch.compiler.is_exporting():
         return False
     if q.dtype == torch.float32:
         return q.shape[-2] <= EXPLICIT_MAX_TOKENS_FP32
