@@ -4,7 +4,7 @@ their definitions."""
 import torch
 from torch import nn
 
-from distill.engine.optim import LARS, set_lr_and_wd
+from distill.engine.optim import LARS, build_optimizer, set_lr_and_wd
 from distill.engine.param_groups import names_without_decay, param_groups
 from distill.models import create_backbone
 from distill.models.heads import DINOHead
@@ -47,3 +47,27 @@ def test_lars_step_is_the_definition():
     trust = 0.001 * 5.0 / update.norm()
     assert torch.allclose(weight.data, torch.tensor([[3.0, 4.0]]) - 0.1 * trust * update)
     assert torch.allclose(bias.data, torch.tensor([1.0 - 0.1 * 0.5]))  # 1-D: no decay, no adaptation
+
+
+def test_adamw_fused_on_cpu_steps_like_the_per_parameter_loop():
+    """The fused AdamW chosen for plain CPU tensors gives PyTorch's per-parameter result, decoupled weight decay on
+    the decayed group only, over several steps with changing rates."""
+    torch.manual_seed(0)
+    nets = [nn.Sequential(nn.Linear(6, 5), nn.GELU(), nn.Linear(5, 3)) for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    start = [p.detach().clone() for p in nets[0].parameters()]
+    fused = build_optimizer("adamw", param_groups(nets[0]), betas=(0.9, 0.95))
+    loop = torch.optim.AdamW(param_groups(nets[1]), lr=0.0, weight_decay=0.0, betas=(0.9, 0.95), foreach=False)
+    assert all(g["fused"] for g in fused.param_groups) and not any(g["fused"] for g in loop.param_groups)
+    for step in range(5):
+        x = torch.randn(8, 6)
+        for net, optimizer in zip(nets, (fused, loop)):
+            set_lr_and_wd(optimizer, 1e-2 * (step + 1), 0.1)
+            optimizer.zero_grad()
+            net(x).square().mean().backward()
+            optimizer.step()
+    for a, b in zip(nets[0].parameters(), nets[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert all((a - b).abs().max() > 1e-3 for a, b in zip(nets[0].parameters(), start))  # the steps moved them
+    assert build_optimizer("adamw", [{"params": [nn.Parameter(torch.zeros(2, dtype=torch.int32), requires_grad=False)]}]
+                           ).param_groups[0]["fused"] is False
