@@ -31,7 +31,7 @@ from distill.engine import checkpointing, sharding
 from distill.engine.budget import BUDGET_WARMUP_STEPS, TimeBudget
 from distill.engine.evaluation import RunEvaluation, flatten_knn
 from distill.engine.metrics import MetricsWriter, plot_loss_curve, read_metrics, repair_metrics
-from distill.engine.optim import build_optimizer, set_lr_and_wd
+from distill.engine.optim import build_optimizer, kernels_kept, set_lr_and_wd
 from distill.engine.param_groups import param_groups
 from distill.engine.runtime import configure_runtime, resolve_device
 from distill.engine.train_config import TrainConfig
@@ -310,10 +310,11 @@ class Trainer:
                 f"{run_description(run.config)['recipe']} run, this is a {run_description(self.config)['recipe']} "
                 "run: resume with the checkpoint's own config.yaml, or choose another train.output_dir")
         self.objective.load_state_dict(weights)
-        if self.shard_units:
-            sharding.load_optimizer_state(self.optimizer, run["optimizer"])
-        else:
-            self.optimizer.load_state_dict(run["optimizer"])
+        with kernels_kept(self.optimizer):
+            if self.shard_units:
+                sharding.load_optimizer_state(self.optimizer, run["optimizer"])
+            else:
+                self.optimizer.load_state_dict(run["optimizer"])
         if self.scaler is not None and run["scaler"]:
             self.scaler.load_state_dict(run["scaler"])
         self.step, self.train_seconds = run["step"], run["train_seconds"]

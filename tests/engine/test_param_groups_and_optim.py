@@ -4,7 +4,7 @@ their definitions."""
 import torch
 from torch import nn
 
-from distill.engine.optim import LARS, build_optimizer, set_lr_and_wd
+from distill.engine.optim import LARS, build_optimizer, kernels_kept, set_lr_and_wd
 from distill.engine.param_groups import names_without_decay, param_groups
 from distill.models import create_backbone
 from distill.models.heads import DINOHead
@@ -71,3 +71,22 @@ def test_adamw_fused_on_cpu_steps_like_the_per_parameter_loop():
     assert all((a - b).abs().max() > 1e-3 for a, b in zip(nets[0].parameters(), start))  # the steps moved them
     assert build_optimizer("adamw", [{"params": [nn.Parameter(torch.zeros(2, dtype=torch.int32), requires_grad=False)]}]
                            ).param_groups[0]["fused"] is False
+
+
+def test_loading_a_state_keeps_this_runs_kernel_choice():
+    """A checkpoint's groups carry the kernel choice of the run that wrote it; loading keeps this run's, and the
+    loaded moments and step count are used."""
+    torch.manual_seed(0)
+    net = nn.Linear(4, 3)
+    writer = torch.optim.AdamW(param_groups(net), lr=1e-2, foreach=False)  # as written by a GPU or sharded run
+    net(torch.randn(5, 4)).sum().backward()
+    writer.step()
+    reader = build_optimizer("adamw", param_groups(net))
+    with kernels_kept(reader):
+        reader.load_state_dict(writer.state_dict())
+    assert all(g["fused"] and not g["foreach"] for g in reader.param_groups)
+    assert all(int(reader.state[p]["step"]) == 1 and torch.equal(reader.state[p]["exp_avg"], writer.state[p]["exp_avg"])
+               for p in net.parameters())
+    reader.param_groups[0]["lr"] = 1e-2
+    reader.step()  # the fused kernel runs on the loaded state
+    assert all(int(reader.state[p]["step"]) == 2 for p in reader.param_groups[0]["params"])
