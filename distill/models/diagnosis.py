@@ -69,6 +69,9 @@ def infer_architecture(state: StateDict) -> Dict[str, Any]:
     arch["distilled"] = "dist_token" in state
     arch["layerscale"] = "blocks.0.ls1.gamma" in state
     arch["ffn_layer"] = "swiglu" if "blocks.0.mlp.w12.weight" in state else "mlp"
+    fc1 = state.get("blocks.0.mlp.fc1.weight")
+    if fc1 is not None and arch.get("embed_dim"):
+        arch["mlp_ratio"] = fc1.shape[0] / arch["embed_dim"]
     arch["num_classes"] = state["head.weight"].shape[0] if "head.weight" in state else 0
     return arch
 
@@ -136,6 +139,8 @@ def _describe(arch: Dict[str, Any]) -> str:
         parts.append("LayerScale")
     if arch["ffn_layer"] != "mlp":
         parts.append(arch["ffn_layer"])
+    if arch.get("mlp_ratio", 4.0) != 4.0:
+        parts.append(f"mlp_ratio {arch['mlp_ratio']:g}")
     if arch["num_classes"]:
         parts.append(f"{arch['num_classes']}-class head")
     return ", ".join(parts)

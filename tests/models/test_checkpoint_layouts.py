@@ -244,3 +244,16 @@ def test_distilled_file_into_plain_deit_names_the_distilled_model():
         model = create_backbone("deit_base_patch16_384")
     with pytest.raises(CheckpointError, match=r"(?s)dist_token.*head_dist.*looks like 'deit_base_distilled_patch16_384'"):
         load_pretrained(model, state)
+
+
+def test_file_with_another_mlp_ratio_names_it():
+    # the CPU demo's network (MLP ratio 2) loaded as one with the default ratio 4: the message says which ratio
+    arch = dict(depth=2, embed_dim=32, num_heads=2, patch_size=7, img_size=28, in_chans=1)
+    with torch.device("meta"):
+        state = create_backbone("vit_tiny", mlp_ratio=2.0, **arch).state_dict()
+        model = create_backbone("vit_tiny", **arch)
+    with pytest.raises(CheckpointError) as info:
+        load_pretrained(model, state)
+    message = str(info.value)
+    assert "blocks.*.mlp.fc1.weight file [64, 32] vs model [128, 32]" in message
+    assert "embed_dim 32, depth 2, patch 7, mlp_ratio 2" in message
