@@ -110,7 +110,9 @@ def guess_backbone_name(state: StateDict) -> Optional[str]:
         spec = get_spec(name)
         if spec.factory is not VisionTransformer:  # XCiTs and ResNets have other keys
             continue
-        if all(_spec_architecture(spec.kwargs).get(k) == arch.get(k) for k in keys):
+        wanted = _spec_architecture(spec.kwargs)
+        same_mlp = "mlp_ratio" not in arch or float(spec.kwargs.get("mlp_ratio", 4.0)) == arch["mlp_ratio"]
+        if same_mlp and all(wanted.get(k) == arch.get(k) for k in keys):
             same_grid = side is not None and side * spec.kwargs.get("patch_size", 16) == spec.img_size
             # a bare DINO backbone and a DeiT classifier share every block: the head (or its absence) decides
             same_head = bool(spec.kwargs.get("num_classes", 0)) == bool(arch.get("num_classes"))

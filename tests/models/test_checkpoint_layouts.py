@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 
 from distill.errors import CheckpointError
 from distill.models import create_backbone, load_pretrained
+from distill.models.diagnosis import guess_backbone_name
 
 SMALL = {"depth": 2}
 
@@ -257,3 +258,9 @@ def test_file_with_another_mlp_ratio_names_it():
     message = str(info.value)
     assert "blocks.*.mlp.fc1.weight file [64, 32] vs model [128, 32]" in message
     assert "embed_dim 32, depth 2, patch 7, mlp_ratio 2" in message
+    # nor is a file of a registered name's shape but another MLP ratio taken for that name
+    with torch.device("meta"):
+        ratio_two = create_backbone("dino_vits16", mlp_ratio=2.0).state_dict()
+        official = create_backbone("dino_vits16").state_dict()
+    assert guess_backbone_name(official) == "dino_vits16"
+    assert guess_backbone_name(ratio_two) is None
