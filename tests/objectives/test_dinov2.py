@@ -101,12 +101,15 @@ def test_layerwise_decay_and_patch_embedding_multiplier():
     assert sum(len(g["params"]) for g in groups) == len(named)
 
 
-def test_packed_crops_give_the_same_loss_and_gradients(tmp_path):
+@pytest.mark.parametrize("local_crops", [2, 0])  # 0: the CPU demo's recipe, global crops only
+def test_packed_crops_give_the_same_loss_and_gradients(tmp_path, local_crops):
     trainer = Trainer(config(tmp_path, "model.overrides={depth: 2, embed_dim: 32, num_heads: 2, patch_size: 4, "
-                                       "img_size: 16, in_chans: 1, drop_path_rate: 0.0}"))
+                                       "img_size: 16, in_chans: 1, drop_path_rate: 0.0}",
+                             f"objective.views.local_crops_number={local_crops}"))
     trainer.setup()
     objective = trainer.objective
     batch = next(iter(trainer.loader))
+    assert len(batch["crops"]) == 2 + local_crops
     from distill.objectives.base import StepInfo
 
     info = StepInfo(step=3, total_steps=10, steps_per_epoch=8)
