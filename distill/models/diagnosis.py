@@ -69,9 +69,8 @@ def infer_architecture(state: StateDict) -> Dict[str, Any]:
     arch["distilled"] = "dist_token" in state
     arch["layerscale"] = "blocks.0.ls1.gamma" in state
     arch["ffn_layer"] = "swiglu" if "blocks.0.mlp.w12.weight" in state else "mlp"
-    fc1 = state.get("blocks.0.mlp.fc1.weight")
-    if fc1 is not None and arch.get("embed_dim"):
-        arch["mlp_ratio"] = fc1.shape[0] / arch["embed_dim"]
+    fc1 = state.get("blocks.0.mlp.fc1.weight")  # SwiGLU's hidden width is rounded: its ratio is not read back
+    arch["mlp_ratio"] = fc1.shape[0] / arch["embed_dim"] if fc1 is not None and arch.get("embed_dim") else None
     arch["num_classes"] = state["head.weight"].shape[0] if "head.weight" in state else 0
     return arch
 
@@ -85,6 +84,7 @@ def _spec_architecture(kwargs: Dict[str, Any]) -> Dict[str, Any]:
         "distilled": kwargs.get("distilled", False),
         "layerscale": bool(kwargs.get("layerscale_init")),
         "ffn_layer": kwargs.get("ffn_layer", "mlp"),
+        "mlp_ratio": float(kwargs.get("mlp_ratio", 4.0)) if kwargs.get("ffn_layer", "mlp") == "mlp" else None,
     }
 
 
@@ -103,16 +103,15 @@ def guess_backbone_name(state: StateDict) -> Optional[str]:
     arch = infer_architecture(state)
     if arch["kind"] == "xcit":
         return _guess_xcit_name(arch)
-    keys = ("depth", "embed_dim", "patch_size", "num_register_tokens", "distilled", "layerscale", "ffn_layer")
+    keys = ("depth", "embed_dim", "patch_size", "num_register_tokens", "distilled", "layerscale", "ffn_layer",
+            "mlp_ratio")
     side = perfect_square_root(state["pos_embed"].shape[1] - 1 - arch["distilled"]) if "pos_embed" in state else None
     matches = []
     for name in list_backbones():
         spec = get_spec(name)
         if spec.factory is not VisionTransformer:  # XCiTs and ResNets have other keys
             continue
-        wanted = _spec_architecture(spec.kwargs)
-        same_mlp = "mlp_ratio" not in arch or float(spec.kwargs.get("mlp_ratio", 4.0)) == arch["mlp_ratio"]
-        if same_mlp and all(wanted.get(k) == arch.get(k) for k in keys):
+        if all(_spec_architecture(spec.kwargs).get(k) == arch.get(k) for k in keys):
             same_grid = side is not None and side * spec.kwargs.get("patch_size", 16) == spec.img_size
             # a bare DINO backbone and a DeiT classifier share every block: the head (or its absence) decides
             same_head = bool(spec.kwargs.get("num_classes", 0)) == bool(arch.get("num_classes"))
@@ -141,7 +140,7 @@ def _describe(arch: Dict[str, Any]) -> str:
         parts.append("LayerScale")
     if arch["ffn_layer"] != "mlp":
         parts.append(arch["ffn_layer"])
-    if arch.get("mlp_ratio", 4.0) != 4.0:
+    if arch.get("mlp_ratio") not in (None, 4.0):
         parts.append(f"mlp_ratio {arch['mlp_ratio']:g}")
     if arch["num_classes"]:
         parts.append(f"{arch['num_classes']}-class head")
