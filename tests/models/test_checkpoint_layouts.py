@@ -248,7 +248,7 @@ def test_distilled_file_into_plain_deit_names_the_distilled_model():
 
 
 def test_file_with_another_mlp_ratio_names_it():
-    # the CPU demo's network (MLP ratio 2) loaded as one with the default ratio 4: the message says which ratio
+    # a network with another MLP ratio than 4 (as the CPU demo's) loaded at the default 4: the message names the ratio
     arch = dict(depth=2, embed_dim=32, num_heads=2, patch_size=7, img_size=28, in_chans=1)
     with torch.device("meta"):
         state = create_backbone("vit_tiny", mlp_ratio=2.0, **arch).state_dict()
