@@ -5,7 +5,9 @@ from typing import Optional
 
 BUDGET_WARMUP_STEPS = 3  # first steps pay one-time costs (allocations, compilation): not timed
 BUDGET_PROBE_STEPS = 10  # steps timed to fit the schedule into a time budget
-BUDGET_REFIT_AT = (0.05, 0.15, 0.3, 0.6)  # shares of the budget after which the plan is fitted again to the recent pace
+# shares of the budget after which the plan is fitted again to the pace since the last fit: early on because the
+# first steps are often slower, late so that a pace that drifts in the last third still ends the schedules on time
+BUDGET_REFIT_AT = (0.05, 0.15, 0.3, 0.6, 0.85, 0.95)
 
 
 @dataclass

@@ -243,9 +243,13 @@ def test_time_budget_is_fitted_again_to_the_recent_pace(tiny_config, tmp_path):
     assert trainer.budget.fits == 4 and abs(trainer.total_steps - 129) <= 1
     run_for(40, 0.5)  # past 60% at step 82 (36.01 s): 82 + 23.99 / 0.5 steps
     assert trainer.budget.fits == 5 and abs(trainer.total_steps - 129) <= 1
+    run_for(22, 0.5)  # past 85% at step 112 (51.01 s): the same pace, the same plan
+    assert trainer.budget.fits == 6 and abs(trainer.total_steps - 129) <= 1
+    run_for(10, 0.6)  # slower late in the run: past 95% at step 122 (57.01 s), 122 + 2.99 / 0.6 steps; the plan of
+    assert trainer.budget.fits == 7 and trainer.total_steps == 126  # 129 would have been cut short by the clock
     planned = trainer.total_steps
     run_for(20, 0.01)  # no fits after the last share
-    assert trainer.budget.fits == 5 and trainer.total_steps == planned
+    assert trainer.budget.fits == 7 and trainer.total_steps == planned
 
 
 def _schedules(trainer):
