@@ -2,7 +2,7 @@
 
 import torch
 
-from distill.data.masking import batch_masks, block_mask
+from distill.data.masking import Uniforms, batch_masks, block_mask
 
 
 def test_half_the_images_are_masked_with_ratios_spread_over_the_range():
@@ -35,3 +35,19 @@ def test_same_generator_state_same_masks():
     c = batch_masks(8, (4, 4), generator=torch.Generator().manual_seed(6))
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert int((a.sum(dim=1) > 0).sum()) == 4
+
+
+def test_pooled_draws_are_the_generators_numbers_in_order():
+    """Masks take their numbers from the generator a block at a time; across refills they are the same numbers,
+    in the same order, as drawing them all at once."""
+    draws = Uniforms(torch.Generator().manual_seed(7), block=100)
+    expected = torch.rand(250, generator=torch.Generator().manual_seed(7), dtype=torch.float64).tolist()
+    assert [draws() for _ in range(250)] == expected
+
+
+def test_pooled_integers_cover_both_ends_evenly():
+    draws = Uniforms(torch.Generator().manual_seed(0))
+    values = torch.tensor([draws.integer(2, 4) for _ in range(6000)])
+    counts = torch.bincount(values, minlength=6)
+    assert counts[:2].sum() == 0 and counts[5] == 0  # only 2, 3 and 4
+    assert all(abs(int(c) - 2000) < 150 for c in counts[2:5])  # about a third each (sd ~37)
