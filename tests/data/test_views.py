@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageOps
 
@@ -52,6 +53,24 @@ def test_resized_crop_of_the_whole_image_is_the_image_and_flips_mirror():
     assert torch.allclose(same[1], images[1].flip(-1), atol=1e-6)
     half = augment.resized_crops(images, torch.tensor([[0, 4, 8, 4]] * 2), torch.tensor([False, False]), 4)
     assert half.shape == (2, 1, 8 // 2, 4)[:2] + (4, 4)
+
+
+def test_crop_grid_is_affine_grid_of_the_crop_map():
+    """The sampling grid built row by column equals F.affine_grid of each crop's affine map (align_corners=False),
+    on a non-square image, with mirrored and unmirrored crops of several sizes."""
+    generator = torch.Generator().manual_seed(0)
+    height, width = 30, 45
+    boxes = augment.sample_crop_boxes(64, height, width, (0.05, 1.0), generator=generator)
+    flips = torch.rand(64, generator=generator) < 0.5
+    top, left, h, w = boxes.float().unbind(1)
+    theta = torch.zeros(64, 2, 3)
+    theta[:, 0, 0] = (1 - 2 * flips.float()) * w / width
+    theta[:, 0, 2] = (2 * left + w) / width - 1
+    theta[:, 1, 1] = h / height
+    theta[:, 1, 2] = (2 * top + h) / height - 1
+    for size in (7, 16):
+        expected = F.affine_grid(theta, [64, 1, size, size], align_corners=False)
+        assert torch.allclose(augment.crop_grid(boxes, flips, size, (height, width)), expected, atol=1e-6)
 
 
 @pytest.mark.parametrize("op,name", [(0, "brightness"), (1, "contrast"), (2, "saturation"), (3, "hue")])
