@@ -110,6 +110,9 @@ class DINOv2Config(SelfDistillationConfig):
         if not self.separate_heads and self.ibot_out_dim != self.out_dim:
             raise InputError("objective.ibot_out_dim differs from out_dim but the heads are shared: set "
                              "objective.separate_heads=true or make them equal")
+        if len(self.mask_ratio) != 2:
+            raise InputError(f"objective.mask_ratio is {list(self.mask_ratio)}: give two numbers [low, high], e.g. "
+                             "[0.1, 0.5]")
         low, high = self.mask_ratio
         if not 0 <= low <= high <= 1 or not 0 <= self.mask_probability <= 1 or not 0 < self.max_mask_ratio <= 1:
             raise InputError("objective: mask_ratio [low, high] within [0, 1], mask_probability and max_mask_ratio "

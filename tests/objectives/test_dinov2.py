@@ -85,6 +85,12 @@ def test_distillation_without_a_teacher_file_is_a_clear_error(tmp_path):
         Trainer(config(tmp_path, "objective.distillation.enabled=true")).setup()
 
 
+@pytest.mark.parametrize("ratio", ["[0.5]", "[0.1, 0.3, 0.5]"])
+def test_a_mask_ratio_that_is_not_a_pair_is_a_clear_error(tmp_path, ratio):
+    with pytest.raises(InputError, match=r"mask_ratio is .*give two numbers \[low, high\]"):
+        config(tmp_path, f"objective.mask_ratio={ratio}")
+
+
 def test_layerwise_decay_and_patch_embedding_multiplier():
     assert lr_multiplier("backbone.blocks.3.attn.qkv.weight", 12, 0.9) == pytest.approx(0.9**9)
     assert lr_multiplier("backbone.pos_embed", 12, 0.9) == pytest.approx(0.9**13)
