@@ -119,9 +119,10 @@ class MultiCropConfig(ViewsConfig):
         if self.global_crops_size < 1 or (self.local_crops_number and self.local_crops_size < 1):
             raise InputError("views: crop sizes must be positive")
         for name in ("global_crops_scale", "local_crops_scale", "ratio", "blur_sigma"):
-            low, high = getattr(self, name)
-            if not 0 < low <= high or (name.endswith("scale") and high > 1):
-                raise InputError(f"views.{name} must be [low, high] with 0 < low <= high (<= 1 for scales)")
+            values = list(getattr(self, name))
+            if len(values) != 2 or not 0 < values[0] <= values[1] or (name.endswith("scale") and values[1] > 1):
+                raise InputError(f"views.{name} is {values}: it must be [low, high] with 0 < low <= high (<= 1 for "
+                                 "scales)")
         probabilities = [self.flip_prob, self.color_jitter_prob, self.grayscale_prob, self.local_blur_prob,
                          self.local_solarize_prob, *self.global_blur_probs, *self.global_solarize_probs]
         if any(not 0 <= p <= 1 for p in probabilities) or not self.global_blur_probs or not self.global_solarize_probs:

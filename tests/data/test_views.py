@@ -171,6 +171,9 @@ def test_views_are_a_function_of_the_seed():
 def test_bad_view_config():
     with pytest.raises(InputError, match="global_crops_scale"):
         MultiCrop(_config(global_crops_scale=[0.5, 0.2]), 1)
+    for key in ("global_crops_scale", "local_crops_scale", "ratio", "blur_sigma"):  # one number, not a pair
+        with pytest.raises(InputError, match=rf"views.{key} is \[0.5\]: it must be \[low, high\]"):
+            MultiCrop(_config(**{key: [0.5]}), 1)
     with pytest.raises(InputError, match="probabilities"):
         MultiCrop(_config(flip_prob=1.5), 1)
     with pytest.raises(InputError, match="views.color must be 'fused' or 'exact'"):
