@@ -174,7 +174,7 @@ class MultiCrop:
         A group's batch holds its first crop of every image, then its second, and so on (as `array_batch`)."""
         outputs: List[torch.Tensor] = []
         for number, group in enumerate(self.groups):
-            crops = torch.cat([torch.stack([s["crops"][i] for s in samples]) for i in group])
+            crops = torch.stack([s["crops"][i] for i in group for s in samples])  # one copy of the group's crops
             params = {key: torch.stack([s["params"][number][key] for s in samples], dim=1).flatten(0, 1)
                       for key in samples[0]["params"][number]}
             outputs.extend(self._finish(crops, params, len(group)))

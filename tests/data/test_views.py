@@ -158,6 +158,21 @@ def test_exact_colour_path_is_selectable():
     assert (fused[0] - exact[0]).abs().mean() < 0.2 and not torch.equal(fused[0], exact[0])
 
 
+def test_collate_lays_out_each_crop_of_every_image_then_the_next():
+    """Without photometric draws, a collated batch is each image's normalised uint8 crops, in array_batch's
+    order: crop j of image i at row i of output j."""
+    plain = dict(color_jitter_prob=0.0, grayscale_prob=0.0, global_blur_probs=[0.0], local_blur_prob=0.0,
+                 global_solarize_probs=[0.0], local_solarize_prob=0.0)
+    views = MultiCrop(_config(**plain), channels=1)
+    images = torch.randint(0, 256, (3, 1, 28, 28), dtype=torch.uint8)
+    samples = [views.image_sample(image, derived_generator(5, 0, i)) for i, image in enumerate(images)]
+    outputs = views.collate(samples)
+    assert [o.shape for o in outputs] == [(3, 1, 16, 16)] * 2 + [(3, 1, 8, 8)] * 3
+    for j, output in enumerate(outputs):
+        for i, sample in enumerate(samples):
+            torch.testing.assert_close(output[i], (sample["crops"][j].float() / 255 - 0.5) / 0.25)
+
+
 def test_views_are_a_function_of_the_seed():
     images = torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8)
     views = MultiCrop(_config(), channels=1)
