@@ -24,6 +24,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from distill.data.filelists import readable_name, write_file_list
+from distill.config import number, parse_sets
 from distill.logs import configure_logging
 from distill.errors import DistillError, InputError
 from distill.eval.retrieval import truth_sets, write_metrics
@@ -32,6 +33,9 @@ logger = logging.getLogger("data_curation")
 
 
 def _check_keep(keep: str) -> None:
+    if Path(keep).is_dir():
+        raise InputError(f"--keep {readable_name(keep)} is a folder: give the kept.txt that `distill-curate dedup` "
+                         "wrote into it")
     if not Path(keep).is_file():
         raise InputError(f"--keep {readable_name(keep)} does not exist: give the kept.txt of `distill-curate dedup`")
 
@@ -50,6 +54,9 @@ def _select(folder: str, memory_gb: float, keep: Optional[str] = None):
 
 
 def _write_list(path: str, paths: List[str]) -> None:
+    if os.path.isdir(path):
+        raise InputError(f"--output {readable_name(path)} is a folder: give the file the list goes to (e.g. "
+                         f"{readable_name(os.path.join(path, 'selected.txt'))})")
     write_file_list(path, paths)
 
 
@@ -86,7 +93,7 @@ def cmd_embed(args) -> None:
                   npy=args.npy, limit=args.limit, flip_average=args.flip_average, parts=args.parts,
                   precision=args.precision, workers=args.workers, overwrite=args.overwrite,
                   descriptor=args.descriptor, gem_p=args.gem_p, scales=args.scales, whiten_on=args.whiten_on,
-                  whiten_dim=args.whiten_dim)
+                  whiten_dim=args.whiten_dim, overrides=parse_sets(args.set), checkpoint_key=args.checkpoint_key)
     if args.submit:
         from data_curation.embeddings import EmbeddingStore
         from distill.launch.slurm import Resources, check_cluster, check_local, make_executor, submit_or_explain
@@ -152,8 +159,6 @@ def _truth_pairs(truth: str, queries: tuple, gallery: tuple) -> List[tuple]:
 def cmd_dedup(args) -> None:
     from data_curation.dedup import deduplicate_graph
 
-    if args.nprobe < 1:
-        raise InputError(f"--nprobe is how many inverted lists each image searches, at least 1, got {args.nprobe}")
     if args.submit:
         return _submit_dedup(args)
     if args.parts != 1:
@@ -194,6 +199,10 @@ def _write_dedup(args, rows, paths: List[str], kept, groups, graph, scores, trut
     atomic_write_text(out / "groups.json", json.dumps(named, indent=1))
     if named and args.grid:
         duplicate_grid(out / "duplicate_groups.png", named)
+    else:  # an earlier run's picture would show groups this run did not find
+        (out / "duplicate_groups.png").unlink(missing_ok=True)
+    if truth is None:  # nor may its scores stand beside this run's list
+        (out / "copy_detection.json").unlink(missing_ok=True)
     print(f"kept {len(kept)} of {len(paths)} images; {len(groups)} duplicate groups -> "
           f"{readable_name(str(out))}/kept.txt, groups.json" + (", duplicate_groups.png" if named and args.grid else ""))
     if truth is not None:
@@ -311,10 +320,12 @@ def _print_clustering(summary: dict) -> None:
 def cmd_cluster(args) -> None:
     from data_curation.distributed_kmeans import manifest_digest, write_clusters
     from data_curation.embeddings import EmbeddingStore
-    from data_curation.kmeans import hierarchical_kmeans
+    from data_curation.kmeans import check_gpu_faiss, hierarchical_kmeans
 
     if args.submit:
         return _submit_cluster(args)
+    if args.gpu:
+        check_gpu_faiss()
     if args.tasks != 1:
         raise InputError(f"--tasks {args.tasks} runs with --submit slurm or --submit local; without --submit "
                          "`cluster` is one process")
@@ -439,6 +450,11 @@ def cmd_sample(args) -> None:
     from data_curation.pictures import cluster_sizes
     from data_curation.sampling import balanced_sample
 
+    picture = Path(args.output).with_suffix(".png")
+    if picture == Path(args.output):
+        raise InputError(f"--output {readable_name(args.output)} is where the sampled list goes, and its name with "
+                         ".png is where the picture of cluster sizes goes: name the list another way (e.g. "
+                         f"{readable_name(str(picture.with_suffix('.txt')))})")
     found = _clusters(Path(args.clusters), distances=args.mode == "closest")
     assignments, paths, distances = found["assignments"], found["paths"], found.get("distances")
     chosen = balanced_sample(assignments, args.target, args.seed, args.mode, distances)
@@ -446,7 +462,6 @@ def cmd_sample(args) -> None:
     clusters = int(assignments[0].max()) + 1
     before = np.bincount(assignments[0], minlength=clusters)
     after = np.bincount(assignments[0][chosen], minlength=clusters)
-    picture = Path(args.output).with_suffix(".png")
     cluster_sizes(picture, before, after, title=f"{clusters} clusters: {len(paths)} images sampled to {len(chosen)}")
     print(f"sampled {len(chosen)} of {len(paths)} images -> {readable_name(args.output)} (cluster sizes: "
           f"{readable_name(str(picture))})")
@@ -514,29 +529,33 @@ def describe_os_error(error: OSError) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distill-curate", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    memory = dict(type=float, default=8.0, help="largest embedding matrix held in memory (GiB)")
+    memory = dict(type=number(float, above=0), default=8.0, help="largest embedding matrix held in memory (GiB)")
 
     embed = commands.add_parser("embed", help="images -> L2-normalised float16 embedding shards (resumable)")
     embed.add_argument("--data", required=True, help="a folder, a file list, or fashion_mnist")
     embed.add_argument("--split", default=None)
     embed.add_argument("--checkpoint", help="any checkpoint distill can load (a run, DINO, DINOv2, DeiT)")
-    embed.add_argument("--backbone", help="registered name (needed for files it cannot recognise)")
+    embed.add_argument("--backbone", help="registered name: with --checkpoint, for files it cannot recognise; "
+                                            "alone, random weights (for tests)")
+    embed.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                       help="backbone overrides, e.g. depth=4 (for files whose sizes are not the name's defaults)")
+    embed.add_argument("--checkpoint-key", help="network in a training checkpoint: teacher (default), student")
     embed.add_argument("--npy", help="precomputed embeddings [N, D] instead of images (paths from --data's list)")
     embed.add_argument("--output", required=True)
-    embed.add_argument("--shard-size", type=int, default=50_000)
-    embed.add_argument("--batch-size", type=int, default=256)
-    embed.add_argument("--limit", type=int, default=0)
+    embed.add_argument("--shard-size", type=number(at_least=1), default=50_000)
+    embed.add_argument("--batch-size", type=number(at_least=1), default=256)
+    embed.add_argument("--limit", type=number(at_least=0), default=0)
     embed.add_argument("--device", default="cpu")
     embed.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                        help="auto: bf16 on GPUs and on CPUs that multiply bf16 natively, else fp32")
-    embed.add_argument("--workers", type=int, default=0, help="processes decoding images beside the forward")
-    embed.add_argument("--parts", type=int, default=1, help="split the images into this many parts (part_NNNN)")
-    embed.add_argument("--part", type=int, default=0, help="embed only this part (0-based)")
+    embed.add_argument("--workers", type=number(at_least=0), default=0, help="processes decoding images beside the forward")
+    embed.add_argument("--parts", type=number(at_least=1), default=1, help="split the images into this many parts (part_NNNN)")
+    embed.add_argument("--part", type=number(at_least=0), default=0, help="embed only this part (0-based)")
     embed.add_argument("--submit", choices=("slurm", "local"), help="one job-array task per part (submitit)")
     embed.add_argument("--partition", help="with --submit slurm")
-    embed.add_argument("--timeout", type=int, default=240, help="minutes per task, with --submit")
-    embed.add_argument("--cpus-per-task", type=int, default=8)
-    embed.add_argument("--gpus-per-node", type=int, default=0)
+    embed.add_argument("--timeout", type=number(at_least=1), default=240, help="minutes per task, with --submit")
+    embed.add_argument("--cpus-per-task", type=number(at_least=1), default=8)
+    embed.add_argument("--gpus-per-node", type=number(at_least=0), default=0)
     embed.add_argument("--wait", action="store_true", help="with --submit: wait for every task")
     embed.add_argument("--overwrite", action="store_true",
                        help="start the store again: remove its files (only those) instead of resuming; a resume with "
@@ -546,22 +565,22 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--descriptor", choices=("cls", "copy"), default="cls",
                        help="cls: the class token; copy: DINO's copy-detection descriptor, the class token and the "
                             "GeM-pooled patch tokens of the last block (twice the dimension)")
-    embed.add_argument("--gem-p", type=float, help="with --descriptor copy: the GeM exponent (default 4)")
-    embed.add_argument("--scales", type=float, nargs="+",
+    embed.add_argument("--gem-p", type=number(float, above=0), help="with --descriptor copy: the GeM exponent (default 4)")
+    embed.add_argument("--scales", type=number(float, above=0), nargs="+",
                        help="with --descriptor copy: image size factors whose descriptors are averaged (default 1)")
     embed.add_argument("--whiten-on",
                        help="with --descriptor copy: PCA-whiten, learned on this store of unwhitened copy descriptors "
                             "(or on the embedded set itself: self), or as a whitened store's whitening.npz does")
-    embed.add_argument("--whiten-dim", type=int,
+    embed.add_argument("--whiten-dim", type=number(at_least=1),
                        help="with --whiten-on: dimensions kept (default: all that the learning set spans)")
     embed.set_defaults(run=cmd_embed)
 
     dedup = commands.add_parser("dedup", help="near-duplicate removal over a cosine kNN graph")
     dedup.add_argument("--embeddings", required=True)
     dedup.add_argument("--threshold", type=float, default=0.95)
-    dedup.add_argument("--k", type=int, default=16, help="neighbours per image in the graph")
-    dedup.add_argument("--exact-below", type=int, default=200_000, help="exact search up to this many images")
-    dedup.add_argument("--nprobe", type=int, default=16,
+    dedup.add_argument("--k", type=number(at_least=1), default=16, help="neighbours per image in the graph")
+    dedup.add_argument("--exact-below", type=number(at_least=0), default=200_000, help="exact search up to this many images")
+    dedup.add_argument("--nprobe", type=number(at_least=1), default=16,
                        help="inverted lists searched per image above --exact-below (fewer: faster, some pairs missed)")
     dedup.add_argument("--against", help="embeddings of an evaluation set: drop pool images this close to it")
     dedup.add_argument("--no-grid", dest="grid", action="store_false", help="skip duplicate_groups.png")
@@ -572,12 +591,12 @@ def build_parser() -> argparse.ArgumentParser:
     dedup.add_argument("--submit", choices=("slurm", "local"),
                        help="search the graph in --parts job-array tasks (submitit) against one index of the pool, "
                             "then merge their edges here: the kept list and groups of one process")
-    dedup.add_argument("--parts", type=int, default=1,
+    dedup.add_argument("--parts", type=number(at_least=1), default=1,
                        help="with --submit: tasks, each searching a contiguous range of the rows (at most the rows)")
     dedup.add_argument("--partition", help="with --submit slurm")
-    dedup.add_argument("--timeout", type=int, default=240,
+    dedup.add_argument("--timeout", type=number(at_least=1), default=240,
                        help="minutes per task, with --submit: a task that reaches it is requeued")
-    dedup.add_argument("--cpus-per-task", type=int, default=8)
+    dedup.add_argument("--cpus-per-task", type=number(at_least=1), default=8)
     dedup.add_argument("--wait", action="store_true",
                        help="with --submit: wait for the tasks and merge their edges (otherwise run the same "
                             "command again with --wait: finished parts are not searched again)")
@@ -586,11 +605,11 @@ def build_parser() -> argparse.ArgumentParser:
     cluster = commands.add_parser("cluster", help="hierarchical k-means with resampling")
     cluster.add_argument("--embeddings", required=True)
     cluster.add_argument("--keep", help="only these paths (e.g. dedup/kept.txt)")
-    cluster.add_argument("--levels", type=int, nargs="+", required=True, help="clusters per level, fine to coarse")
-    cluster.add_argument("--iterations", type=int, help="of each fit (default: 20 with --fit lloyd, 6 with swaps)")
-    cluster.add_argument("--resampling-steps", type=int, default=1)
-    cluster.add_argument("--per-cluster", type=int, default=10)
-    cluster.add_argument("--sample-per-centroid", type=int,
+    cluster.add_argument("--levels", type=number(at_least=1), nargs="+", required=True, help="clusters per level, fine to coarse")
+    cluster.add_argument("--iterations", type=number(at_least=1), help="of each fit (default: 20 with --fit lloyd, 6 with swaps)")
+    cluster.add_argument("--resampling-steps", type=number(at_least=0), default=1)
+    cluster.add_argument("--per-cluster", type=number(at_least=1), default=10)
+    cluster.add_argument("--sample-per-centroid", type=number(at_least=1),
                          help="centroids are fitted on at most this many points per cluster, then all are assigned "
                               "(default: 256 with --fit lloyd, 10 with swaps)")
     cluster.add_argument("--fit", choices=("lloyd", "swaps"), default="lloyd",  # data_curation.kmeans.FITS
@@ -603,14 +622,14 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--submit", choices=("slurm", "local"),
                          help="k-means over --tasks tasks of one job (submitit), each reading its own shards; the "
                               "results are those of one process with the same seed")
-    cluster.add_argument("--tasks", type=int, default=1, help="with --submit: tasks of the job (at most the shards)")
-    cluster.add_argument("--nodes", type=int, default=1, help="with --submit slurm: nodes sharing the tasks")
+    cluster.add_argument("--tasks", type=number(at_least=1), default=1, help="with --submit: tasks of the job (at most the shards)")
+    cluster.add_argument("--nodes", type=number(at_least=1), default=1, help="with --submit slurm: nodes sharing the tasks")
     cluster.add_argument("--partition", help="with --submit slurm")
-    cluster.add_argument("--timeout", type=int, default=240,
+    cluster.add_argument("--timeout", type=number(at_least=1), default=240,
                          help="minutes, with --submit: a job that reaches it is requeued and continues from its "
                               "checkpoint")
-    cluster.add_argument("--cpus-per-task", type=int, default=8)
-    cluster.add_argument("--gpus-per-node", type=int, default=0, help="with --submit and --gpu (default: one a task)")
+    cluster.add_argument("--cpus-per-task", type=number(at_least=1), default=8)
+    cluster.add_argument("--gpus-per-node", type=number(at_least=0), default=0, help="with --submit and --gpu (default: one a task)")
     cluster.add_argument("--wait", action="store_true", help="with --submit: wait for the job and print its summary")
     cluster.set_defaults(run=cmd_cluster)
 
@@ -626,8 +645,9 @@ def build_parser() -> argparse.ArgumentParser:
     retrieve.add_argument("--seed", required=True, help="embeddings of the curated seed set")
     retrieve.add_argument("--pool", help="pool embeddings (the N nearest of each seed image)")
     retrieve.add_argument("--clusters", help="instead: a `cluster` output; every pool image sharing a seed's cluster")
-    retrieve.add_argument("--n", type=int, default=4)
-    retrieve.add_argument("--per-cluster", type=int, default=0,
+    retrieve.add_argument("--n", type=number(at_least=1), help="with --pool: nearest pool images per seed image "
+                                                                  "(default 4)")
+    retrieve.add_argument("--per-cluster", type=number(at_least=0), default=0,
                           help="with --clusters: at most this many per cluster, nearest the centroid first (0: all)")
     retrieve.add_argument("--output", required=True)
     retrieve.add_argument("--memory-gb", **memory)
@@ -649,8 +669,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "retrieve" and bool(args.pool) == bool(args.clusters):
-        parser.error("retrieve needs one of --pool or --clusters")
+    if args.command == "retrieve":
+        if bool(args.pool) == bool(args.clusters):
+            parser.error("retrieve takes --pool (the N nearest of each seed image) or --clusters (every image of a "
+                         "seed's cluster), " + ("not both" if args.pool else "one of them"))
+        if args.clusters and args.n is not None:
+            parser.error("--n goes with --pool; with --clusters, --per-cluster caps what each cluster gives")
+        if args.pool and args.per_cluster:
+            parser.error("--per-cluster goes with --clusters; with --pool, --n is how many of each seed's nearest")
+        args.n = 4 if args.n is None else args.n
     if args.command == "cluster":  # the fit's own defaults where not given
         from data_curation.kmeans import FIT_DEFAULTS
 

@@ -27,7 +27,7 @@ from distill.data.filelists import read_paths, readable_name, write_file_list
 from distill.data.configs import default_normalisation
 from distill.data.eval_views import EvalView
 from distill.data.fashion_mnist import fashion_mnist_path, parse_fashion_mnist_path
-from distill.errors import InputError
+from distill.errors import InputError, NoReadableImage
 from distill.progress import progress
 
 logger = logging.getLogger(__name__)
@@ -40,9 +40,12 @@ def _source(data: str, split: Optional[str], limit: int):
     if data == "fashion_mnist":
         config = DatasetConfig(kind="fashion_mnist", split=split or "train", limit=limit)
     else:
+        if data.lower().endswith((".npy", ".npz")):
+            raise InputError(f"--data {readable_name(data)} holds arrays: precomputed embeddings go with --npy (--data "
+                             "is then the file list naming their rows, or empty)")
         config = DatasetConfig(kind="auto", path=data, split=split or "train", limit=limit)
     config.validate()
-    return build_image_source(config)
+    return build_image_source(config, option="--data")
 
 
 def _absolute(path: str, folder: Optional[str] = None) -> str:
@@ -93,7 +96,7 @@ def _embed_shard(model, source, view, batch_size: int, device: str, flip_average
     try:
         features, _, used = extract_source_features(encode, source, view, batch_size, precision, device, workers,
                                                     desc="shard", with_indices=True)
-    except InputError:  # not one readable image in the shard
+    except NoReadableImage:  # not one readable image in the shard: every row stays zero
         return np.zeros((len(source), width or model.embed_dim), np.float32), list(range(len(source)))
     rows = np.zeros((len(source), features.shape[1]), np.float32)
     rows[used.numpy()] = features.numpy()
@@ -296,8 +299,10 @@ def embed_images(data: str, output: str, checkpoint: Optional[str] = None, backb
                  npy: Optional[str] = None, limit: int = 0, flip_average: bool = False, part: int = 0,
                  parts: int = 1, precision: str = "auto", workers: int = 0, overwrite: bool = False,
                  descriptor: str = "cls", gem_p: Optional[float] = None, scales: Optional[Sequence[float]] = None,
-                 whiten_on: Optional[str] = None, whiten_dim: Optional[int] = None) -> int:
+                 whiten_on: Optional[str] = None, whiten_dim: Optional[int] = None,
+                 overrides: Optional[Dict[str, Any]] = None, checkpoint_key: Optional[str] = None) -> int:
     """Write the embeddings of every readable image of `data` to `output`; returns the number of rows there.
+    overrides (--set) and checkpoint_key choose the network as `distill`'s commands do.
 
     With parts > 1, only the part-th of `parts` contiguous slices of the images, into output/part_NNNN (one
     task of a job array); the steps after read the folder of parts as one store. A store started with other
@@ -312,13 +317,17 @@ def embed_images(data: str, output: str, checkpoint: Optional[str] = None, backb
         return _embed_and_whiten_self(
             output, overwrite, whiten_dim, data=data, checkpoint=checkpoint, backbone=backbone, split=split,
             shard_size=shard_size, batch_size=batch_size, device=device, limit=limit, flip_average=flip_average,
-            precision=precision, workers=workers, descriptor=descriptor, gem_p=gem_p, scales=scales)
+            precision=precision, workers=workers, descriptor=descriptor, gem_p=gem_p, scales=scales,
+            overrides=overrides, checkpoint_key=checkpoint_key)
     if parts > 1:
         if not 0 <= part < parts:
             raise InputError(f"--part {part} is not one of the {parts} parts (0 to {parts - 1})")
         output = str(Path(output) / f"part_{part:04d}")
     store = EmbeddingStore(output)
     if npy:
+        if data not in (None, "", "fashion_mnist") and not os.path.isfile(os.path.expanduser(data)):
+            raise InputError(f"with --npy, --data names the rows: a file list, one path a line in the order of the "
+                             f"rows (or empty: rows named by number); {readable_name(data)} is not a file")
         names = None if data in (None, "", "fashion_mnist") else _list_names(data)
         vectors, paths = from_npy(npy, names)
         if len(vectors) == 0:
@@ -335,9 +344,9 @@ def embed_images(data: str, output: str, checkpoint: Optional[str] = None, backb
             raise InputError(f"{readable_name(output)} holds {done} rows, not a whole number of {shard_size}-row "
                              "shards: embed with the --shard-size it was started with, or into a new folder")
         for start in range(done, len(vectors), shard_size):
-            chunk = np.asarray(vectors[start : start + shard_size], dtype=np.float32)
-            store.append(chunk / np.maximum(np.linalg.norm(chunk, axis=1, keepdims=True), 1e-12),
-                         paths[start : start + shard_size])
+            chunk = np.asarray(vectors[start : start + shard_size], dtype=np.float64)  # norms of 1e30 overflow float32
+            chunk /= np.maximum(np.linalg.norm(chunk, axis=1, keepdims=True), 1e-12)
+            store.append(chunk.astype(np.float32), paths[start : start + shard_size])
         store.finish()
         return len(store)
     from distill.eval.loading import load_backbone
@@ -346,24 +355,33 @@ def embed_images(data: str, output: str, checkpoint: Optional[str] = None, backb
 
     if not checkpoint and not backbone:
         raise InputError("give --checkpoint (any file distill loads) or --backbone (random weights, for tests)")
-    resolved = resolve_precision(precision, torch.device(device))
+    try:
+        where = torch.device(device)
+    except RuntimeError:
+        raise InputError(f"--device {device!r} is not a device: give cpu, cuda, or cuda:N for one GPU") from None
+    if where.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: PyTorch sees no CUDA GPU on this machine; embed with --device cpu")
+    resolved = resolve_precision(precision, where)
     source = _source(data, split, limit)
     if source.unreadable:
         logger.warning("left out %d unreadable images (e.g. %s)", len(source.unreadable),
                        readable_name(source.unreadable[0]))
     fashion = data == "fashion_mnist" or isinstance(source, ArrayImages)  # also a selection of it
     if checkpoint:
-        model, setup = load_backbone(checkpoint, backbone, fashion_mnist=fashion)
+        model, setup = load_backbone(checkpoint, backbone, overrides, checkpoint_key, fashion_mnist=fashion)
         view = EvalView(setup.image_size, setup.mean, setup.std, model.config["in_chans"])
         weights = {"checkpoint": _absolute(checkpoint), "sha256": file_digest(checkpoint),
                    "size": os.path.getsize(checkpoint)}
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_WEIGHTS_SEED)
-            model = create_backbone(backbone, in_chans=1 if fashion else 3, img_size=28 if fashion else 224).eval()
+            model = create_backbone(backbone, **{"in_chans": 1 if fashion else 3, "img_size": 28 if fashion else 224,
+                                                 **(overrides or {})}).eval()
         mean, std = default_normalisation(fashion)
         view = EvalView(model.config["img_size"][0], mean, std, model.config["in_chans"])
         weights = {"weights": "random", "seed": RANDOM_WEIGHTS_SEED}
+        logger.warning("no --checkpoint: %s has random weights, so its embeddings carry no learned similarity "
+                       "(pass --checkpoint FILE to embed with trained ones)", backbone)
     model = model.to(device)
     names = _names(source, data, split)
     record = {"kind": "images", "data": _data_id(data), "split": split or "train", "images": len(source),
@@ -371,10 +389,13 @@ def embed_images(data: str, output: str, checkpoint: Optional[str] = None, backb
               "backbone": getattr(model, "registry_name", backbone), "view": {**view.describe(),
                                                                              "channels": view.channels},
               "flip_average": bool(flip_average), "precision": resolved}
+    if overrides or checkpoint_key:  # recorded only where given: earlier stores' records stay equal
+        record["network"] = {"overrides": dict(overrides or {}), "checkpoint_key": checkpoint_key}
     width, describe, whitening = model.embed_dim, None, None
     if described is not None:
-        from distill.eval.descriptors import copy_descriptor
+        from distill.eval.descriptors import check_patch_tokens, copy_descriptor
 
+        check_patch_tokens(model)  # before the store is begun
         record["descriptor"] = dict(described)
         width = 2 * model.embed_dim
 

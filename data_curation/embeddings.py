@@ -84,7 +84,7 @@ def _sync(path: Path) -> None:
 _RECORD_NAMES = {
     "kind": "input", "data": "--data", "split": "--split", "npy": "--npy file", "rows": "rows of --npy",
     "images": "images in --data", "limit": "--limit", "parts": "--parts", "model": "model",
-    "backbone": "backbone", "view": "view (image size, mean, std)", "flip_average": "--flip-average",
+    "backbone": "backbone", "network": "network (--set, --checkpoint-key)", "view": "view (image size, mean, std)", "flip_average": "--flip-average",
     "precision": "precision", "descriptor": "descriptor (--descriptor, --gem-p, --scales, --whiten-on, --whiten-dim)",
 }
 _IDENTITY_ONLY = {"checkpoint", "npy_path"}  # where the file was: told in messages, not compared
@@ -139,8 +139,8 @@ def same_space(a: Optional[Dict[str, Any]], b: Optional[Dict[str, Any]], a_name:
     stores that do not record a model (precomputed --npy, earlier versions) are not checked."""
     if not (a and b and a.get("kind") == b.get("kind") == "images"):
         return
-    key = differing_setting({k: a.get(k) for k in ("model", "backbone", "view")},
-                            {k: b.get(k) for k in ("model", "backbone", "view")})
+    identity = ("model", "backbone", "network", "view")
+    key = differing_setting({k: a.get(k) for k in identity}, {k: b.get(k) for k in identity})
     if not key and a.get("descriptor") != b.get("descriptor"):  # the class token, or copy descriptors (embed.py)
         raise InputError(f"{readable_name(a_name)} and {readable_name(b_name)} hold different descriptors "
                          f"({_shown(a, 'descriptor')} and {_shown(b, 'descriptor')}): embed both with the same "
@@ -255,6 +255,8 @@ class EmbeddingStore:
                 advice = "its settings cannot be checked" if manifest.get("source") is None else \
                     "resume with the same settings"
                 raise InputError(f"{where} holds {done} embeddings made with {difference}: {advice}, {again}")
+        for shard in manifest["shards"]:  # a resume builds on them: a damaged one is named now, not a step later
+            self.open_shard(shard, manifest["dim"])
         if names is not None and done:
             if done > len(names):
                 raise InputError(f"{where} holds {done} embeddings but this run has only {len(names)} images: resume "
@@ -272,9 +274,14 @@ class EmbeddingStore:
 
     def clear(self) -> None:
         """Remove the store: its own files only (manifest first, so that a crash half-way leaves no store), and
-        the part_NNNN stores of a job array with theirs; any other file stays."""
+        the part_NNNN stores of a job array with theirs; any other file stays. A paths.txt is the store's own only
+        in the first format; beside a later store it is someone else's (a file list, a `cluster` output's)."""
         if not self.folder.is_dir():
             return
+        try:
+            legacy = "format" not in json.loads((self.folder / MANIFEST).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            legacy = False
         for part in self.parts():
             part.clear()
             try:
@@ -283,6 +290,8 @@ class EmbeddingStore:
                 pass
         for name in [MANIFEST] + sorted(os.listdir(self.folder)):
             path = self.folder / name
+            if name == LEGACY_PATHS and not legacy:
+                continue
             if _OWN_FILE.match(name) and (path.is_file() or path.is_symlink()):
                 path.unlink()
 
@@ -324,7 +333,9 @@ class EmbeddingStore:
     def dim(self) -> int:
         dim = self.manifest()["dim"]
         if dim is None:
-            raise InputError(f"no embeddings in {readable_name(str(self.folder))} (no {MANIFEST}): run "
+            why = f"its {MANIFEST} lists no shard yet: the embedding stopped before its first" if \
+                (self.folder / MANIFEST).is_file() else f"no {MANIFEST}"
+            raise InputError(f"no embeddings in {readable_name(str(self.folder))} ({why}): run "
                              "`distill-curate embed` first")
         return dim
 
@@ -557,10 +568,16 @@ def usable_rows(paths: Sequence[str], valid: np.ndarray, keep: Optional[Sequence
     if not unique.all():
         logger.warning("left out %d rows whose path appears twice (the first is kept)", int((~unique).sum()))
     valid &= unique
+    usable = int(valid.sum())
     if keep is not None:
         wanted = set(keep)
         valid &= np.fromiter((p in wanted for p in paths), dtype=bool, count=len(paths))
     rows = np.flatnonzero(valid)
+    if len(rows) == 0 and keep is not None and not wanted:
+        raise InputError(f"the --keep list is empty: nothing of {name} is selected")
+    if len(rows) == 0 and keep is not None and usable:
+        raise InputError(f"none of the {len(wanted)} paths of --keep is among the {usable} usable embeddings of "
+                         f"{name}: give the kept.txt that `distill-curate dedup` wrote from this store")
     if len(rows) == 0:
         raise InputError(f"no usable embeddings in {name}")
     return rows

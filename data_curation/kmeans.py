@@ -126,10 +126,22 @@ def two_nearest(batch: np.ndarray, centroids: np.ndarray, norms: np.ndarray, chu
     return (first, near, runner_up, far) if second else (first, near)
 
 
+def check_gpu_faiss() -> None:
+    """--gpu needs a faiss built with CUDA (the gpu extra) that sees a GPU."""
+    import faiss
+
+    if not hasattr(faiss, "StandardGpuResources"):
+        raise InputError("--gpu: the installed faiss is a CPU build; install the gpu extra (pip install "
+                         "'distill[gpu]', then pip uninstall faiss-cpu) or leave out --gpu")
+    if faiss.get_num_gpus() == 0:
+        raise InputError("--gpu: faiss sees no GPU on this machine; run where one is visible or leave out --gpu")
+
+
 def _gpu_index(centroids: np.ndarray, device: Optional[int]):
     """A faiss flat index of the centroids on every GPU (device None) or on one; (index, resources to keep)."""
     import faiss
 
+    check_gpu_faiss()
     index = faiss.IndexFlatL2(centroids.shape[1])
     if device is None:
         index = faiss.index_cpu_to_all_gpus(index)

@@ -4,10 +4,12 @@ Validation is OmegaConf's structured-config typing, with its errors rewritten as
 what was wrong, and what is allowed.
 """
 
+import argparse
 import difflib
+import math
 from dataclasses import fields, is_dataclass
 from pathlib import Path
-from typing import Any, List, Optional, Sequence, Type, TypeVar, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Type, TypeVar, Union
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
@@ -89,3 +91,35 @@ def save_config(config: Any, path: Union[str, Path]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(OmegaConf.to_yaml(OmegaConf.structured(config)))
+
+
+def number(kind: Callable[[str], Any] = int, at_least: Optional[float] = None,
+           above: Optional[float] = None) -> Callable[[str], Any]:
+    """An argparse `type` for a command-line number: finite, of `kind`, at least `at_least` or above `above`.
+    Anything else is argparse's one-line usage error naming the option (exit status 2), e.g.
+    "argument --batch-size: must be at least 1, got 0"."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{'an integer' if kind is int else 'a number'} is needed, got {text!r}")
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        if at_least is not None and value < at_least:
+            raise argparse.ArgumentTypeError(f"must be at least {at_least}, got {text}")
+        if above is not None and value <= above:
+            raise argparse.ArgumentTypeError(f"must be above {above}, got {text}")
+        return value
+
+    return parse
+
+
+def parse_sets(items: Sequence[str]) -> Dict[str, object]:
+    """--set key=value pairs for the backbone, values read as YAML (4 -> int, true -> bool)."""
+    import yaml
+
+    bad = [item for item in items if "=" not in item]
+    if bad:
+        raise InputError(f"--set takes key=value, got {', '.join(bad)}")
+    return {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in items)}

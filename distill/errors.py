@@ -12,5 +12,9 @@ class InputError(DistillError, ValueError):
     """A tensor, file or value handed to the library does not have the form it needs."""
 
 
+class NoReadableImage(InputError):
+    """Not one image of a data source could be decoded, so there is nothing to compute."""
+
+
 class CheckpointError(DistillError, RuntimeError):
     """A checkpoint file cannot be read safely, or does not fit the model it is loaded into."""

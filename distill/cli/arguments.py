@@ -1,19 +1,8 @@
 """What several commands parse alike."""
 
 import argparse
-from typing import Dict, Sequence
 
-from distill.errors import InputError
-
-
-def parse_sets(items: Sequence[str]) -> Dict[str, object]:
-    """--set key=value pairs for the backbone, values read as YAML (4 -> int, true -> bool)."""
-    import yaml
-
-    bad = [item for item in items if "=" not in item]
-    if bad:
-        raise InputError(f"--set takes key=value, got {', '.join(bad)}")
-    return {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in items)}
+from distill.config import parse_sets  # noqa: F401  (the commands import it from here)
 
 
 def add_backbone_choice(parser: argparse.ArgumentParser) -> None:

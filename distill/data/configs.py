@@ -49,14 +49,15 @@ class DatasetConfig:
         if not isinstance(self.decode_at_crop_size, bool):
             raise InputError(f"{key}.decode_at_crop_size {self.decode_at_crop_size!r}: choose true or false")
 
-    def check_path(self, key: str = "data.dataset") -> Optional[Path]:
+    def check_path(self, key: str = "data.dataset", option: Optional[str] = None) -> Optional[Path]:
         """The path, checked to exist and to be what the kind reads (a folder, or a file list); None for
-        Fashion-MNIST."""
+        Fashion-MNIST. `option` names the path in messages (default: {key}.path)."""
         if self.kind == "fashion_mnist":
             return None
         path = Path(self.path).expanduser()
+        option = option or f"{key}.path"
         if not path.exists():
-            raise InputError(f"{key}.path {path} does not exist: give a folder of images or a file list")
+            raise InputError(f"{option} {path} does not exist: give a folder of images or a file list")
         if self.kind == "filelist" and not path.is_file():
             raise InputError(f"{key}.path {path} is a folder, but {key}.kind is filelist (a text file of paths)")
         if self.kind in ("imagefolder", "folder") and not path.is_dir():

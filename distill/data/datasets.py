@@ -205,9 +205,10 @@ def _check_readable(source: FileImages, verify: str) -> None:
         source.keep([i for i, reason in enumerate(problems) if reason is None])
 
 
-def build_image_source(config: DatasetConfig, split: Optional[str] = None, key: str = "data.dataset"):
+def build_image_source(config: DatasetConfig, split: Optional[str] = None, key: str = "data.dataset",
+                       option: Optional[str] = None):
     """The ArrayImages or FileImages described by `config` (split overrides config.split); key names the config
-    section in messages."""
+    section in messages, option the path (default: {key}.path)."""
     split = split or config.split
     set_max_image_pixels(config.max_image_pixels)
     if config.kind == "fashion_mnist":
@@ -217,8 +218,14 @@ def build_image_source(config: DatasetConfig, split: Optional[str] = None, key: 
             source.images, source.labels = source.images[: config.limit], source.labels[: config.limit]
         return source
 
-    path = config.check_path(key)
+    path = config.check_path(key, option)
     kind = config.kind
+    if path.is_file() and kind in ("auto", "filelist"):
+        suffix = path.suffix.lower()
+        if suffix in IMAGE_EXTENSIONS or suffix in (".npy", ".npz", ".pt", ".pth"):
+            what = "one image" if suffix in IMAGE_EXTENSIONS else "a file of arrays"
+            raise InputError(f"{option or key + '.path'} {path} is {what}, not a list of images: give a folder of "
+                             "images, or a text file naming one image a line")
     if kind == "auto":
         if path.is_file():
             kind = "filelist"

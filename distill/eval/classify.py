@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.errors import InputError
+from distill.errors import InputError, NoReadableImage
 from distill.precision import autocast, resolve_precision
 
 logger = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ def evaluate_classifier(model: nn.Module, source, view, batch_size: int = 256, p
     finally:
         model.train(was_training)
     if not seen:
-        raise InputError(f"no image of {source.name} could be read: nothing to classify")
+        raise NoReadableImage(f"no image of {source.name} could be read: nothing to classify")
     result = {"top1": 100.0 * correct1 / seen, "top5": 100.0 * correct5 / seen, "loss": loss_sum / seen}
     logger.info("%s on %s (%d images, %.0fs): top-1 %.2f, top-5 %.2f", desc, source.name, seen,
                 time.perf_counter() - start, result["top1"], result["top5"])

@@ -53,14 +53,20 @@ def _resized(images: torch.Tensor, scale: float, patch: int) -> torch.Tensor:
                          antialias=scale < 1).to(images.dtype)
 
 
+def check_patch_tokens(model: torch.nn.Module) -> None:
+    """copy_descriptor's network must give patch tokens (a ViT or an XCiT, not a ResNet)."""
+    if not hasattr(model, "forward_features") or not hasattr(model, "patch_size"):
+        name = getattr(model, "registry_name", None) or type(model).__name__
+        raise InputError(f"--descriptor copy pools patch tokens: {name} has none; embed with a ViT "
+                         "or XCiT backbone, or use --descriptor cls")
+
+
 def copy_descriptor(model: torch.nn.Module, images: torch.Tensor, p: float = 4.0,
                     scales: Sequence[float] = (1.0,)) -> torch.Tensor:
     """[class token, GeM of the patch tokens] of the last block (after the final norm) of images [B, C, H, W]:
     [B, 2 D], L2-normalised; with several scales (image size factors, sides rounded to the patch size) the
     L2-normalised descriptor of each scale, averaged, normalised again."""
-    if not hasattr(model, "forward_features") or not hasattr(model, "patch_size"):
-        raise InputError(f"--descriptor copy pools patch tokens: {type(model).__name__} has none; embed with a ViT "
-                         "or XCiT backbone, or use --descriptor cls")
+    check_patch_tokens(model)
     total = None
     for scale in scales:
         tokens = model.forward_features(_resized(images, scale, model.patch_size))

@@ -6,7 +6,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 import numpy as np
 import torch
 
-from distill.errors import InputError
+from distill.errors import InputError, NoReadableImage
 from distill.precision import autocast, resolve_precision
 from distill.progress import progress
 
@@ -87,6 +87,6 @@ def extract_source_features(
             labels.append(batch["labels"])
         indices.append(batch["indices"])
     if not features:
-        raise InputError(f"no image of {source.name} could be read: nothing to compute features of")
+        raise NoReadableImage(f"no image of {source.name} could be read: nothing to compute features of")
     out = torch.cat(features), (torch.cat(labels) if labels else None)
     return (*out, torch.cat(indices)) if with_indices else out

@@ -133,3 +133,13 @@ def test_embed_copy_descriptors_whitened_three_ways_and_resumes_refused(tmp_path
     assert "go with --descriptor copy" in capsys.readouterr().err
     assert _embed(tmp_path, "bad", "--descriptor", "copy", "--whiten-on", str(tmp_path / "nowhere")) == 2
     assert "neither a store" in capsys.readouterr().err
+
+
+def test_copy_descriptors_of_a_resnet_are_refused_before_anything_is_written(tmp_path, capsys):
+    """The check comes before the store is begun: no shard of zero rows with every image called unreadable."""
+    code = main(["embed", "--data", "fashion_mnist", "--backbone", "resnet18", "--limit", "4", "--precision", "fp32",
+                 "--descriptor", "copy", "--output", str(tmp_path / "copy")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "pools patch tokens: resnet18 has none" in err and "could not be read" not in err
+    assert not (tmp_path / "copy" / "manifest.json").exists()

@@ -82,6 +82,7 @@ def test_a_resume_with_another_model_data_or_view_is_refused_and_overwrite_start
     assert main(["embed", "--data", str(images), "--checkpoint", a] + common) == 0
     first = EmbeddingStore(out).load()
     (out / "notes.txt").write_text("mine")
+    (out / "paths.txt").write_text("my file list\n")  # the first format's name, beside a store of a later one
 
     assert main(["embed", "--data", str(images), "--checkpoint", b] + common) == 2
     _one_line(capsys, "model", "b.pth", "--overwrite")
@@ -101,6 +102,7 @@ def test_a_resume_with_another_model_data_or_view_is_refused_and_overwrite_start
     assert len(store) == 5 and store.source["model"]["sha256"] == hashlib.sha256(open(b, "rb").read()).hexdigest()
     assert not np.allclose(store.load()[:4], first, atol=1e-2)
     assert (out / "notes.txt").read_text() == "mine"  # only the store's own files were removed
+    assert (out / "paths.txt").read_text() == "my file list\n"
 
 
 def test_an_npy_resume_with_another_file_is_refused(tmp_path, capsys):
@@ -258,6 +260,8 @@ def test_a_store_of_the_first_format_is_read_and_not_resumed(tmp_path, capsys):
     np.save(tmp_path / "v.npy", vectors.astype(np.float32))
     assert main(["embed", "--data", "", "--npy", str(tmp_path / "v.npy"), "--output", str(folder)]) == 2
     _one_line(capsys, "did not record the model and data", "--overwrite")
+    assert main(["embed", "--data", "", "--npy", str(tmp_path / "v.npy"), "--output", str(folder), "--overwrite"]) == 0
+    assert not (folder / "paths.txt").exists() and EmbeddingStore(folder).paths() == ["0", "1", "2"]
 
 
 def test_a_clustering_into_a_used_folder_leaves_no_level_of_the_earlier_one(tmp_path, caplog):

@@ -118,11 +118,16 @@ def test_bad_input_is_one_line_and_leaves_an_earlier_result_as_it_was(pool, tmp_
         assert files_of(out) == before
         return err
 
-    assert "--parts 0: give at least 1" in refused("--submit", "local", "--parts", "0")
+    for option, value in (("--parts", "0"), ("--nprobe", "0")):  # usage errors: argparse's, before anything runs
+        with pytest.raises(SystemExit) as stopped:
+            dedup(pool["store"], out, "--submit", "local", option, value)
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert stopped.value.code == 2
+        assert last == f"distill-curate dedup: error: argument {option}: must be at least 1, got 0"
+        assert files_of(out) == before
     assert "--parts 601 but the store has 600 usable embeddings" in refused("--submit", "local", "--parts", "601")
     assert "--parts 3 runs with --submit" in refused("--parts", "3")
     assert "SLURM option" in refused("--submit", "local", "--parts", "3", "--partition", "gpu")
-    assert "--nprobe is how many inverted lists each image searches, at least 1, got 0" in refused("--nprobe", "0")
 
     monkeypatch.setenv("PATH", f"{_fake_slurm(tmp_path / 'bin', partitions='debug')}:/usr/bin:/bin")
     err = refused("--submit", "slurm", "--parts", "3", "--partition", "gpu")
