@@ -377,16 +377,21 @@ def test_disk_full_during_a_save_is_one_line_in_the_terminal_and_the_log(tiny_ov
     assert read_checkpoint(run / LATEST)["step"] == 16
 
 
-def test_a_signal_stop_says_so_in_results_and_in_the_exit_status(tiny_overrides, tmp_path):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_signal_stop_says_so_in_results_and_in_the_exit_status(tiny_overrides, tmp_path, workers):
+    """SIGTERM as scancel, timeout and container runtimes send it: to every process of the job, loader workers
+    included; the workers keep serving while the step ends and the checkpoint is written."""
     run = tmp_path / "run"
     command = [sys.executable, "-m", "distill.cli", "train", *tiny_overrides(run, "train.max_steps=2000",
-                                                                            "train.epochs=200")]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                                                            "train.epochs=200",
+                                                                            f"data.num_workers={workers}")]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
     deadline = time.time() + 120
     while time.time() < deadline and not ((run / "metrics.jsonl").is_file()
                                           and len((run / "metrics.jsonl").read_text().splitlines()) >= 3):
         time.sleep(0.05)
-    process.send_signal(signal.SIGTERM)
+    os.killpg(process.pid, signal.SIGTERM)
     out, err = process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGTERM
     assert "stopped early by signal SIGTERM" in err and "run the same command to resume" in err
