@@ -23,7 +23,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from distill.data.filelists import readable_name, write_file_list
+from distill.data.filelists import describe_os_error, readable_name, write_file_list
 from distill.config import number, parse_sets
 from distill.logs import configure_logging
 from distill.errors import DistillError, InputError
@@ -518,12 +518,6 @@ def cmd_evaluate_retrieval(args) -> None:
                                         "gallery_store": os.path.abspath(args.gallery),
                                         "truth": os.path.abspath(args.truth)})
         print(f"-> {readable_name(args.output)}")
-
-
-def describe_os_error(error: OSError) -> str:
-    """A file-system error (a missing file, no permission, a full disk) in one line."""
-    where = " -> ".join(readable_name(os.fspath(f)) for f in (error.filename, error.filename2) if f is not None)
-    return f"{where}: {error.strerror or error}" if where else str(error)
 
 
 def build_parser() -> argparse.ArgumentParser:

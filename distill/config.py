@@ -49,6 +49,22 @@ def _explain(error: OmegaConfBaseException, schema: Any, source: str) -> InputEr
     return InputError(f"invalid config in {source}: {str(error).splitlines()[0]}")
 
 
+def _numbers(node: Any, prefix: str = ""):
+    """(dotted key, value) of every float in a config: dataclass fields, lists and dicts, nested."""
+    if is_dataclass(node):
+        items = [(f.name, getattr(node, f.name)) for f in fields(node)]
+    elif isinstance(node, dict):
+        items = list(node.items())
+    elif isinstance(node, (list, tuple)):
+        items = list(enumerate(node))
+    else:
+        if isinstance(node, float):
+            yield prefix, node
+        return
+    for name, value in items:
+        yield from _numbers(value, f"{prefix}.{name}" if prefix else str(name))
+
+
 def load_config(
     schema: Union[Type[T], T],
     path: Optional[Union[str, Path]] = None,
@@ -80,6 +96,9 @@ def load_config(
     except OmegaConfBaseException as error:
         raise _explain(error, schema, "the command line") from None
     result = OmegaConf.to_object(config)
+    for key, value in _numbers(result):
+        if not math.isfinite(value):
+            raise InputError(f"config key '{key}' is {value}: give a finite number")
     validate = getattr(result, "validate", None)
     if callable(validate):
         validate()

@@ -8,7 +8,8 @@ import argparse
 import sys
 from typing import List, Optional
 
-from distill.cli.arguments import add_backbone_choice, add_compute_arguments, parse_sets
+from distill.cli.arguments import add_backbone_choice, add_compute_arguments, number, parse_sets
+from distill.data.filelists import describe_os_error
 from distill.errors import DistillError
 from distill.logs import configure_logging
 
@@ -224,9 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="fashion_mnist, an ImageFolder tree (with train/ and val/), or a labelled file list")
         sub.add_argument("--train-split", default="train")
         sub.add_argument("--val-split", default="val", help="sub-folder of --data (Fashion-MNIST: test)")
-        sub.add_argument("--train-limit", type=int, default=0, help="use only the first N training images")
-        sub.add_argument("--val-limit", type=int, default=0)
-        sub.add_argument("--image-size", type=int, default=0, help="default: the run's global crop size")
+        sub.add_argument("--train-limit", type=number(at_least=0), default=0, help="use only the first N training images")
+        sub.add_argument("--val-limit", type=number(at_least=0), default=0)
+        sub.add_argument("--image-size", type=number(at_least=0), default=0, help="default: the run's global crop size")
         sub.add_argument("--mean", type=float, nargs="+")
         sub.add_argument("--std", type=float, nargs="+")
         add_compute_arguments(sub)
@@ -235,14 +236,14 @@ def build_parser() -> argparse.ArgumentParser:
     kinds = evaluate.add_subparsers(dest="eval_kind", required=True, metavar="KIND")
     knn = kinds.add_parser("knn", help="weighted kNN (cosine, T=0.07) for several k at once")
     add_checkpoint_arguments(knn)
-    knn.add_argument("--k", type=int, nargs="+", default=[10, 20, 100, 200])
-    knn.add_argument("--temperature", type=float, default=0.07)
+    knn.add_argument("--k", type=number(at_least=1), nargs="+", default=[10, 20, 100, 200])
+    knn.add_argument("--temperature", type=number(float, above=0), default=0.07)
     knn.set_defaults(run=_cmd_eval_knn)
     linear = kinds.add_parser("linear", help="linear probe on frozen class tokens of the last blocks")
     add_checkpoint_arguments(linear)
-    linear.add_argument("--n-last-blocks", type=int, default=4, help="concatenate the class tokens of these")
+    linear.add_argument("--n-last-blocks", type=number(at_least=1), default=4, help="concatenate the class tokens of these")
     linear.add_argument("--avgpool", action="store_true", help="also the average of the last block's patch tokens")
-    linear.add_argument("--epochs", type=int, default=30)
+    linear.add_argument("--epochs", type=number(at_least=1), default=30)
     linear.add_argument("--save-head", metavar="PATH",
                         help="also write the classifier with the recipe of its features (for eval classify --head)")
     linear.set_defaults(run=_cmd_eval_linear)
@@ -262,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     attention = commands.add_parser("attention", help="class-token self-attention maps of the last block, as PNG")
     add_checkpoint_arguments(attention, data_required=False)
     attention.add_argument("--images", nargs="*", help="image files (default: the first --count images of --data)")
-    attention.add_argument("--count", type=int, default=8)
+    attention.add_argument("--count", type=number(at_least=1), default=8)
     attention.add_argument("--threshold", type=float, default=0.6, help="attention mass kept by each head's mask")
     attention.set_defaults(run=_cmd_attention, output="attention.png")
 
@@ -280,19 +281,19 @@ def build_parser() -> argparse.ArgumentParser:
     submit = commands.add_parser("submit", help="run a training recipe as a SLURM job (submitit), or --local")
     submit.add_argument("config", nargs="?", help="YAML recipe")
     submit.add_argument("overrides", nargs="*", help="key=value overrides, as for `distill train`")
-    submit.add_argument("--nodes", type=int, default=1)
-    submit.add_argument("--gpus-per-node", type=int, default=0)
-    submit.add_argument("--tasks-per-node", type=int, default=0, help="processes per node (default: one per GPU)")
-    submit.add_argument("--cpus-per-task", type=int, default=8)
+    submit.add_argument("--nodes", type=number(at_least=1), default=1)
+    submit.add_argument("--gpus-per-node", type=number(at_least=0), default=0)
+    submit.add_argument("--tasks-per-node", type=number(at_least=0), default=0, help="processes per node (default: one per GPU)")
+    submit.add_argument("--cpus-per-task", type=number(at_least=1), default=8)
     submit.add_argument("--partition")
-    submit.add_argument("--timeout", type=int, default=60, help="minutes")
+    submit.add_argument("--timeout", type=number(at_least=1), default=60, help="minutes")
     submit.add_argument("--account")
     submit.add_argument("--qos")
     submit.add_argument("--constraint")
     submit.add_argument("--comment")
     submit.add_argument("--exclusive", action="store_true")
-    submit.add_argument("--mem-gb", type=int)
-    submit.add_argument("--signal-delay", type=int, default=120, help="seconds between the signal and the end")
+    submit.add_argument("--mem-gb", type=number(at_least=1))
+    submit.add_argument("--signal-delay", type=number(at_least=0), default=120, help="seconds between the signal and the end")
     submit.add_argument("--folder", help="where job folders go (default: <train.output_dir>/jobs)")
     submit.add_argument("--name", help="job name")
     submit.add_argument("--local", action="store_true", help="the same job as processes on this machine, no SLURM")
@@ -334,5 +335,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"distill {args.command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as error:  # the file system refused (a file where a folder should be, no permission, no space)
+        if args.verbose:
+            raise
+        print(f"distill {args.command}: error: {describe_os_error(error)} (-v shows where)", file=sys.stderr)
+        return 2
     return status if isinstance(status, int) else 0
 

@@ -2,7 +2,7 @@
 
 import argparse
 
-from distill.config import parse_sets  # noqa: F401  (the commands import it from here)
+from distill.config import number, parse_sets  # noqa: F401  (parse_sets: the commands import it from here)
 
 
 def add_backbone_choice(parser: argparse.ArgumentParser) -> None:
@@ -15,8 +15,8 @@ def add_backbone_choice(parser: argparse.ArgumentParser) -> None:
 
 def add_compute_arguments(parser: argparse.ArgumentParser) -> None:
     """How an evaluation command runs and where its results go: the same flags for every such command."""
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--batch-size", type=number(at_least=1), default=256)
+    parser.add_argument("--num-workers", type=number(at_least=0), default=2)
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--output", help="also write the results as JSON to this file")

@@ -8,7 +8,7 @@ import argparse
 import json
 from typing import Any, Dict, Optional, Tuple
 
-from distill.cli.arguments import add_backbone_choice, add_compute_arguments, parse_sets
+from distill.cli.arguments import add_backbone_choice, add_compute_arguments, number, parse_sets
 from distill.errors import InputError
 
 DEFAULT_RESIZE_RATIO = 256 / 224  # DeiT's crop_pct 0.875, DINO's and DINOv2's 256 -> 224
@@ -23,7 +23,7 @@ def add_classify_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True,
                         help="fashion_mnist, an ImageFolder tree (its --val-split sub-folder), or a labelled file list")
     parser.add_argument("--val-split", default="val", help="sub-folder of --data (Fashion-MNIST: test)")
-    parser.add_argument("--val-limit", type=int, default=0, help="use only the first N images")
+    parser.add_argument("--val-limit", type=number(at_least=0), default=0, help="use only the first N images")
     parser.add_argument("--image-size", type=int, default=0, help="default: the head's, else the run's or model's")
     parser.add_argument("--mean", type=float, nargs="+", help="default: the head's, else the run's")
     parser.add_argument("--std", type=float, nargs="+")

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import List, Tuple
 
-from distill.cli.arguments import add_backbone_choice
+from distill.cli.arguments import add_backbone_choice, number
 from distill.errors import InputError
 
 
@@ -195,7 +195,7 @@ def add_dense_commands(commands, evaluate_kinds) -> None:
     features.add_argument("images", nargs="+", help="image files, folders or file lists")
     add_backbone_arguments(features)
     add_grid_arguments(features)
-    features.add_argument("--batch-size", type=int, default=32)
+    features.add_argument("--batch-size", type=number(at_least=1), default=32)
     features.add_argument("--shards", action="store_true", help="shards [n, h, w, C] instead of one file per image")
     features.add_argument("--per-image-limit", type=int, default=2000, help="above this many images, shards")
     features.add_argument("--output", required=True, help="folder for the .npy files and index.json")

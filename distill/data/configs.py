@@ -44,8 +44,15 @@ class DatasetConfig:
             raise InputError(f"{key}.kind {self.kind!r} unknown: choose one of {', '.join(DATASET_KINDS)}")
         if self.kind != "fashion_mnist" and not self.path:
             raise InputError(f"{key}.kind {self.kind!r} needs {key}.path (a folder or a file list)")
+        # YAML reads a bare yes / no as a boolean, which the string field then holds as "True" / "False"
+        self.verify = {"true": "yes", "false": "no"}.get(str(self.verify).lower(), self.verify)
         if self.verify not in ("auto", "yes", "no"):
-            raise InputError(f"data verify {self.verify!r}: choose auto, yes or no")
+            raise InputError(f"{key}.verify {self.verify!r}: choose auto, yes or no")
+        if self.limit < 0:
+            raise InputError(f"{key}.limit must be >= 0 (0: every image), got {self.limit}")
+        if self.max_image_pixels < -1:
+            raise InputError(f"{key}.max_image_pixels must be -1 (no limit), 0 (Pillow's) or a number of pixels, "
+                             f"got {self.max_image_pixels}")
         if not isinstance(self.decode_at_crop_size, bool):
             raise InputError(f"{key}.decode_at_crop_size {self.decode_at_crop_size!r}: choose true or false")
 

@@ -105,3 +105,10 @@ def readable_name(path: str) -> str:
 
 
 __all__ = ["HEADER", "format_entry", "read_file_list", "read_paths", "readable_name", "write_file_list"]
+
+
+def describe_os_error(error: OSError) -> str:
+    """A file-system error (a missing file, no permission, a full disk, a file where a folder should be) in one
+    line, naming the path."""
+    where = " -> ".join(readable_name(os.fspath(f)) for f in (error.filename, error.filename2) if f is not None)
+    return f"{where}: {error.strerror or error}" if where else str(error)

@@ -210,11 +210,12 @@ def _worker_init(_worker_id: int) -> None:
     same sizes every batch), whether or not the training process set that before forking it (a GPU run
     does not): about a fifth fewer page faults per batch of photos.
 
-    Workers also ignore the stop signals the trainer checkpoints on (SIGTERM, SIGUSR1, SIGUSR2): scancel, timeout
-    and container runtimes signal every process of a job, and a worker that died of it would fail the step that
-    ends in the checkpoint. A worker still ends when its loader closes or its parent process dies."""
+    Workers also ignore the stop signals the trainer checkpoints on (SIGTERM, SIGUSR1, SIGUSR2, and Ctrl-C's
+    SIGINT): scancel, timeout, container runtimes and a terminal signal every process of a job, and a worker that
+    died of it would fail the step that ends in the checkpoint. A worker still ends when its loader closes or its
+    parent process dies."""
     keep_freed_memory()
-    for stop in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+    for stop in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT):
         signal.signal(stop, signal.SIG_IGN)
 
 

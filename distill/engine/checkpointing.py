@@ -2,7 +2,7 @@
 
 import random
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 import numpy as np
 import torch
@@ -17,6 +17,14 @@ LATEST = "checkpoint.pth"
 def save_atomic(obj: Any, path: Union[str, Path]) -> Path:
     """torch.save, atomically (distill/files.py): a killed save never damages the previous checkpoint."""
     return atomic_write(path, lambda handle: torch.save(obj, handle))
+
+
+def non_finite_tensors(state: Any, prefix: str = "") -> List[str]:
+    """Names of the floating-point tensors of a state (dicts and lists followed) that hold NaN or inf."""
+    if isinstance(state, torch.Tensor):
+        return [prefix] if state.is_floating_point() and not bool(torch.isfinite(state).all()) else []
+    items = state.items() if isinstance(state, dict) else enumerate(state) if isinstance(state, (list, tuple)) else ()
+    return [name for key, value in items for name in non_finite_tensors(value, f"{prefix}.{key}" if prefix else str(key))]
 
 
 def remove_stale_temporaries(folder: Union[str, Path]) -> None:

@@ -127,10 +127,16 @@ class TrainConfig:
                        "optim.weight_decay": o.weight_decay, "optim.clip_grad": o.clip_grad,
                        "train.time_limit_minutes": t.time_limit_minutes, "train.max_steps": t.max_steps,
                        "optim.layer_decay": o.layer_decay, "optim.patch_embed_lr_mult": o.patch_embed_lr_mult,
-                       "data.num_workers": self.data.num_workers}
+                       "data.num_workers": self.data.num_workers, "train.threads": t.threads,
+                       "train.save_every_epochs": t.save_every_epochs,
+                       "train.checkpoint_every_minutes": t.checkpoint_every_minutes,
+                       "eval.train_limit": self.eval.train_limit, "eval.val_limit": self.eval.val_limit}
         for key, value in nonnegative.items():
             if value < 0:
                 raise InputError(f"config key '{key}' must be >= 0, got {value}")
+        if not self.eval.knn_k or min(self.eval.knn_k) < 1:
+            raise InputError(f"config key 'eval.knn_k' is {self.eval.knn_k}: give neighbour counts of at least 1, "
+                             "e.g. [10, 20]")
         if t.parallel == "fsdp" and t.precision == "fp16":
             raise InputError("train.parallel=fsdp runs in bf16 or fp32, not fp16: set train.precision=bf16")
         if o.warmup_epochs > t.epochs:

@@ -36,7 +36,7 @@ from distill.engine.param_groups import param_groups
 from distill.engine.runtime import configure_runtime, resolve_device
 from distill.engine.train_config import TrainConfig
 from distill.errors import CheckpointError, DistillError, InputError
-from distill.files import atomic_write_text
+from distill.files import atomic_write_text, check_writable_folder, hold_folder, release_folder
 from distill.models.checkpoint import TRAINING_FORMAT, TrainingCheckpoint
 from distill.models.diagnosis import key_differences
 from distill.models.registry import backbone_kwargs, backbone_options
@@ -74,6 +74,7 @@ class Trainer:
         self.stop_reason: Optional[str] = None
         self.stop_signal: Optional[int] = None
         self.previous_handlers: Dict[int, Any] = {}
+        self.previous_interrupt: Any = None
         self.results: Dict[str, Any] = {}
         self.losses: List[float] = []
         self.last_save_time = time.monotonic()
@@ -112,6 +113,9 @@ class Trainer:
         logging.getLogger("distill").addHandler(held)
         try:
             self._prepare()
+        except BaseException:
+            release_folder(self.output_dir)
+            raise
         finally:
             logging.getLogger("distill").removeHandler(held)
         self.metrics = MetricsWriter(self.output_dir, enabled=self.is_main)
@@ -130,6 +134,9 @@ class Trainer:
             logger.warning("train.precision=fp16 on a CPU is emulated and runs many times slower than bf16 (about "
                            "14x on the reference machine): use train.precision=bf16 (or auto), or fp32")
         configure_runtime(c.train.threads, self.device, c.data.num_workers)
+        if self.is_main:
+            check_writable_folder(self.output_dir, "train.output_dir")
+            hold_folder(self.output_dir, "train.output_dir")  # until run() ends: one run writes into a folder
         checkpoint = self._checkpoint_to_resume()
         torch.manual_seed(c.train.seed + distributed.rank())
 
@@ -257,8 +264,15 @@ class Trainer:
             return None
         if not self.shard_units:
             objective, optimizer = self.objective.state_dict(), self.optimizer.state_dict()
-        state = self._state(rng[0] if len(rng) == 1 else rng, objective, optimizer)
         path = self.output_dir / checkpointing.LATEST
+        broken = checkpointing.non_finite_tensors(objective)
+        if broken:  # a checkpoint is what a resume starts from: it never holds weights that cannot train again
+            kept = f"{path} still holds the last finite ones" if path.exists() else "no earlier checkpoint was there"
+            more = f" and {len(broken) - 1} more" if len(broken) > 1 else ""
+            raise CheckpointError(
+                f"the networks hold NaN or inf at step {self.step} ({broken[0]}{more}), so they were not saved: {kept}. "
+                "Lower optim.lr, set optim.clip_grad, or train in fp32, then run the same command to resume")
+        state = self._state(rng[0] if len(rng) == 1 else rng, objective, optimizer)
         targets = [path] + ([self.output_dir / f"checkpoint_{keep_epoch:04d}.pth"] if keep_epoch is not None else [])
         for target in targets:
             try:
@@ -426,7 +440,8 @@ class Trainer:
     # ------------------------------------------------------------------------------------------- the loop
 
     def _install_signal_handlers(self) -> None:
-        """SIGTERM / SIGUSR1 (preemption, time limits): finish the step, checkpoint, and stop."""
+        """SIGTERM / SIGUSR1 (preemption, time limits), and a first Ctrl-C (SIGINT): finish the step, checkpoint,
+        and stop. A second Ctrl-C stops at once, without the checkpoint (the last one written stays)."""
         if threading.current_thread() is not threading.main_thread():
             return
 
@@ -443,11 +458,22 @@ class Trainer:
         self.previous_handlers = {sig: signal.signal(sig, request_stop)
                                   for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)}
 
+        def interrupt(signum, frame):
+            if signal.SIGINT in received:
+                raise KeyboardInterrupt
+            request_stop(signum, frame)
+            logger.warning("Ctrl-C: finishing the step and writing a checkpoint (Ctrl-C again stops at once, "
+                           "without it)")
+
+        self.previous_interrupt = signal.signal(signal.SIGINT, interrupt)
+
     def _hand_on_signal(self) -> None:
         """After the stop's checkpoint: give the signal to the handler it replaced (submitit requeues there)."""
-        handler = self.previous_handlers.get(self.stop_signal)
+        handler = self.previous_handlers.get(self.stop_signal)  # none for Ctrl-C: the stop is all it asked
         for sig, previous in self.previous_handlers.items():
             signal.signal(sig, previous)
+        if self.previous_interrupt is not None:
+            signal.signal(signal.SIGINT, self.previous_interrupt)
         if callable(handler):
             logger.info("checkpoint written; handing %s on to the launcher", signal.Signals(self.stop_signal).name)
             handler(self.stop_signal, None)
@@ -620,6 +646,7 @@ class Trainer:
             if self._log_handler is not None:
                 logging.getLogger("distill").removeHandler(self._log_handler)
                 self._log_handler.close()
+            release_folder(self.output_dir)
         return self.results
 
     def _log_to_file(self, error: Exception) -> None:

@@ -9,6 +9,7 @@ vit_* names are the same sizes with DINOv2-style defaults, at any patch size (`v
 import difflib
 import fnmatch
 import inspect
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
@@ -135,4 +136,32 @@ def backbone_kwargs(name: str, **overrides: Any) -> Dict[str, Any]:
     unknown = sorted(set(overrides) - set(allowed))
     if unknown:
         raise InputError(f"unknown backbone option(s) {', '.join(unknown)} for {name}; allowed: {', '.join(allowed)}")
+    parameters = inspect.signature(spec.factory.__init__).parameters
+    for key, value in overrides.items():
+        _check_option(name, key, value, parameters[key].default)
     return {**spec.kwargs, **overrides}
+
+
+_AT_LEAST_ONE = {"patch_size", "in_chans", "embed_dim", "depth", "num_heads"}
+
+
+def _check_option(name: str, key: str, value: Any, default: Any) -> None:
+    """An override of the kind its constructor default is (an int for an int, a finite number for a float, true
+    or false for a flag), sizes positive: a bad value is one line naming it, not a failure deep in a layer."""
+    def whole(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if isinstance(default, bool):
+        ok, wanted = isinstance(value, bool), "true or false"
+    elif isinstance(default, int):  # img_size may also be a pair
+        values = list(value) if isinstance(value, (list, tuple)) and key == "img_size" else [value]
+        ok, wanted = bool(values) and all(whole(v) for v in values), "a whole number"
+        if ok and key in _AT_LEAST_ONE | {"img_size"} and min(values) < 1:
+            ok, wanted = False, "a whole number of at least 1"
+    elif isinstance(default, float):
+        ok = (whole(value) or isinstance(value, float)) and math.isfinite(value)
+        wanted = "a finite number"
+    else:
+        return
+    if not ok:
+        raise InputError(f"backbone option {key}={value!r} for {name}: give {wanted}")

@@ -57,6 +57,9 @@ class VisionTransformer(nn.Module):
             raise InputError(f"img_size {img_h}x{img_w} is not a multiple of patch_size {patch_size}")
         if num_register_tokens < 0 or depth < 1 or num_classes < 0:
             raise InputError("depth must be >= 1, num_register_tokens and num_classes >= 0")
+        if embed_dim % num_heads:
+            raise InputError(f"embed_dim {embed_dim} is not a multiple of num_heads {num_heads}: each head takes an "
+                             "equal share of the width")
         self.config = dict(
             img_size=(img_h, img_w), patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, depth=depth,
             num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, ffn_layer=ffn_layer,

@@ -377,10 +377,11 @@ def test_disk_full_during_a_save_is_one_line_in_the_terminal_and_the_log(tiny_ov
     assert read_checkpoint(run / LATEST)["step"] == 16
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_a_signal_stop_says_so_in_results_and_in_the_exit_status(tiny_overrides, tmp_path, workers):
-    """SIGTERM as scancel, timeout and container runtimes send it: to every process of the job, loader workers
-    included; the workers keep serving while the step ends and the checkpoint is written."""
+@pytest.mark.parametrize("workers, stop", [(0, signal.SIGTERM), (2, signal.SIGTERM), (2, signal.SIGINT)])
+def test_a_signal_stop_says_so_in_results_and_in_the_exit_status(tiny_overrides, tmp_path, workers, stop):
+    """SIGTERM as scancel, timeout and container runtimes send it, and Ctrl-C's SIGINT as a terminal does: to every
+    process of the job, loader workers included; the workers keep serving while the step ends and the checkpoint
+    is written."""
     run = tmp_path / "run"
     command = [sys.executable, "-m", "distill.cli", "train", *tiny_overrides(run, "train.max_steps=2000",
                                                                             "train.epochs=200",
@@ -391,12 +392,12 @@ def test_a_signal_stop_says_so_in_results_and_in_the_exit_status(tiny_overrides,
     while time.time() < deadline and not ((run / "metrics.jsonl").is_file()
                                           and len((run / "metrics.jsonl").read_text().splitlines()) >= 3):
         time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGTERM)
+    os.killpg(process.pid, stop)
     out, err = process.communicate(timeout=120)
-    assert process.returncode == 128 + signal.SIGTERM
-    assert "stopped early by signal SIGTERM" in err and "run the same command to resume" in err
+    assert process.returncode == 128 + stop
+    assert f"stopped early by signal {stop.name}" in err and "run the same command to resume" in err
     results = json.loads((run / "results.json").read_text())
-    assert results["status"] == "stopped" and results["stop_reason"] == "signal SIGTERM"
+    assert results["status"] == "stopped" and results["stop_reason"] == f"signal {stop.name}"
     assert results["steps"] == read_checkpoint(run / LATEST)["step"] < 2000
 
 
@@ -440,3 +441,70 @@ def test_names_that_are_not_utf8_train_and_are_listed_byte_for_byte(tmp_path, ti
                                "train.max_steps=2")).run()
     assert results["steps"] == 2
     assert [os.fsencode(p) for p in read_paths(run / "unreadable_images.txt")] == [bad]
+
+
+def test_weights_that_turned_non_finite_are_never_saved_over_a_checkpoint(tiny_config, tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, "train.max_steps=3"))
+    trainer.setup()
+    assert trainer.save_checkpoint() is not None
+    before = (tmp_path / LATEST).read_bytes()
+    parameter = next(trainer.objective.parameters())
+    with torch.no_grad():
+        parameter.view(-1)[0] = float("inf")
+    with pytest.raises(CheckpointError, match=r"NaN or inf at step 0 \(.+\), so they were not saved: .*last finite"):
+        trainer.save_checkpoint()
+    assert (tmp_path / LATEST).read_bytes() == before
+
+
+@pytest.mark.parametrize("override, words", [
+    ("optim.lr=inf", "'optim.lr' is inf"), ("train.epochs=nan", "'train.epochs' is nan"),
+    ("optim.weight_decay=nan", "'optim.weight_decay' is nan"), ("train.threads=-1", "'train.threads' must be >= 0"),
+    ("train.checkpoint_every_minutes=-1", "'train.checkpoint_every_minutes' must be >= 0"),
+    ("eval.knn_k=[10,0]", "'eval.knn_k' is [10, 0]"), ("data.dataset.limit=-1", "limit must be >= 0"),
+    ("model.overrides.patch_size=0", "patch_size=0 for vit_tiny: give a whole number of at least 1"),
+    ("model.overrides.embed_dim=abc", "embed_dim='abc' for vit_tiny: give a whole number"),
+    ("model.overrides.num_heads=3", "not a multiple of num_heads 3"),
+])
+def test_numbers_that_cannot_train_are_refused_before_the_run(override, words, tiny_overrides, tmp_path, capsys):
+    assert main(["train", *tiny_overrides(tmp_path / "run", override)]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("distill train: error:") and words in last, last
+    assert not (tmp_path / "run" / LATEST).exists()
+
+
+def test_yes_and_no_of_yaml_are_the_verify_settings(tiny_config, tmp_path):
+    assert tiny_config(tmp_path, "data.dataset.verify=no").data.dataset.verify == "no"
+    assert tiny_config(tmp_path, "data.dataset.verify=yes").data.dataset.verify == "yes"
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused_and_changes_nothing(tiny_overrides, tmp_path, capsys):
+    run = tmp_path / "run"
+    overrides = tiny_overrides(run, "train.max_steps=2000", "train.epochs=200")
+    first = subprocess.Popen([sys.executable, "-m", "distill.cli", "train", *overrides], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (run / "metrics.jsonl").is_file():
+            time.sleep(0.05)
+        config = (run / "config.yaml").read_text()
+        assert main(["train", *overrides]) == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert "another process is writing into train.output_dir" in last, last
+        assert (run / "config.yaml").read_text() == config
+    finally:
+        first.kill()
+        first.wait()
+    assert main(["train", *tiny_overrides(run, "train.max_steps=17", "train.epochs=200")]) == 0  # the lock died with it
+    assert not (tmp_path / "refused").exists()
+    assert main(["train", *tiny_overrides(tmp_path / "refused", "train.resume=nowhere.pth")]) == 2
+    assert not (tmp_path / "refused").exists()  # a refused run leaves no folder it made
+
+
+def test_an_output_folder_that_cannot_be_made_is_one_line_before_any_work(tiny_overrides, tmp_path, capsys):
+    (tmp_path / "afile").write_text("mine")
+    for folder, words in ((tmp_path / "afile", "is a file, not a folder"),
+                          (tmp_path / "afile" / "sub", f"cannot hold it: {tmp_path / 'afile'} is a file")):
+        assert main(["train", *tiny_overrides(folder)]) == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last.startswith("distill train: error: train.output_dir") and words in last, last
+    assert (tmp_path / "afile").read_text() == "mine"
