@@ -338,6 +338,13 @@ class Trainer:
         else:
             self.plan(run["total_steps"])
         self.budget.close()
+        planned = run.config.get("train", {}).get("epochs")
+        if planned is not None and planned != self.config.train.epochs:
+            logger.warning("train.epochs is %g but %s was planned for %g epochs (%d steps): a resume keeps the plan "
+                           "its schedules were drawn for. To train longer, start a new run from its weights "
+                           "(model.pretrained=%s, whose teacher it loads, in another train.output_dir)",
+                           self.config.train.epochs, path, planned, self.total_steps, path)
+            self.config.train.epochs = planned  # config.yaml says what the run follows
         self._restore_random_states(run["rng"])
         self.results["resumed_from_step"] = self.step
         logger.info("resumed from %s at step %d of %d (epoch %.2f)", path, self.step, self.total_steps,
@@ -502,7 +509,7 @@ class Trainer:
         state is saved."""
         self._install_signal_handlers()
         self.last_save_time = time.monotonic()
-        start_step = self.step
+        start_step, start_seconds = self.step, self.train_seconds
         bar = progress(total=self.total_steps, initial=self.step, desc=f"{self.config.objective.name}", unit="step",
                        disable=not self.is_main)
         self.objective.train()
@@ -516,7 +523,7 @@ class Trainer:
             self.save_checkpoint()
         if self.stop_signal is not None:
             self._hand_on_signal()
-        self._summarise(start_step)
+        self._summarise(start_step, start_seconds)
 
     def _loop(self, bar, start_step: int) -> bool:
         """The steps, each followed by the decisions every rank shares; returns whether a stop ended it early."""
@@ -524,6 +531,8 @@ class Trainer:
         data, smoothed_rate = None, None
         # the loop ends on decisions all ranks share: a signal handler sets stop_reason at any moment, on some ranks
         _, (stop,) = distributed.agree(0.0, self.stop_reason is not None)
+        if not stop and c.train.max_steps and self.step >= c.train.max_steps:  # a resume already there: no step
+            stop, self.stop_reason = True, f"train.max_steps={c.train.max_steps}"
         while self.step < self.total_steps and not stop:
             epoch, position = divmod(self.step, self.steps_per_epoch)
             if data is None:
@@ -558,15 +567,15 @@ class Trainer:
                 self.stop_reason = due
         return stop
 
-    def _summarise(self, start_step: int) -> None:
+    def _summarise(self, start_step: int, start_seconds: float) -> None:
         finished = self.step >= self.total_steps
         self.results.update(status="finished" if finished else "stopped", stop_reason=self.stop_reason,
                             steps=self.step, total_steps=self.total_steps,
                             epochs=round(self.step / self.steps_per_epoch, 3),
                             train_minutes=round(self.train_seconds / 60, 2), skipped_steps=self.skipped.total)
-        if self.train_seconds > 0:
-            done = self.step - start_step
-            self.results["images_per_second"] = round(done * self.global_batch / max(self.train_seconds, 1e-9), 1)
+        done, seconds = self.step - start_step, self.train_seconds - start_seconds  # this process's share
+        if seconds > 0 and done:  # a resume with nothing left to do measured no pace
+            self.results["images_per_second"] = round(done * self.global_batch / seconds, 1)
 
     def _end_of_epoch(self, epoch: int) -> None:
         every = self.config.train.save_every_epochs

@@ -508,3 +508,25 @@ def test_an_output_folder_that_cannot_be_made_is_one_line_before_any_work(tiny_o
         last = capsys.readouterr().err.strip().splitlines()[-1]
         assert last.startswith("distill train: error: train.output_dir") and words in last, last
     assert (tmp_path / "afile").read_text() == "mine"
+
+
+def test_max_steps_counts_the_steps_of_the_run_in_all_across_resumes(tiny_config, tmp_path):
+    Trainer(tiny_config(tmp_path, "train.max_steps=2")).run()
+    again = Trainer(tiny_config(tmp_path, "train.max_steps=2"))
+    results = again.run()
+    assert again.step == 2 and results["steps"] == 2 and read_checkpoint(tmp_path / LATEST)["step"] == 2
+    Trainer(tiny_config(tmp_path, "train.max_steps=5")).run()
+    assert read_checkpoint(tmp_path / LATEST)["step"] == 5
+
+
+def test_a_resume_with_other_epochs_keeps_its_plan_and_says_so(tiny_config, tmp_path, caplog):
+    first = Trainer(tiny_config(tmp_path, "train.max_steps=3"))
+    first.run()
+    planned = first.total_steps
+    with caplog.at_level(logging.WARNING, logger="distill"):
+        again = Trainer(tiny_config(tmp_path, "train.max_steps=5", f"train.epochs={first.config.train.epochs * 2}"))
+        results = again.run()
+    assert again.total_steps == planned and results["steps"] == 5
+    assert any("a resume keeps the plan" in r.getMessage() for r in caplog.records)
+    assert f"epochs: {first.config.train.epochs}" in (tmp_path / "config.yaml").read_text()
+    assert results["images_per_second"] > 0  # the pace of this process's two steps
