@@ -49,6 +49,36 @@ def _explain(error: OmegaConfBaseException, schema: Any, source: str) -> InputEr
     return InputError(f"invalid config in {source}: {str(error).splitlines()[0]}")
 
 
+def _section(schema: Any, dotted: str) -> Optional[Any]:
+    """The section (a dataclass instance or type) that `dotted` names in the schema, or None for a value / unknown."""
+    node = schema
+    for part in dotted.split("."):
+        match = {f.name: f for f in fields(node)}.get(part) if is_dataclass(node) else None
+        if match is None:
+            return None
+        node = getattr(node, part) if not isinstance(node, type) else match.default_factory() \
+            if callable(match.default_factory) else match.type
+    return node if is_dataclass(node) else None
+
+
+def _check_sections(schema: Any, values: Any, source: str, prefix: str = "") -> None:
+    """A value where the schema has a section of keys (objective=dinov2 for objective.name=dinov2) is one line
+    naming the keys of that section."""
+    items = values.items() if isinstance(values, dict) else ()
+    for key, value in items:
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        section = _section(schema, dotted)
+        if section is None:
+            continue
+        if isinstance(value, dict):
+            _check_sections(schema, value, source, dotted)
+        elif value is not None:
+            names = [f.name for f in fields(section)]
+            example = f"{dotted}.name={value}" if "name" in names else f"{dotted}.{names[0]}=..."
+            raise InputError(f"config key '{dotted}' in {source} is a section of keys, not a value: set one of them, "
+                             f"e.g. {example} (keys: {', '.join(names)})")
+
+
 def _numbers(node: Any, prefix: str = ""):
     """(dotted key, value) of every float in a config: dataclass fields, lists and dicts, nested."""
     if is_dataclass(node):
@@ -78,12 +108,18 @@ def load_config(
     config: DictConfig = OmegaConf.structured(schema)
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise InputError(f"config file {path} is a folder: give a YAML recipe (e.g. configs/dino/vit_small_16_100ep.yaml)")
         if not path.is_file():
             raise InputError(f"config file {path} does not exist")
         try:
             loaded = OmegaConf.load(path)
         except Exception as error:
             raise InputError(f"cannot parse {path} as YAML: {str(error).splitlines()[0]}") from None
+        if not isinstance(loaded, DictConfig):
+            raise InputError(f"{path} holds a YAML list, not a recipe: a recipe maps keys to values (model:, data:, "
+                             "optim:, train:, ...)")
+        _check_sections(schema, OmegaConf.to_container(loaded), str(path))
         try:
             config = OmegaConf.merge(config, loaded)
         except OmegaConfBaseException as error:
@@ -91,6 +127,9 @@ def load_config(
     bad = [item for item in overrides if "=" not in item]
     if bad:
         raise InputError(f"overrides must look like key=value, got {', '.join(bad)}")
+    for item in overrides:
+        key, value = item.split("=", 1)
+        _check_sections(schema, {key.strip(): value or None}, "the command line")
     try:
         config = OmegaConf.merge(config, OmegaConf.from_dotlist(list(overrides)))
     except OmegaConfBaseException as error:

@@ -117,7 +117,7 @@ def _source(args: argparse.Namespace, split: str, limit: int):
 
     if args.data == "fashion_mnist":
         return build_image_source(DatasetConfig(kind="fashion_mnist", limit=limit), split)
-    return build_image_source(DatasetConfig(kind="auto", path=args.data, limit=limit), split)
+    return build_image_source(DatasetConfig(kind="auto", path=args.data, limit=limit), split, option="--data")
 
 
 def _features(args, encode, view, source, desc):

@@ -37,7 +37,7 @@ def _labelled_source(args: argparse.Namespace):
 
     kind = "fashion_mnist" if args.data == "fashion_mnist" else "auto"
     path = None if kind == "fashion_mnist" else args.data
-    source = build_image_source(DatasetConfig(kind=kind, path=path, limit=args.val_limit), args.val_split)
+    source = build_image_source(DatasetConfig(kind=kind, path=path, limit=args.val_limit), args.val_split, option="--data")
     if source.labels is None:
         raise InputError(f"{source.name} has no labels: give an ImageFolder tree (one sub-folder per class) or a "
                          "file list with a label on each line")

@@ -244,6 +244,9 @@ def build_image_source(config: DatasetConfig, split: Optional[str] = None, key: 
         folder = _resolve_folder(path, split)
         if kind == "imagefolder":
             paths, labels, classes = _scan_imagefolder(folder)
+            if not classes:
+                raise InputError(f"{folder} has no class sub-folders, but {key}.kind is imagefolder (root/class/"
+                                 f"image.jpg, labelled by folder): set {key}.kind=folder for unlabelled images, or auto")
         else:
             paths, labels, classes = [str(p) for p in _walk_images(folder)], None, []
     if config.limit:

@@ -61,10 +61,25 @@ def _upscaled(img: Image.Image, min_size: int) -> Image.Image:
     return img
 
 
+def open_image(path: Union[str, Path]) -> Image.Image:
+    """Image.open, where an image over Pillow's decompression-bomb limit (max_image_pixels) is refused as one over
+    twice the limit is: Pillow itself only warns between the two, and such a file would then be trained on. (The
+    size is checked here rather than the warning made an error: warning filters are not thread-safe, and files
+    are checked in threads.)"""
+    handle = Image.open(path)
+    limit = Image.MAX_IMAGE_PIXELS
+    pixels = handle.size[0] * handle.size[1]
+    if limit and pixels > limit:
+        handle.close()
+        raise Image.DecompressionBombError(f"Image size ({pixels} pixels) exceeds limit of {int(limit)} pixels, "
+                                           "could be decompression bomb DOS attack.")
+    return handle
+
+
 def load_image(path: Union[str, Path], mode: str = "RGB", min_size: int = 0) -> Image.Image:
     """Open, fully decode (so truncated files fail here), apply EXIF orientation, convert to `mode`, and
     upscale so that the shorter side is at least `min_size` pixels (small images still give full crops)."""
-    with Image.open(path) as handle:
+    with open_image(path) as handle:
         handle.load()
         img = ImageOps.exif_transpose(handle)
         img = to_mode(img, mode)
@@ -140,7 +155,7 @@ def load_image_at_crop_size(path: Union[str, Path], mode: str, min_size: int,
     before), then oriented and converted like a full one; what changes is the resampling: JPEG's DCT scaling
     instead of the crop's own antialiasing over the dropped resolution."""
     frame: Optional[Frame] = None
-    with Image.open(path) as handle:
+    with open_image(path) as handle:
         if isinstance(handle, JpegImageFile):
             orientation = handle.getexif().get(ExifTags.Base.Orientation, 1)  # as exif_transpose reads it
             width, height = handle.size[::-1] if orientation in _SWAPS_AXES else handle.size

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from distill.config import load_config
 from distill.data.configs import DatasetConfig
@@ -150,6 +150,8 @@ def _objective_name(path: Optional[Union[str, Path]], overrides: Sequence[str]) 
             recipe = OmegaConf.load(path)
         except Exception:
             recipe = None  # load_config reports the parse error with its cause
+        if not isinstance(recipe, DictConfig):
+            recipe = None  # a list: load_config says so
         if recipe is not None and isinstance(recipe.get("objective"), (dict, type(recipe))) and "name" in recipe.objective:
             name = str(recipe.objective.name)
     for item in overrides:
@@ -169,3 +171,7 @@ def check_data_paths(config: TrainConfig) -> None:
     config.data.dataset.check_path("data.dataset")
     if config.eval.dataset is not None:
         config.eval.dataset.check_path("eval.dataset")
+    for key, path in (("model.pretrained", config.model.pretrained),
+                      ("objective.teacher.weights", getattr(getattr(config.objective, "teacher", None), "weights", None))):
+        if path and path != "hub" and not Path(path).expanduser().exists():
+            raise InputError(f"{key} {path} does not exist: give the checkpoint file to start from")

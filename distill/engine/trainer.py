@@ -294,12 +294,18 @@ class Trainer:
         if path is None and existing.is_file():
             raise InputError(
                 f"{self.output_dir} already holds a checkpoint that a fresh run would overwrite: continue it with "
-                "train.resume=auto, or choose another train.output_dir")
+                "train.resume=auto, move it away, or choose another train.output_dir")
         if path is None:
             return None
         if not path.is_file():
             raise InputError(f"train.resume={self.config.train.resume}: no checkpoint at {path}")
-        run = checkpointing.load_training_checkpoint(path)
+        try:
+            run = checkpointing.load_training_checkpoint(path)
+        except CheckpointError as error:
+            if path != existing:
+                raise
+            raise CheckpointError(f"{error}. The run cannot resume from it: move it away, then resume from an earlier "
+                                  "checkpoint_NNNN.pth (train.resume=PATH) or start again") from None
         if (run.config["objective"]["name"], run.backbone) != (self.config.objective.name, self.config.model.backbone):
             theirs, ours = run_description(run.config), run_description(self.config)
             raise CheckpointError(

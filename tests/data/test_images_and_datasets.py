@@ -122,16 +122,18 @@ def test_an_image_over_the_decompression_bomb_limit_says_why_and_the_option_lets
 
     for i in range(3):
         _save(tmp_path / "pool" / f"{i}.png", Image.new("L", (8, 8), i))
-    _save(tmp_path / "pool" / "huge.png", Image.new("L", (200, 200)))
+    _save(tmp_path / "pool" / "huge.png", Image.new("L", (200, 200)))  # over twice the limit: Pillow refuses it
+    _save(tmp_path / "pool" / "big.png", Image.new("L", (120, 120)))  # over it, under twice: Pillow only warns
     default = PILImage.MAX_IMAGE_PIXELS
     try:
         with caplog.at_level(logging.WARNING):
             source = build_image_source(DatasetConfig(kind="folder", path=str(tmp_path / "pool"),
                                                       max_image_pixels=10_000))
-        assert len(source) == 3 and source.unreadable == [str(tmp_path / "pool" / "huge.png")]
+        assert len(source) == 3
+        assert sorted(source.unreadable) == [str(tmp_path / "pool" / name) for name in ("big.png", "huge.png")]
         said = " ".join(r.getMessage() for r in caplog.records)
         assert "exceeds limit of 20000 pixels" in said and "data.dataset.max_image_pixels" in said
         source = build_image_source(DatasetConfig(kind="folder", path=str(tmp_path / "pool"), max_image_pixels=-1))
-        assert len(source) == 4 and not source.unreadable
+        assert len(source) == 5 and not source.unreadable
     finally:
         PILImage.MAX_IMAGE_PIXELS = default
