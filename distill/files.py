@@ -86,6 +86,20 @@ def hold_folder(folder: Union[str, Path], key: str) -> None:
     _HELD[name] = (handle, made)
 
 
+def _forget_held_folders() -> None:
+    """In a forked child (a loader worker): close the inherited descriptors, so that the lock ends with the
+    process that took it, not with the last of its children."""
+    for handle, _ in _HELD.values():
+        try:
+            os.close(handle)
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_forget_held_folders)
+
+
 def release_folder(folder: Union[str, Path]) -> None:
     """Let go of hold_folder's lock; a folder it made that is still empty goes too (a refused run leaves none)."""
     name = os.path.realpath(Path(folder).expanduser())
