@@ -37,7 +37,6 @@ def pytest_configure(config):
         torch.set_num_threads(len(share))
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own, which turns xdist_group marks into the groups it schedules
 def pytest_collection_modifyitems(config, items):
     if _worker(config) is None:
         return

@@ -20,6 +20,11 @@ from distill.models import read_checkpoint
 from tests.slurm.cluster import Cluster, available
 from tests.tiny_dino import TINY_DINO, tiny_model
 
+# Every test here on one pytest-xdist worker, named explicitly: a cluster's teardown ends the job steps started
+# since it began (by PID, whichever cluster they belong to), so a second cluster on another worker would lose its
+# jobs mid-run.
+pytestmark = pytest.mark.xdist_group("slurm")
+
 TINY = TINY_DINO + [tiny_model(), "data.batch_size=16", "optim.warmup_epochs=1"]
 
 
