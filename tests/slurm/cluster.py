@@ -10,7 +10,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from tests.distributed.ranks import free_port
 
@@ -146,11 +146,24 @@ PartitionName=urgent Nodes={self.node} MaxTime=INFINITE State=UP PriorityTier=10
                 process.kill()
                 process.wait()
         for pid in set(_pids_named("slurmstepd")) - getattr(self, "stepds_before", set()):
+            if _slurm_conf(pid) not in (None, str(self.folder / "slurm.conf")):
+                continue  # another cluster's step (a test on another worker): not ours to end
             for victim in descendants(pid) + [pid]:
                 try:
                     os.kill(victim, 9)
                 except ProcessLookupError:
                     pass
+
+
+def _slurm_conf(pid: int) -> Optional[str]:
+    """The SLURM_CONF a process runs under (a step inherits its slurmd's), or None where it cannot be read."""
+    try:
+        for item in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+            if item.startswith(b"SLURM_CONF="):
+                return item[len(b"SLURM_CONF="):].decode(errors="replace")
+    except OSError:
+        pass
+    return None
 
 
 def _pids_named(prefix: str) -> List[int]:
