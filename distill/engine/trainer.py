@@ -485,8 +485,6 @@ class Trainer:
         handler = self.previous_handlers.get(self.stop_signal)  # none for Ctrl-C: the stop is all it asked
         for sig, previous in self.previous_handlers.items():
             signal.signal(sig, previous)
-        if self.previous_interrupt is not None:
-            signal.signal(signal.SIGINT, self.previous_interrupt)
         if callable(handler):
             logger.info("checkpoint written; handing %s on to the launcher", signal.Signals(self.stop_signal).name)
             handler(self.stop_signal, None)
@@ -523,6 +521,9 @@ class Trainer:
             stop = self._loop(bar, start_step)
         finally:
             bar.close()
+            if self.previous_interrupt is not None:  # Ctrl-C means the loop's stop only while the loop runs
+                signal.signal(signal.SIGINT, self.previous_interrupt)
+                self.previous_interrupt = None
         if stop:
             logger.info("stopped at step %d of %d: %s", self.step, self.total_steps, self.stop_reason)
         if self.step % self.steps_per_epoch or stop:  # the epoch-end save covered the rest

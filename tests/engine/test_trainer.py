@@ -530,3 +530,9 @@ def test_a_resume_with_other_epochs_keeps_its_plan_and_says_so(tiny_config, tmp_
     assert any("a resume keeps the plan" in r.getMessage() for r in caplog.records)
     assert f"epochs: {first.config.train.epochs}" in (tmp_path / "config.yaml").read_text()
     assert results["images_per_second"] > 0  # the pace of this process's two steps
+
+
+def test_ctrl_c_is_the_python_default_again_once_training_ends(tiny_config, tmp_path):
+    before = signal.getsignal(signal.SIGINT)
+    Trainer(tiny_config(tmp_path, "train.max_steps=2")).run()
+    assert signal.getsignal(signal.SIGINT) is before  # a notebook or caller gets its KeyboardInterrupt back
