@@ -2,7 +2,7 @@
 
 import random
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -19,12 +19,28 @@ def save_atomic(obj: Any, path: Union[str, Path]) -> Path:
     return atomic_write(path, lambda handle: torch.save(obj, handle))
 
 
-def non_finite_tensors(state: Any, prefix: str = "") -> List[str]:
-    """Names of the floating-point tensors of a state (dicts and lists followed) that hold NaN or inf."""
+def _floating_tensors(state: Any, prefix: str = "") -> Iterator[Tuple[str, torch.Tensor]]:
     if isinstance(state, torch.Tensor):
-        return [prefix] if state.is_floating_point() and not bool(torch.isfinite(state).all()) else []
+        if state.is_floating_point():
+            yield prefix, state
+        return
     items = state.items() if isinstance(state, dict) else enumerate(state) if isinstance(state, (list, tuple)) else ()
-    return [name for key, value in items for name in non_finite_tensors(value, f"{prefix}.{key}" if prefix else str(key))]
+    for key, value in items:
+        yield from _floating_tensors(value, f"{prefix}.{key}" if prefix else str(key))
+
+
+def non_finite_tensors(state: Any, prefix: str = "") -> List[str]:
+    """Names of the floating-point tensors of a state (dicts and lists followed) that hold NaN or inf. The flags of
+    a device's tensors come back in one transfer: on a GPU, one synchronisation per save, not one per tensor."""
+    named = list(_floating_tensors(state, prefix))
+    by_device: Dict[torch.device, List[int]] = {}
+    for index, (_, tensor) in enumerate(named):
+        by_device.setdefault(tensor.device, []).append(index)
+    broken = set()
+    for indices in by_device.values():
+        flags = torch.stack([torch.isfinite(named[i][1]).all() for i in indices]).tolist()
+        broken.update(i for i, finite in zip(indices, flags) if not finite)
+    return [named[i][0] for i in sorted(broken)]
 
 
 def remove_stale_temporaries(folder: Union[str, Path]) -> None:

@@ -43,6 +43,7 @@ class MetricsWriter:
     def close(self) -> None:
         if self.tensorboard is not None:
             self.tensorboard.close()
+            self.tensorboard = None
 
 
 def read_metrics(path: Path) -> List[Dict[str, Any]]:

@@ -325,10 +325,15 @@ class Trainer:
             weights = sharding.shard_like(weights, self.objective.state_dict())
         differences = key_differences(run.weights, self.objective.state_dict())
         if differences:
+            theirs, ours = run_description(run.config)["recipe"], run_description(self.config)["recipe"]
+            recipes = (f"It was written by a {theirs} run, this is a {ours} run" if theirs != ours else
+                       f"Both are {ours} runs")
+            changed = setting_differences(run.config, self.config)
+            if changed:
+                recipes += f"; what differs: {', '.join(changed)}"
             raise CheckpointError(
-                f"{path} does not fit this run's networks ({'; '.join(differences.lines())}). It was written by a "
-                f"{run_description(run.config)['recipe']} run, this is a {run_description(self.config)['recipe']} "
-                "run: resume with the checkpoint's own config.yaml, or choose another train.output_dir")
+                f"{path} does not fit this run's networks ({'; '.join(differences.lines())}). {recipes}: resume "
+                "with the checkpoint's own config.yaml, or choose another train.output_dir")
         self.objective.load_state_dict(weights)
         with kernels_kept(self.optimizer):
             if self.shard_units:
@@ -658,12 +663,26 @@ class Trainer:
             self._log_to_file(error)
             raise
         finally:
-            self.metrics.close()
-            if self._log_handler is not None:
-                logging.getLogger("distill").removeHandler(self._log_handler)
-                self._log_handler.close()
-            release_folder(self.output_dir)
+            self.close()
         return self.results
+
+    def close(self) -> None:
+        """Ends what setup() opened: the metrics file, the run's log file and the run folder's lock. run() calls
+        it when it ends; after a setup() without run() (a notebook, a script that only saves or evaluates), call it,
+        or use the trainer as a context manager, so that another process may write into the folder."""
+        if self.metrics is not None:
+            self.metrics.close()
+        if self._log_handler is not None:
+            logging.getLogger("distill").removeHandler(self._log_handler)
+            self._log_handler.close()
+            self._log_handler = None
+        release_folder(self.output_dir)
+
+    def __enter__(self) -> "Trainer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     def _log_to_file(self, error: Exception) -> None:
         if self._log_handler is None:
@@ -733,12 +752,40 @@ class QuietFileHandler(logging.FileHandler):
         pass
 
 
+def _plain(config: Any) -> Dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    return config if isinstance(config, dict) else OmegaConf.to_container(OmegaConf.structured(config))
+
+
+def _leaves(tree: Any, prefix: str) -> Dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    return {key: value for name, sub in tree.items() for key, value in _leaves(sub, f"{prefix}.{name}").items()}
+
+
+def setting_differences(theirs: Any, ours: Any, sections: Tuple[str, ...] = ("model", "objective"),
+                        most: int = 4) -> List[str]:
+    """The settings of `sections` that differ between a checkpoint's run config and this run's, as
+    "model.overrides.mlp_ratio 4.0 there, 2.0 here" (at most `most`, then how many more), for messages that refuse
+    a resume: the networks' shapes follow from these sections."""
+    theirs, ours = _plain(theirs), _plain(ours)
+    missing = object()
+    lines = []
+    for section in sections:
+        old, new = _leaves(theirs.get(section, {}), section), _leaves(ours.get(section, {}), section)
+        for key in sorted(set(old) | set(new)):
+            was, now = old.get(key, missing), new.get(key, missing)
+            if was != now:
+                was, now = ("unset" if value is missing else value for value in (was, now))
+                lines.append(f"{key} {was} there, {now} here")
+    return lines[:most] + ([f"{len(lines) - most} more"] if len(lines) > most else [])
+
+
 def run_description(config: Any) -> Dict[str, str]:
     """"backbone" and "recipe" (objective, backbone and its width) of a run config (the typed one, or the plain
     containers a checkpoint stores), for messages that compare two runs."""
-    from omegaconf import OmegaConf
-
-    plain = config if isinstance(config, dict) else OmegaConf.to_container(OmegaConf.structured(config))
+    plain = _plain(config)
     name, overrides = plain["model"]["backbone"], dict(plain["model"]["overrides"])
     try:
         kwargs = backbone_kwargs(name, **{k: v for k, v in overrides.items() if k in backbone_options(name)})

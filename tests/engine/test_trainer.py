@@ -201,6 +201,28 @@ def test_a_fresh_run_never_overwrites_an_existing_checkpoint(tiny_config, tmp_pa
     assert (tmp_path / LATEST).read_bytes() == before
 
 
+def test_a_trainer_set_up_without_run_lets_the_folder_go_when_closed(tiny_config, tmp_path):
+    from tests.test_files import _other_process_may_hold
+
+    with Trainer(tiny_config(tmp_path, "train.max_steps=3")) as trainer:
+        trainer.setup()
+        assert trainer.save_checkpoint() is not None
+        assert not _other_process_may_hold(tmp_path)  # held while set up, as during run()
+    assert _other_process_may_hold(tmp_path)
+    trainer.close()  # a second close is harmless
+
+
+def test_non_finite_tensors_names_each_broken_float_tensor_of_a_nested_state_in_order():
+    from distill.engine.checkpointing import non_finite_tensors
+
+    state = {"student": {"w": torch.ones(3), "b": torch.tensor([1.0, float("nan")])},
+             "steps": torch.tensor([7]),  # integers cannot hold NaN
+             "groups": [{"exp_avg": torch.tensor([float("-inf")])}, {"exp_avg": torch.zeros(2, dtype=torch.float16)}],
+             "teacher": torch.tensor(float("inf"), dtype=torch.bfloat16), "lr": 0.1}
+    assert non_finite_tensors(state) == ["student.b", "groups.0.exp_avg", "teacher"]
+    assert non_finite_tensors({"w": torch.ones(2)}) == [] and non_finite_tensors({}) == []
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_runs_and_stays_finite(tiny_config, tmp_path, precision):
     trainer = Trainer(tiny_config(tmp_path, f"train.precision={precision}", "train.max_steps=3"))
@@ -320,15 +342,22 @@ def test_a_refused_run_touches_nothing_in_the_folder(tiny_config, tmp_path, capl
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
 
 
-def test_a_checkpoint_of_another_width_is_refused_naming_keys_and_recipe(tiny_config, tmp_path):
+@pytest.mark.parametrize("key, value, expected", [
+    ("embed_dim", 48, ["shape mismatches", "blocks.*.attn.qkv.weight file [96, 32] vs model [144, 48]",
+                       "written by a dino / vit_tiny (embed_dim 32, depth 2, patch_size 4) run",
+                       "model.overrides.embed_dim 32 there, 48 here"]),
+    ("mlp_ratio", 2.0, ["Both are dino / vit_tiny (embed_dim 32, depth 2, patch_size 4) runs",  # the same recipe
+                        "what differs: model.overrides.mlp_ratio unset there, 2.0 here"]),
+])
+def test_a_checkpoint_of_another_shape_is_refused_naming_keys_recipe_and_settings(tiny_config, tmp_path, key, value,
+                                                                                  expected):
     Trainer(tiny_config(tmp_path, "train.max_steps=2")).run()
-    wider = tiny_config(tmp_path, "train.max_steps=4")
-    wider.model.overrides["embed_dim"] = 48
+    other = tiny_config(tmp_path, "train.max_steps=4")
+    other.model.overrides[key] = value
     with pytest.raises(CheckpointError) as refused:
-        Trainer(wider).run()
+        Trainer(other).run()
     message = str(refused.value)
-    assert "shape mismatches" in message and "blocks.*.attn.qkv.weight file [96, 32] vs model [144, 48]" in message
-    assert "dino / vit_tiny (embed_dim 32, depth 2, patch_size 4)" in message and "\n" not in message
+    assert "\n" not in message and [part for part in expected if part not in message] == []
 
 
 # ------------------------------------------------------------------------------- metrics and results after a stop
