@@ -8,7 +8,7 @@ import argparse
 import sys
 from typing import List, Optional
 
-from distill.cli.arguments import add_backbone_choice, add_compute_arguments, number, parse_sets
+from distill.cli.arguments import add_backbone_choice, add_compute_arguments, check_image_files, number, parse_sets
 from distill.data.filelists import describe_os_error
 from distill.errors import DistillError
 from distill.logs import configure_logging
@@ -195,9 +195,7 @@ def _cmd_attention(args: argparse.Namespace) -> None:
 
     model, view = _model_and_view(args)
     if args.images:
-        missing = [p for p in args.images if not Path(p).is_file()]
-        if missing:
-            raise DistillError(f"image file(s) not found: {', '.join(missing)}")
+        check_image_files(args.images, hint=": give image files to --images, or a folder to --data")
         source = FileImages([str(p) for p in args.images], None, [], "images")
     else:
         source = _source(args, args.val_split, args.count)

@@ -20,3 +20,19 @@ def add_compute_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--output", help="also write the results as JSON to this file")
+
+
+def check_image_files(paths, hint: str = "") -> None:
+    """Image-file arguments, checked before anything is loaded: a folder or a missing file is refused by name
+    (`hint` says what to do instead of a folder)."""
+    from pathlib import Path
+
+    from distill.data.filelists import readable_name
+    from distill.errors import InputError
+
+    folders = [str(p) for p in paths if Path(p).is_dir()]
+    if folders:
+        raise InputError(f"{readable_name(folders[0])} is a folder, not an image file{hint}")
+    missing = [readable_name(str(p)) for p in paths if not Path(p).is_file()]
+    if missing:
+        raise InputError(f"image file(s) not found: {', '.join(missing)}")

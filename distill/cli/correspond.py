@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import List
 
-from distill.cli.arguments import add_backbone_choice, parse_sets
+from distill.cli.arguments import add_backbone_choice, check_image_files, parse_sets
 from distill.dense.kinds import ALPHAS, FACETS, SELECTIONS
 from distill.errors import InputError
 from distill.files import atomic_write_text
@@ -120,9 +120,8 @@ def cmd_correspond(args: argparse.Namespace) -> None:
     (x, y) pixels of the original images)."""
     from distill.dense.correspondence import correspond, pairs_text, render_matches, write_matches
 
-    missing = [p for p in (args.image_a, args.image_b) if not Path(p).is_file()]
-    if missing:
-        raise InputError(f"image file(s) not found: {', '.join(missing)}")
+    check_image_files([args.image_a, args.image_b], hint=": correspond matches two images; for many pairs, give "
+                                                         "a pair list to distill eval keypoints")
     picture = Path(args.output)
     if picture.suffix.lower() != ".png":
         raise InputError(f"--output {args.output} must be a .png file (the point pairs go beside it as .json)")

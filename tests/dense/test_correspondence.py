@@ -441,6 +441,7 @@ def test_bad_requests_are_one_line_and_write_nothing(tiny, tmp_path, monkeypatch
             str(output)]
     cases = [
         ([str(folder / "gone.png"), *base[1:]], "image file.* not found: .*gone.png"),
+        ([str(folder), *base[1:]], "images is a folder, not an image file: .*distill eval keypoints"),
         ([*base[:3], str(tmp_path / "gone.pth"), *base[4:]], "checkpoint .*gone.pth not found"),
         ([*base, "--facet", "keys"], "facet 'keys' unknown"),
         ([*base, "--layer", "5"], r"--layer \[5\] out of range: the model has 2 blocks"),

@@ -54,7 +54,12 @@ def test_attention_figure_from_image_files(trained_run, tmp_path, capsys):
     assert main(["attention", "--checkpoint", str(trained_run / LATEST), "--images", *map(str, paths),
                  "--output", str(figure)]) == 0
     assert figure.stat().st_size > 5000 and "attention maps of 2 image(s)" in capsys.readouterr().out
+    capsys.readouterr()
     assert main(["attention", "--checkpoint", str(trained_run / LATEST), "--images", str(tmp_path / "no.png")]) == 2
+    assert "image file(s) not found: " in capsys.readouterr().err
+    assert main(["attention", "--checkpoint", str(trained_run / LATEST), "--images", str(tmp_path)]) == 2
+    assert "is a folder, not an image file: give image files to --images, or a folder to --data" in \
+        capsys.readouterr().err
 
 
 def test_unknown_architecture_asks_for_a_name(tmp_path, capsys):
