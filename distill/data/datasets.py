@@ -100,6 +100,7 @@ def _walk_images(folder: Path) -> List[Path]:
     ones left out. Links are followed, but a folder is entered once however many links lead to it (so a link loop
     ends), and where links were met a file reached by several paths is listed once, at its first path."""
     found: List[Path] = []
+    dangling: List[str] = []
     entered: set = set()
     linked = False
     stack = [Path(folder)]
@@ -125,9 +126,14 @@ def _walk_images(folder: Path) -> List[Path]:
                 elif entry.is_file() and _is_image(Path(entry.name)):
                     found.append(Path(entry.path))
                     linked |= entry.is_symlink()
-            except OSError:  # a dangling or unreadable link
-                continue
+                elif entry.is_symlink() and _is_image(Path(entry.name)) and not os.path.exists(entry.path):
+                    dangling.append(entry.path)
+            except OSError:  # an unreadable link
+                dangling.append(entry.path)
         stack.extend(reversed(subfolders))
+    if dangling:
+        logger.warning("%d link(s) under %s lead nowhere and were left out (first: %s): fix or remove them",
+                       len(dangling), readable_name(str(folder)), readable_name(dangling[0]))
     return _first_of_each_file(found) if linked else found
 
 

@@ -98,16 +98,20 @@ def test_empty_or_unreadable_sources_fail_before_training(tmp_path):
         DatasetConfig(kind="folder").validate()
 
 
-def test_a_link_loop_ends_and_a_file_reached_twice_counts_once(tmp_path):
+def test_a_link_loop_ends_and_a_file_reached_twice_counts_once(tmp_path, caplog):
     folder = tmp_path / "photos"
     for i in range(52):
         _save(folder / ("a" if i % 2 else "b") / f"{i}.png", Image.new("L", (8, 8), i))
     (folder / "loop").symlink_to(".")  # a loop: photos/loop/loop/... would never end
     (folder / "again").symlink_to("a")  # the same folder by a second name
     (folder / "b" / "link_to_0.png").symlink_to(folder / "b" / "0.png")  # the same file by a second name
-    source = build_image_source(DatasetConfig(kind="folder", path=str(folder)))
+    (folder / "b" / "moved.png").symlink_to(tmp_path / "elsewhere.png")  # a link whose image is gone
+    with caplog.at_level(logging.WARNING, logger="distill"):
+        source = build_image_source(DatasetConfig(kind="folder", path=str(folder)))
     assert len(source) == 52 and len(set(source.paths)) == 52
     assert source.paths[0].endswith("/a/1.png")  # the first path of each file, in sorted order
+    warned = [r.getMessage() for r in caplog.records if "lead nowhere" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("1 link(s) under ") and "b/moved.png" in warned[0]
 
 
 def test_sixteen_bit_images_scale_by_their_type_not_their_content(tmp_path):
