@@ -152,8 +152,9 @@ def save_config(config: Any, path: Union[str, Path]) -> None:
 
 
 def number(kind: Callable[[str], Any] = int, at_least: Optional[float] = None,
-           above: Optional[float] = None) -> Callable[[str], Any]:
-    """An argparse `type` for a command-line number: finite, of `kind`, at least `at_least` or above `above`.
+           above: Optional[float] = None, below: Optional[float] = None) -> Callable[[str], Any]:
+    """An argparse `type` for a command-line number: finite, of `kind`, at least `at_least` or above `above`, and
+    below `below`.
     Anything else is argparse's one-line usage error naming the option (exit status 2), e.g.
     "argument --batch-size: must be at least 1, got 0"."""
 
@@ -168,6 +169,8 @@ def number(kind: Callable[[str], Any] = int, at_least: Optional[float] = None,
             raise argparse.ArgumentTypeError(f"must be at least {at_least}, got {text}")
         if above is not None and value <= above:
             raise argparse.ArgumentTypeError(f"must be above {above}, got {text}")
+        if below is not None and value >= below:
+            raise argparse.ArgumentTypeError(f"must be below {below}, got {text}")
         return value
 
     return parse

@@ -8,7 +8,7 @@ import argparse
 import sys
 from typing import List, Optional
 
-from distill.cli.arguments import add_backbone_choice, add_compute_arguments, check_image_files, number, parse_sets
+from distill.cli.arguments import add_backbone_choice, add_compute_arguments, number, parse_sets
 from distill.data.filelists import describe_os_error
 from distill.errors import DistillError
 from distill.logs import configure_logging
@@ -102,12 +102,12 @@ def _model_and_view(args: argparse.Namespace):
     from distill.data.eval_views import EvalView
     from distill.eval.loading import load_backbone
 
-    fashion = args.data == "fashion_mnist"
+    fashion = args.data == "fashion_mnist" and not getattr(args, "images", None)  # its statistics for its images
     model, setup = load_backbone(args.checkpoint, args.backbone, parse_sets(args.set), args.checkpoint_key, fashion)
     size = args.image_size or setup.image_size
-    mean, std = args.mean or setup.mean, args.std or setup.std
-    print(f"backbone from {setup.source}; {size} px views, mean {mean}, std {std}")
-    return model, EvalView(size, mean, std, model.config["in_chans"])
+    view = EvalView(size, args.mean or setup.mean, args.std or setup.std, model.config["in_chans"])
+    print(f"backbone from {setup.source}; {size} px views, mean {view.mean}, std {view.std}")
+    return model, view
 
 
 def _source(args: argparse.Namespace, split: str, limit: int):
@@ -190,17 +190,25 @@ def _cmd_attention(args: argparse.Namespace) -> None:
 
     import torch
 
+    from distill.cli.dense import resolve_images
     from distill.data.datasets import FileImages
     from distill.eval.attention import attention_figure
 
+    if Path(args.output).suffix.lower() != ".png":
+        raise DistillError(f"--output {args.output} must be a .png file (the picture of the maps)")
+    paths = resolve_images(args.images) if args.images else None  # files, folders and lists, checked before loading
     model, view = _model_and_view(args)
-    if args.images:
-        check_image_files(args.images, hint=": give image files to --images, or a folder to --data")
-        source = FileImages([str(p) for p in args.images], None, [], "images")
+    if paths is not None:
+        source = FileImages(paths, None, [], "images")
+        count = min(args.count or len(paths), len(paths))
+        where = f"{count} of the {len(paths)} image(s) of --images" if count < len(paths) else "--images"
     else:
-        source = _source(args, args.val_split, args.count)
-    device = torch.device("cuda" if args.device == "cuda" else "cpu")
-    figure = attention_figure(model, source, view, min(args.count, len(source)), Path(args.output), device,
+        count = args.count or 8
+        source = _source(args, args.val_split, count)
+        count = min(count, len(source))
+        where = f"the first {count} image(s) of {'Fashion-MNIST test' if args.data == 'fashion_mnist' else args.data}"
+    print(f"images: {where}")
+    figure = attention_figure(model, source, view, count, Path(args.output), torch.device(args.device),
                               args.threshold)
     if figure.skipped:
         print(f"left out {len(figure.skipped)} unreadable image(s): {'; '.join(figure.skipped)}")
@@ -259,11 +267,22 @@ def build_parser() -> argparse.ArgumentParser:
     add_retrieval_arguments(retrieval)
 
     attention = commands.add_parser("attention", help="class-token self-attention maps of the last block, as PNG")
-    add_checkpoint_arguments(attention, data_required=False)
-    attention.add_argument("--images", nargs="*", help="image files (default: the first --count images of --data)")
-    attention.add_argument("--count", type=number(at_least=1), default=8)
-    attention.add_argument("--threshold", type=float, default=0.6, help="attention mass kept by each head's mask")
-    attention.set_defaults(run=_cmd_attention, output="attention.png")
+    add_backbone_choice(attention)
+    attention.add_argument("--images", nargs="+", help="image files, folders or file lists (.txt)")
+    attention.add_argument("--data", default="fashion_mnist",
+                           help="without --images: fashion_mnist (its test images), or a folder / file list")
+    attention.add_argument("--val-split", default="val", help="sub-folder of --data taken when it exists")
+    attention.add_argument("--count", type=number(at_least=1),
+                           help="images shown (default: every image of --images, or the first 8 of --data)")
+    attention.add_argument("--threshold", type=number(float, above=0, below=1), default=0.6,
+                           help="attention mass kept by each head's mask, in (0, 1)")
+    attention.add_argument("--image-size", type=number(at_least=0), default=0,
+                           help="default: the run's global crop size, or the model's")
+    attention.add_argument("--mean", type=float, nargs="+", help="default: the run's, or the model's")
+    attention.add_argument("--std", type=float, nargs="+")
+    attention.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    attention.add_argument("--output", default="attention.png", help="the picture (.png)")
+    attention.set_defaults(run=_cmd_attention)
 
     from distill.cli.dense import add_dense_commands
 
@@ -319,6 +338,15 @@ def _python_stack_on_crash() -> None:
             pass
 
 
+def _check_device(args: argparse.Namespace) -> None:
+    """--device cuda where no GPU is visible: one line for every command that has the option."""
+    if getattr(args, "device", None) == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise DistillError("--device cuda, but no CUDA device is visible: use --device cpu")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     _python_stack_on_crash()
     args = build_parser().parse_args(argv)
@@ -326,6 +354,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         args.overrides, args.config = [args.config, *args.overrides], None
     configure_logging(args.verbose)
     try:
+        _check_device(args)
         status = args.run(args)
     except DistillError as error:
         print(f"distill {args.command}: error: {error}", file=sys.stderr)

@@ -32,6 +32,7 @@ def load_backbone_for(args: argparse.Namespace):
     import torch
 
     from distill.cli.arguments import parse_sets
+    from distill.data.augment import match_channels
     from distill.dense.images import fitting_size
     from distill.eval.loading import load_backbone
 
@@ -43,7 +44,8 @@ def load_backbone_for(args: argparse.Namespace):
     if fitted != size:
         print(f"image side {size} px -> {fitted} px, to fit patches of {patch} at stride "
               f"{getattr(args, 'stride', None) or patch}")
-    mean, std = args.mean or setup.mean, args.std or setup.std
+    channels = model.config["in_chans"] if hasattr(model, "config") else 3
+    mean, std = match_channels(args.mean or setup.mean, args.std or setup.std, channels)  # as the images will be
     print(f"backbone from {setup.source}; images resized whole to {fitted} px, mean {mean}, std {std}")
     return model, fitted, mean, std
 

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from distill.errors import InputError
+
 GREY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601-2, as torchvision and PIL
 
 
@@ -366,10 +368,27 @@ def photometric_fused(crops: torch.Tensor, params: Dict[str, torch.Tensor], mean
 
 
 def match_channels(mean: Sequence[float], std: Sequence[float], channels: int) -> Tuple[List[float], List[float]]:
-    """Normalisation statistics for `channels` channels: grey ones repeated for RGB, RGB ones averaged for grey."""
-    mean, std = list(mean), list(std)
-    if len(mean) != channels:
-        mean, std = (mean * 3, std * 3) if len(mean) == 1 else ([sum(mean) / 3], [sum(std) / 3])
+    """Normalisation statistics for `channels` channels: one value repeated for every channel, RGB ones averaged
+    for grey. Any other count, a standard deviation that is not positive, or a value that is not finite is an
+    InputError: these numbers would otherwise turn every image into NaN or into other numbers than those said."""
+
+    def fit(values: Sequence[float], name: str) -> List[float]:
+        values = [float(v) for v in values]
+        if not all(math.isfinite(v) for v in values):
+            raise InputError(f"the normalisation {name} {values} must be finite numbers")
+        if len(values) == channels:
+            return values
+        if len(values) == 1:
+            return values * channels
+        if len(values) == 3 and channels == 1:
+            return [sum(values) / 3]
+        counts = "1 (or 3, averaged)" if channels == 1 else f"1 or {channels}"
+        raise InputError(f"the normalisation {name} {values} has {len(values)} values for {channels}-channel images: "
+                         f"give {counts}")
+
+    mean, std = fit(mean, "mean"), fit(std, "std")
+    if min(std) <= 0:
+        raise InputError(f"the normalisation std {std} must be positive (images are divided by it)")
     return mean, std
 
 

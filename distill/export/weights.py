@@ -187,6 +187,7 @@ def write_safetensors(item: Exportable, path, fp16: bool = False, overwrite: boo
 _DINO = re.compile(r"^dino_vit([sb])(16|8)$")
 _DEIT = re.compile(r"^deit_(tiny|small|base)_(?:distilled_)?patch16_(224|384)$")
 _DINOV2 = re.compile(r"^dinov2_vit([sblg])14(?:_reg)?$")
+_TIMM_CLASSES = 1000  # the classes of timm's plain ViTs (vit_*_patch16_224) when none are given
 _GENERIC = re.compile(r"^vit_(tiny|small|base|large)$")  # this package's generic sizes, at any patch size
 _TIMM_SIZES = {"s": "small", "b": "base", "l": "large", "g": "giant"}
 TIMM_SUPPORTED = ("DINO's ViTs (dino_vit[sb]{16,8}), DeiT (deit_*), DINOv2 (dinov2_vit*14, dinov2_vit*14_reg) and "
@@ -234,6 +235,8 @@ def timm_model_kwargs(architecture: str, config: Dict[str, Any]) -> Dict[str, An
         if not same_argument(config[ours], registered[ours]):
             value = config[ours]
             kwargs[theirs] = (value[0] if value[0] == value[1] else list(value)) if ours == "img_size" else value
+    if _GENERIC.match(architecture) and int(config["num_classes"]) != _TIMM_CLASSES:
+        kwargs["num_classes"] = int(config["num_classes"])  # timm's plain ViTs are built with ImageNet's head
     if bool(config.get("layerscale_init")) != bool(registered.get("layerscale_init")):
         kwargs["init_values"] = config.get("layerscale_init")
     registers = int(config.get("num_register_tokens", 0))

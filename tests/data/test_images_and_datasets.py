@@ -141,3 +141,16 @@ def test_an_image_over_the_decompression_bomb_limit_says_why_and_the_option_lets
         assert len(source) == 5 and not source.unreadable
     finally:
         PILImage.MAX_IMAGE_PIXELS = default
+
+
+def test_normalisation_statistics_fit_the_channels_or_are_refused():
+    from distill.data.augment import match_channels
+
+    assert match_channels([0.5], [0.2, 0.3, 0.4], 3) == ([0.5] * 3, [0.2, 0.3, 0.4])  # each on its own count
+    assert match_channels([0.3, 0.6, 0.9], [0.3], 1) == (pytest.approx([0.6]), [0.3])  # RGB averaged for grey
+    for mean, std, channels, message in (([0.5, 0.5], [0.2], 3, r"mean \[0.5, 0.5\] has 2 values for 3-channel"),
+                                         ([0.5], [0.2, 0.2], 1, r"give 1 \(or 3, averaged\)"),
+                                         ([0.5], [0.0], 3, "must be positive"),
+                                         ([float("nan")], [0.2], 3, "must be finite")):
+        with pytest.raises(InputError, match=message):
+            match_channels(mean, std, channels)

@@ -47,8 +47,9 @@ def test_attention_figure_from_image_files(trained_run, tmp_path, capsys):
     from PIL import Image
 
     paths = []
+    (tmp_path / "images").mkdir()
     for i in range(2):
-        paths.append(tmp_path / f"{i}.png")
+        paths.append(tmp_path / "images" / f"{i}.png")
         Image.new("L", (40, 30), 50 * i).save(paths[-1])
     figure = tmp_path / "attention.png"
     assert main(["attention", "--checkpoint", str(trained_run / LATEST), "--images", *map(str, paths),
@@ -56,10 +57,46 @@ def test_attention_figure_from_image_files(trained_run, tmp_path, capsys):
     assert figure.stat().st_size > 5000 and "attention maps of 2 image(s)" in capsys.readouterr().out
     capsys.readouterr()
     assert main(["attention", "--checkpoint", str(trained_run / LATEST), "--images", str(tmp_path / "no.png")]) == 2
-    assert "image file(s) not found: " in capsys.readouterr().err
-    assert main(["attention", "--checkpoint", str(trained_run / LATEST), "--images", str(tmp_path)]) == 2
-    assert "is a folder, not an image file: give image files to --images, or a folder to --data" in \
-        capsys.readouterr().err
+    assert "no.png does not exist" in capsys.readouterr().err
+    # a folder, as features and pca take it; --count shows the first ones and says so
+    assert main(["attention", "--checkpoint", str(trained_run / LATEST), "--images", str(tmp_path / "images"),
+                 "--count", "1", "--output", str(figure)]) == 0
+    out = capsys.readouterr().out
+    assert "images: 1 of the 2 image(s) of --images" in out and "attention maps of 1 image(s)" in out
+    assert main(["attention", "--checkpoint", str(trained_run / LATEST), "--output", str(figure)]) == 0
+    assert "images: the first 8 image(s) of Fashion-MNIST test" in capsys.readouterr().out
+
+
+def test_attention_refuses_a_picture_that_is_not_png_and_a_threshold_outside_0_1(trained_run, tmp_path, capsys):
+    run = ["attention", "--checkpoint", str(trained_run / LATEST)]
+    assert main([*run, "--output", str(tmp_path / "maps.json")]) == 2
+    assert "must be a .png file" in capsys.readouterr().err and not list(tmp_path.iterdir())
+    with pytest.raises(SystemExit) as refused:
+        main([*run, "--threshold", "5"])
+    assert refused.value.code == 2 and "must be below 1, got 5" in capsys.readouterr().err
+
+
+def test_attention_on_photos_with_a_bare_state_dict_takes_the_model_s_statistics(tmp_path, capsys):
+    from PIL import Image
+
+    weights = create_backbone("dino_vits16", depth=2, embed_dim=48, num_heads=2, img_size=32).state_dict()
+    torch.save(weights, tmp_path / "w.pth")
+    Image.new("RGB", (40, 30), (200, 100, 50)).save(tmp_path / "photo.png")
+    assert main(["attention", "--checkpoint", str(tmp_path / "w.pth"), "--backbone", "dino_vits16", "--set",
+                 "depth=2", "embed_dim=48", "num_heads=2", "img_size=32", "--images", str(tmp_path / "photo.png"),
+                 "--output", str(tmp_path / "maps.png")]) == 0
+    out = capsys.readouterr().out
+    assert "mean [0.485, 0.456, 0.406], std [0.229, 0.224, 0.225]" in out  # not Fashion-MNIST's, never asked for
+    assert (tmp_path / "maps.png").stat().st_size > 1000
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for a machine without a GPU")
+@pytest.mark.parametrize("command", [["features", "x.png", "--output", "f"], ["pca", "x.png"],
+                                     ["attention"], ["eval", "knn", "--data", "fashion_mnist"]])
+def test_device_cuda_without_a_gpu_is_one_line_for_every_command(tmp_path, capsys, command):
+    assert main([*command, "--checkpoint", str(tmp_path / "w.pth"), "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--device cuda, but no CUDA device is visible: use --device cpu" in err
 
 
 def test_unknown_architecture_asks_for_a_name(tmp_path, capsys):
@@ -99,7 +136,7 @@ def test_linear_probe_learns_separable_features_and_features_concatenate_blocks(
 def test_attention_never_draws_another_image_in_place_of_an_unreadable_one(trained_run, tmp_path, capsys):
     from PIL import Image
 
-    good, bad, text = tmp_path / "good.png", tmp_path / "bad.png", tmp_path / "notes.txt"
+    good, bad, text = tmp_path / "good.png", tmp_path / "bad.png", tmp_path / "notes.jpg"
     Image.new("L", (40, 30), 200).save(good)
     bad.write_bytes(b"not a png at all")
     text.write_text("hello")
