@@ -30,17 +30,21 @@ class DenseImages:
     skipped: List[str]  # "path (why)", for messages
     skipped_paths: List[str] = field(default_factory=list)  # the same files, as paths
 
+    # Points are in pixel-index coordinates, as keypoint annotations and pictures take them: pixel i covers
+    # [i - 0.5, i + 0.5], so a whole-image resize by s maps x to (x + 0.5) * s - 0.5 (the edges to the edges),
+    # not to x * s, which would move every point by (s - 1) / 2 pixels towards the top left.
+
     def to_original(self, index: int, points: torch.Tensor) -> torch.Tensor:
         """Points (x, y) [N, 2] in the resized image -> the original image's pixels."""
         height, width = self.original_sizes[index]
         side = self.images.shape[-1]
-        return points * torch.tensor([width / side, height / side])
+        return (points + 0.5) * torch.tensor([width / side, height / side]) - 0.5
 
     def to_resized(self, index: int, points: torch.Tensor) -> torch.Tensor:
         """Points (x, y) [N, 2] in the original image -> the resized image's pixels."""
         height, width = self.original_sizes[index]
         side = self.images.shape[-1]
-        return points * torch.tensor([side / width, side / height])
+        return (points + 0.5) * torch.tensor([side / width, side / height]) - 0.5
 
 
 def load_dense_images(paths: Sequence[str], size: int, mean: Sequence[float], std: Sequence[float],

@@ -290,7 +290,7 @@ def test_stable_diffusion_features_have_their_grid_and_repeat(tmp_path):
     described = source.describe(paths)
     # latent 16 x 16; up-block 0 ends upsampled to 16 x 16 (32 channels), block 1 at 16 x 16 (16 channels)
     assert described.features.patches.shape == (2, 16, 16, 48) and described.features.stride == 2
-    assert described.centers_original(0)[0, 0].tolist() == pytest.approx([0.5 * 50 / 32, 0.5 * 40 / 32])
+    assert described.centers_original(0)[0, 0].tolist() == pytest.approx([1.0 * 50 / 32 - 0.5, 1.0 * 40 / 32 - 0.5])
     again = source.describe(paths[1:])
     assert torch.allclose(described.features.patches[1], again.features.patches[0], atol=1e-5)
     only_second = StableDiffusionSource(unet, vae, size=32, up_blocks=(1,)).describe(paths[:1])
@@ -473,4 +473,6 @@ def test_points_map_to_the_cell_of_the_nearest_patch_centre():
     cells, inside = described.cells_of(0, torch.tensor([[0.0, 0.0], [28.0, 15.0], [70.0, 5.0], [63.0, 31.0]]))
     # resized (x / 4, y / 2); cell = round((p - 3.5) / 4)
     assert cells.tolist() == [[0, 0], [1, 1], [2, 0], [2, 2]] and inside.tolist() == [True, True, False, True]
-    assert described.centers_original(0)[0, 0].tolist() == [14.0, 7.0]
+    # the first patch covers resized pixels 0-7, original 0-31 in x and 0-15 in y: its centre is at 15.5, 7.5
+    assert described.centers_original(0)[0, 0].tolist() == [15.5, 7.5]
+    assert described.images.to_resized(0, described.centers_original(0)[0, 0][None]).tolist() == [[3.5, 3.5]]
