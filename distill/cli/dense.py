@@ -94,21 +94,47 @@ def _features_in_chunks(args, model, size, mean, std, paths, write) -> Tuple[int
     with progress(total=len(paths), desc="features", unit="img") as bar:
         for start in range(0, len(paths), args.batch_size):
             part = paths[start:start + args.batch_size]
-            try:
-                loaded = load_dense_images(part, size, mean, std, channels)
-            except InputError:  # not one readable image in this chunk
-                skipped += [f"{p} (unreadable)" for p in part]
-                skipped_paths += part
-                bar.update(len(part))
-                continue
+            loaded = load_dense_images(part, size, mean, std, channels, allow_none=True)
             skipped += loaded.skipped
             skipped_paths += loaded.skipped_paths
+            if not loaded.paths:  # not one readable image in this chunk
+                bar.update(len(part))
+                continue
             features = extract(model, loaded.images, args.layer, args.facet, args.stride, log_bins=args.log_bins,
                                precision=args.precision)
             write(done, loaded, features)
             done += len(loaded.paths)
             bar.update(len(part))
     return done, skipped, skipped_paths
+
+
+def _absolute(paths: List[str]) -> List[str]:
+    """Paths as file lists keep them: a list's relative entries are read from its own folder, so entries
+    relative to the working folder become absolute (joined, not normalised: links keep their meaning)."""
+    import os
+
+    return [path if os.path.isabs(path) else os.path.join(os.getcwd(), path) for path in paths]
+
+
+def _earlier_features(out: Path, force: bool) -> set:
+    """The files an earlier `distill features` wrote into `out` (to replace with --force), checked before anything
+    is loaded: a file, or a folder holding anything else, is refused."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--output {out} is a file: give a folder for the features")
+    if not out.is_dir() or not any(out.iterdir()):
+        return set()
+    if not (out / "index.json").is_file():
+        raise InputError(f"--output {out} holds other files: give a new or empty folder")
+    if not force:
+        raise InputError(f"--output {out} holds features written before: pass --force to replace them, or give "
+                         "another folder")
+    try:
+        index = json.loads((out / "index.json").read_text())
+        files = {name if isinstance(name, str) else name["file"] for name in index["files"]}
+    except (ValueError, KeyError, TypeError):
+        raise InputError(f"{out / 'index.json'} is not an index of features: give a new or empty folder") from None
+    files = {name for name in files if name == Path(name).name and name not in ("", ".", "..")}  # its own files
+    return files | {f"{Path(name).stem}.paths.txt" for name in files} | {"index.json", "unreadable.txt"}
 
 
 def cmd_features(args: argparse.Namespace) -> None:
@@ -119,10 +145,11 @@ def cmd_features(args: argparse.Namespace) -> None:
     from distill.data.filelists import write_file_list
     from distill.files import atomic_write, atomic_write_text
 
+    out = Path(args.output)
+    earlier = _earlier_features(out, args.force)
     paths = resolve_images(args.images)
     model, size, mean, std = load_backbone_for(args)
     check_request(model, size, args)  # a layer, facet or stride that does not exist stops before any file
-    out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     shards = args.shards or len(paths) > args.per_image_limit
     index = {"images": [], "files": [], "size": size, "layers": args.layer, "facet": args.facet,
@@ -135,7 +162,7 @@ def cmd_features(args: argparse.Namespace) -> None:
         if shards:
             name = f"features_{len(index['files']):05d}.npy"
             atomic_write(out / name, lambda handle: np.save(handle, arrays))
-            write_file_list(out / f"{name[:-4]}.paths.txt", loaded.paths)
+            write_file_list(out / f"{name[:-4]}.paths.txt", _absolute(loaded.paths))
             index["files"].append({"file": name, "rows": len(arrays)})
         else:
             for offset, (path, array) in enumerate(zip(loaded.paths, arrays)):
@@ -151,10 +178,15 @@ def cmd_features(args: argparse.Namespace) -> None:
         raise InputError(f"none of the {len(paths)} image(s) could be read ({'; '.join(skipped[:3])}): nothing "
                          "written")
     if skipped:
-        write_file_list(out / "unreadable.txt", skipped_paths)
+        write_file_list(out / "unreadable.txt", _absolute(skipped_paths))
         print(f"left out {len(skipped)} unreadable image(s): {'; '.join(skipped[:5])}"
               + (" ..." if len(skipped) > 5 else ""))
     atomic_write_text(out / "index.json", json.dumps(index, indent=1))
+    written = {name if isinstance(name, str) else name["file"] for name in index["files"]}
+    written |= {f"{Path(name).stem}.paths.txt" for name in written} | {"index.json"}
+    written |= {"unreadable.txt"} if skipped else set()
+    for stale in sorted(earlier - written):  # what the run before wrote and this one did not: replaced, gone
+        (out / stale).unlink(missing_ok=True)
     grid = "x".join(map(str, index["grid"]))
     print(f"{done} image(s): {grid} grid of {args.facet} descriptors (layer {args.layer}) -> {out}/")
 
@@ -164,10 +196,22 @@ def cmd_pca(args: argparse.Namespace) -> None:
     import numpy as np
     from PIL import Image
 
+    from dataclasses import replace
+
+    import torch
+
     from distill.dense import extract
     from distill.dense.images import display, load_dense_images
     from distill.dense.pca import pca_picture, save_pca_figure, upsample_mask
+    from distill.files import atomic_write_text
+    from distill.progress import progress
 
+    if Path(args.output).suffix.lower() != ".png":
+        raise InputError(f"--output {args.output} must be a .png file (the picture)")
+    if not 0 < args.threshold < 1:
+        raise InputError(f"--threshold {args.threshold} must lie in (0, 1) (of the first component, scaled)")
+    if args.masks and Path(args.masks).exists() and not Path(args.masks).is_dir():
+        raise InputError(f"--masks {args.masks} is a file: give a folder for the masks")
     paths = resolve_images(args.images)
     model, size, mean, std = load_backbone_for(args)
     check_request(model, size, args)
@@ -175,20 +219,46 @@ def cmd_pca(args: argparse.Namespace) -> None:
     loaded = load_dense_images(paths, size, mean, std, channels)
     if loaded.skipped:
         print(f"left out {len(loaded.skipped)} unreadable image(s): {'; '.join(loaded.skipped)}")
-    features = extract(model, loaded.images, args.layer, args.facet, args.stride, precision=args.precision)
-    picture = pca_picture(features, args.threshold)
-    shown = [display(image, mean, std) for image in loaded.images]
-    path = save_pca_figure(shown, picture, Path(args.output), [Path(p).name for p in loaded.paths])
+    parts = []
+    with progress(total=len(loaded.paths), desc="features", unit="img") as bar:
+        for start in range(0, len(loaded.paths), args.batch_size):
+            part = loaded.images[start:start + args.batch_size]
+            parts.append(extract(model, part, args.layer, args.facet, args.stride, precision=args.precision))
+            bar.update(len(part))
+    features = replace(parts[0], patches=torch.cat([f.patches for f in parts]),
+                       cls=None if parts[0].cls is None else torch.cat([f.cls for f in parts]))
+    picture = pca_picture(features, args.threshold)  # one PCA over every image: colours mean the same in each
+    count = min(args.show, len(loaded.paths))
+    shown = [display(image, mean, std) for image in loaded.images[:count]]
+    path = save_pca_figure(shown, picture, Path(args.output), [Path(p).name for p in loaded.paths[:count]])
     if args.masks:
         folder = Path(args.masks)
         folder.mkdir(parents=True, exist_ok=True)
-        for number, (name, original) in enumerate(zip(loaded.paths, loaded.original_sizes)):
+        names = mask_names(loaded.paths)
+        for number, (name, original) in enumerate(zip(names, loaded.original_sizes)):
             mask = upsample_mask(picture.foreground[number], original)
-            Image.fromarray(mask.numpy().astype(np.uint8) * 255).save(folder / f"{Path(name).stem}_mask.png")
-        print(f"foreground masks -> {folder}/")
+            Image.fromarray(mask.numpy().astype(np.uint8) * 255).save(folder / name)
+        atomic_write_text(folder / "masks.txt", "".join(f"{name}\t{p}\n" for name, p in zip(names, loaded.paths)))
+        print(f"foreground masks of {len(names)} image(s) -> {folder}/ (masks.txt says which image each is)")
     share = float(picture.foreground.float().mean()) * 100
-    print(f"PCA of {len(loaded.paths)} image(s), {features.grid[0]}x{features.grid[1]} patches each, "
+    what = f"the first {count} of them shown" if count < len(loaded.paths) else "all shown"
+    print(f"PCA of {len(loaded.paths)} image(s) ({what}), {features.grid[0]}x{features.grid[1]} patches each, "
           f"{share:.0f}% foreground: {path}")
+
+
+def mask_names(paths: List[str]) -> List[str]:
+    """<stem>_mask.png per image; images whose stems repeat (a/x.png, b/x.png) take <stem>_2_mask.png, ... in
+    their order, so that no mask overwrites another."""
+    seen: dict = {}
+    names = []
+    for path in paths:
+        stem = Path(path).stem
+        seen[stem] = seen.get(stem, 0) + 1
+        names.append(f"{stem}_mask.png" if seen[stem] == 1 else f"{stem}_{seen[stem]}_mask.png")
+    taken = set(names)
+    if len(taken) < len(names):  # x_2.png beside two x.png: fall back to numbered names
+        names = [f"{number:06d}_{Path(path).stem}_mask.png" for number, path in enumerate(paths)]
+    return names
 
 
 def add_dense_commands(commands, evaluate_kinds) -> None:
@@ -200,7 +270,8 @@ def add_dense_commands(commands, evaluate_kinds) -> None:
     features.add_argument("--batch-size", type=number(at_least=1), default=32)
     features.add_argument("--shards", action="store_true", help="shards [n, h, w, C] instead of one file per image")
     features.add_argument("--per-image-limit", type=int, default=2000, help="above this many images, shards")
-    features.add_argument("--output", required=True, help="folder for the .npy files and index.json")
+    features.add_argument("--output", required=True, help="folder for the .npy files and index.json (new or empty)")
+    features.add_argument("--force", action="store_true", help="replace the features an earlier run wrote there")
     features.set_defaults(run=cmd_features)
 
     pca = commands.add_parser("pca", help="DINOv2's PCA picture of patch features, and foreground masks")
@@ -208,8 +279,12 @@ def add_dense_commands(commands, evaluate_kinds) -> None:
     add_backbone_arguments(pca)
     add_grid_arguments(pca)
     pca.add_argument("--threshold", type=float, default=0.5, help="of the first component, scaled to [0, 1]")
-    pca.add_argument("--masks", help="folder for the foreground masks (PNG, at each image's own size)")
-    pca.add_argument("--output", default="pca.png")
+    pca.add_argument("--masks", help="folder for the foreground masks of every image (PNG, at each image's own "
+                                     "size; masks.txt lists which image each is)")
+    pca.add_argument("--batch-size", type=number(at_least=1), default=32, help="images per forward pass")
+    pca.add_argument("--show", type=number(at_least=1), default=8,
+                     help="images in the picture (the PCA is over all of them)")
+    pca.add_argument("--output", default="pca.png", help="the picture (.png)")
     pca.set_defaults(run=cmd_pca)
 
     from distill.cli.correspond import add_correspond_arguments, add_keypoints_arguments, cmd_correspond, \

@@ -48,9 +48,9 @@ class DenseImages:
 
 
 def load_dense_images(paths: Sequence[str], size: int, mean: Sequence[float], std: Sequence[float],
-                      channels: int) -> DenseImages:
+                      channels: int, allow_none: bool = False) -> DenseImages:
     """Decode, resize whole to size x size (bicubic, antialiased), normalise. An unreadable file is left out and
-    named; none readable is an error."""
+    named; none readable is an error (with allow_none, an empty batch that names them: one chunk of many)."""
     mode = "L" if channels == 1 else "RGB"
     mean, std = match_channels(list(mean), list(std), channels)
     tensors, kept, sizes, skipped, skipped_paths = [], [], [], [], []
@@ -70,9 +70,10 @@ def load_dense_images(paths: Sequence[str], size: int, mean: Sequence[float], st
         tensors.append((resized - m) / s)
         kept.append(str(path))
         sizes.append((image.height, image.width))
-    if not tensors:
+    if not tensors and not allow_none:
         raise InputError(f"none of the {len(paths)} image(s) could be read: {'; '.join(skipped)}")
-    return DenseImages(torch.stack(tensors), kept, sizes, skipped, skipped_paths)
+    images = torch.stack(tensors) if tensors else torch.empty(0, channels, size, size)
+    return DenseImages(images, kept, sizes, skipped, skipped_paths)
 
 
 def display(image: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
