@@ -18,3 +18,7 @@ class NoReadableImage(InputError):
 
 class CheckpointError(DistillError, RuntimeError):
     """A checkpoint file cannot be read safely, or does not fit the model it is loaded into."""
+
+
+class UnknownArchitecture(CheckpointError):
+    """Weights whose architecture cannot be told from the file alone: the caller must name it."""

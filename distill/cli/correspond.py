@@ -14,7 +14,7 @@ from typing import List
 
 from distill.cli.arguments import add_backbone_choice, check_image_files, parse_sets
 from distill.dense.kinds import ALPHAS, FACETS, SELECTIONS
-from distill.errors import InputError
+from distill.errors import InputError, UnknownArchitecture
 from distill.files import atomic_write_text
 
 # PyTorch and the dense modules are imported in the commands themselves: building the parser stays light.
@@ -75,6 +75,14 @@ def _check_source_arguments(args: argparse.Namespace) -> None:
         raise InputError(f"--alpha {args.alpha} must lie in [0, 1] (the --with source's share of the fusion)")
     if args.size < 0:
         raise InputError(f"--size must be positive, got {args.size}")
+    if not args.with_source:
+        unused = [option for option, value, default in (("--alpha", args.alpha, 0.5), ("--sd-size", args.sd_size, 960),
+                                                         ("--sd-timestep", args.sd_timestep, 100),
+                                                         ("--sd-blocks", list(args.sd_blocks), [0, 1, 2]))
+                  if value != default]
+        if unused:
+            raise InputError(f"{', '.join(unused)} only apply to a second source: give it with --with SOURCE, or "
+                             "leave them out")
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -102,8 +110,17 @@ def _build_source(args: argparse.Namespace):
                               args.layer, args.facet, args.stride, label=Path(args.checkpoint).name)
     if not args.with_source:
         return backbone
-    other = parse_source(args.with_source, args.size or None, args.device, args.sd_size, args.sd_timestep,
-                         args.sd_blocks)
+    try:
+        other = parse_source(args.with_source, args.size or None, args.device, args.sd_size, args.sd_timestep,
+                             args.sd_blocks)
+    except UnknownArchitecture:
+        raise InputError(f"--with {args.with_source}: its architecture cannot be told from its weights, and --backbone "
+                         "and --set describe --checkpoint: write it with its architecture first (distill export "
+                         f"{args.with_source} --to safetensors --backbone NAME --set ...), then give that file to "
+                         "--with") from None
+    if other.label.endswith("(random weights)"):
+        print(f"--with {args.with_source}: a registered backbone with random weights (a baseline, not trained "
+              "features)")
     return FusedSource([backbone, other], [1.0 - args.alpha, args.alpha])
 
 
@@ -127,6 +144,9 @@ def cmd_correspond(args: argparse.Namespace) -> None:
         raise InputError(f"--output {args.output} must be a .png file (the point pairs go beside it as .json)")
     if args.pairs < 0:
         raise InputError(f"--pairs must be 0 (all) or more, got {args.pairs}")
+    if not 0 <= args.threshold < 1:
+        raise InputError(f"--threshold {args.threshold} must lie in [0, 1): saliency runs from 0 to 1, and pairs at "
+                         "or below it are dropped")
     if args.select not in SELECTIONS:
         raise InputError(f"--select {args.select!r} unknown: choose one of {', '.join(SELECTIONS)}")
     source = _build_source(args)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from distill.data.configs import default_normalisation
-from distill.errors import CheckpointError
+from distill.errors import CheckpointError, UnknownArchitecture
 from distill.models import (
     VisionTransformer, backbone_kwargs, create_backbone, get_spec, load_pretrained, read_checkpoint,
 )
@@ -99,7 +99,7 @@ def _resolve(checkpoint, obj: Any, backbone: Optional[str], overrides: Dict[str,
         state, _ = extract_state_dict(obj, checkpoint_key)
         backbone = guess_backbone_name(state)
         if backbone is None:
-            raise CheckpointError(f"cannot tell which architecture {checkpoint} holds: pass --backbone NAME "
+            raise UnknownArchitecture(f"cannot tell which architecture {checkpoint} holds: pass --backbone NAME "
                                   "(see `distill models`) and --set key=value for non-default sizes")
     return backbone, overrides, list(mean), list(std), size
 

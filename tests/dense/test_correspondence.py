@@ -450,6 +450,11 @@ def test_bad_requests_are_one_line_and_write_nothing(tiny, tmp_path, monkeypatch
         ([*base, "--with", "sd:"], "sd: needs a folder"),
         ([*base, "--alpha", "2"], "must lie in"),
         ([*base[:-1], str(tmp_path / "never.jpg")], "must be a .png"),
+        ([*base, "--alpha", "0.9"], "--alpha only apply to a second source: give it with --with"),
+        ([*base, "--sd-size", "512", "--sd-blocks", "1"], "--sd-size, --sd-blocks only apply to a second source"),
+        ([*base, "--threshold", "2"], r"--threshold 2.0 must lie in \[0, 1\)"),
+        ([*base, "--with", str(weights)], "cannot be told from its weights, and --backbone and --set describe "
+                                          "--checkpoint: write it with its architecture first"),
     ]
     for argv, message in cases:
         with pytest.raises(InputError, match=message):
