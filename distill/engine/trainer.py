@@ -113,6 +113,9 @@ class Trainer:
         logging.getLogger("distill").addHandler(held)
         try:
             self._prepare()
+            if self.is_main:  # its data are checked (labels for kNN) before the folder opens
+                self.evaluation = RunEvaluation(self.config, self.source, self.eval_view,
+                                                bool(self.objective.classifiers()), self.precision, self.device)
         except BaseException:
             release_folder(self.output_dir)
             raise
@@ -121,8 +124,6 @@ class Trainer:
         self.metrics = MetricsWriter(self.output_dir, enabled=self.is_main)
         if self.is_main:
             self._open_run_folder("resumed_from_step" in self.results, held.buffer)
-            self.evaluation = RunEvaluation(self.config, self.source, self.eval_view,
-                                            bool(self.objective.classifiers()), self.precision, self.device)
 
     def _prepare(self) -> None:
         c = self.config

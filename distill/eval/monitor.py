@@ -32,7 +32,8 @@ class KnnMonitor:
         for source in (self.train_source, self.val_source):
             if source.labels is None:
                 raise InputError(f"kNN evaluation needs labels, but {source.name} has none (use an ImageFolder tree "
-                                 "or a file list with labels, or set eval.knn=false)")
+                                 "or a file list with labels, or turn every kNN evaluation off: eval.knn=false, "
+                                 "eval.knn_at_start=false, eval.knn_every_epochs=0)")
 
     def _features(self, backbone: nn.Module, source, desc: str):
         return extract_source_features(backbone, source, self.view, self.batch_size, self.precision,

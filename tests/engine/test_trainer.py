@@ -342,6 +342,22 @@ def test_a_refused_run_touches_nothing_in_the_folder(tiny_config, tmp_path, capl
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
 
 
+def test_knn_on_unlabelled_images_is_refused_before_the_run_folder_is_made(tiny_overrides, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path / "unlabelled"
+    folder.mkdir()
+    for i in range(16):
+        Image.fromarray(np.full((20, 20), 15 * i, np.uint8)).save(folder / f"{i}.png")
+    run = tmp_path / "run"
+    config = load_cfg(tiny_overrides, run, "data.dataset.kind=folder", f"data.dataset.path={folder}",
+                      "eval.knn=false", "eval.knn_at_start=true", "train.max_steps=2")
+    with pytest.raises(InputError, match="eval.knn=false, eval.knn_at_start=false, eval.knn_every_epochs=0"):
+        Trainer(config).run()
+    assert not run.exists()
+
+
 @pytest.mark.parametrize("key, value, expected", [
     ("embed_dim", 48, ["shape mismatches", "blocks.*.attn.qkv.weight file [96, 32] vs model [144, 48]",
                        "written by a dino / vit_tiny (embed_dim 32, depth 2, patch_size 4) run",
