@@ -276,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help="images shown (default: every image of --images, or the first 8 of --data)")
     attention.add_argument("--threshold", type=number(float, above=0, below=1), default=0.6,
                            help="attention mass kept by each head's mask, in (0, 1)")
-    attention.add_argument("--image-size", type=number(at_least=0), default=0,
+    attention.add_argument("--image-size", "--size", type=number(at_least=0), default=0,
                            help="default: the run's global crop size, or the model's")
     attention.add_argument("--mean", type=float, nargs="+", help="default: the run's, or the model's")
     attention.add_argument("--std", type=float, nargs="+")

@@ -50,7 +50,7 @@ def add_export_parser(commands) -> argparse.ArgumentParser:
     export.add_argument("--checkpoint-key", help="network in a training checkpoint: teacher (default), student")
     export.add_argument("--no-head", action="store_true", help="export the backbone of a classifier, without heads")
     export.add_argument("--fp16", action="store_true", help="float16 weights (ONNX: a float16 graph)")
-    export.add_argument("--image-size", type=int, nargs="+", metavar="N",
+    export.add_argument("--image-size", "--size", type=int, nargs="+", metavar="N",
                         help="N or H W: build the network for this input size (its position embedding resized "
                              "once, at export); ONNX traces and checks at it. Default: the run's or model's size")
     export.add_argument("--force", action="store_true", help="replace an existing output")
