@@ -57,13 +57,29 @@ def print_training_summary(results, ks) -> None:
         print("\n".join(line for line in lines if line))
 
 
+DEFAULTS = "DINO, ViT-S/16 at 224 px, 100 epochs"
+
+
+def _check_recipe_given(args: argparse.Namespace) -> None:
+    """A bare `distill train` would start the built-in defaults, days of CPU time: a recipe or an override is asked
+    for; overrides alone run the defaults with them (which _cmd_train says once they are checked)."""
+    if args.config or args.overrides:
+        return
+    raise DistillError(f"give a recipe, e.g. configs/demo/dino_fashion_mnist.yaml (the demo; configs/ holds one "
+                       f"per paper setting), and key=value overrides; key=value overrides alone run the built-in "
+                       f"defaults ({DEFAULTS})")
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     """Exit status 0 when the run ended as planned (or at train.max_steps); 128 + the signal's number when a
     signal stopped it (checkpoint written: the same command resumes), as a shell reports a signalled process."""
     from distill.engine.train_config import check_data_paths, load_train_config
 
+    _check_recipe_given(args)
     config = load_train_config(args.config, args.overrides)  # a wrong key, value or path stops here, in a second
     check_data_paths(config)
+    if not args.config:
+        print(f"no recipe: the built-in defaults ({DEFAULTS}) with the overrides given")
     from distill import distributed
     from distill.engine.trainer import run_training
 
@@ -86,6 +102,7 @@ def _cmd_submit(args) -> None:
                           cpus_per_task=args.cpus_per_task, timeout_min=args.timeout, partition=args.partition,
                           account=args.account, qos=args.qos, constraint=args.constraint, comment=args.comment,
                           exclusive=args.exclusive, mem_gb=args.mem_gb, signal_delay_s=args.signal_delay)
+    _check_recipe_given(args)
     job = submit(args.config, args.overrides, resources, args.folder, args.local, args.name,
                  check_data=not args.no_data_check)
     where = "local processes" if args.local else "SLURM"
@@ -291,25 +308,27 @@ def build_parser() -> argparse.ArgumentParser:
     add_export_parser(commands)
 
     train = commands.add_parser("train", help="train with a YAML recipe and key=value overrides (resumes by itself)")
-    train.add_argument("config", nargs="?", help="YAML recipe, e.g. configs/demo/dino_fashion_mnist.yaml")
+    train.add_argument("config", nargs="?", help="YAML recipe, e.g. configs/demo/dino_fashion_mnist.yaml (without "
+                                                 f"one, overrides apply to the built-in defaults: {DEFAULTS})")
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=10 data.batch_size=128")
     train.set_defaults(run=_cmd_train)
 
     submit = commands.add_parser("submit", help="run a training recipe as a SLURM job (submitit), or --local")
-    submit.add_argument("config", nargs="?", help="YAML recipe")
+    submit.add_argument("config", nargs="?", help="YAML recipe, as for `distill train`")
     submit.add_argument("overrides", nargs="*", help="key=value overrides, as for `distill train`")
-    submit.add_argument("--nodes", type=number(at_least=1), default=1)
-    submit.add_argument("--gpus-per-node", type=number(at_least=0), default=0)
+    submit.add_argument("--nodes", type=number(at_least=1), default=1, help="machines of the job")
+    submit.add_argument("--gpus-per-node", type=number(at_least=0), default=0, help="GPUs asked for on each node")
     submit.add_argument("--tasks-per-node", type=number(at_least=0), default=0, help="processes per node (default: one per GPU)")
-    submit.add_argument("--cpus-per-task", type=number(at_least=1), default=8)
-    submit.add_argument("--partition")
+    submit.add_argument("--cpus-per-task", type=number(at_least=1), default=8,
+                        help="cores of each process (its loader workers and threads)")
+    submit.add_argument("--partition", help="SLURM partition (sbatch --partition)")
     submit.add_argument("--timeout", type=number(at_least=1), default=60, help="minutes")
-    submit.add_argument("--account")
-    submit.add_argument("--qos")
-    submit.add_argument("--constraint")
-    submit.add_argument("--comment")
-    submit.add_argument("--exclusive", action="store_true")
-    submit.add_argument("--mem-gb", type=number(at_least=1))
+    submit.add_argument("--account", help="account charged (sbatch --account)")
+    submit.add_argument("--qos", help="quality of service (sbatch --qos)")
+    submit.add_argument("--constraint", help="node features required, e.g. volta32gb (sbatch --constraint)")
+    submit.add_argument("--comment", help="text attached to the job (sbatch --comment)")
+    submit.add_argument("--exclusive", action="store_true", help="whole nodes, shared with no other job")
+    submit.add_argument("--mem-gb", type=number(at_least=1), help="memory per node in GB (default: the cluster's)")
     submit.add_argument("--signal-delay", type=number(at_least=0), default=120, help="seconds between the signal and the end")
     submit.add_argument("--folder", help="where job folders go (default: <train.output_dir>/jobs)")
     submit.add_argument("--name", help="job name")

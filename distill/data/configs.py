@@ -137,6 +137,12 @@ class MultiCropConfig(ViewsConfig):
             raise InputError("views: probabilities must lie in [0, 1] (blur/solarize lists need one value or more)")
         if self.color not in ("fused", "exact"):
             raise InputError(f"views.color must be 'fused' or 'exact', not {self.color!r}")
+        jitter = {"brightness": self.brightness, "contrast": self.contrast, "saturation": self.saturation}
+        for name, value in jitter.items():
+            if value < 0:
+                raise InputError(f"views.{name} must be >= 0 (ColorJitter's strength), got {value}")
+        if not 0 <= self.hue <= 0.5:
+            raise InputError(f"views.hue must lie in [0, 0.5] (a share of a turn, as ColorJitter's), got {self.hue}")
 
     def eval_view(self, channels: int) -> "EvalView":
         """The whole image at the global crop size (resized to 256/224 of it, centre-cropped), as DINO evaluates."""

@@ -117,9 +117,11 @@ class TrainConfig:
         for key, (value, allowed) in choices.items():
             if value not in allowed:
                 raise InputError(f"config key '{key}': {value!r} is not one of {', '.join(allowed)}")
+        e = self.eval
         positive = {"data.batch_size": self.data.batch_size, "optim.accumulate_steps": o.accumulate_steps,
                     "train.epochs": t.epochs, "train.log_every_steps": t.log_every_steps,
-                    "optim.lr_reference_batch": o.lr_reference_batch}
+                    "optim.lr_reference_batch": o.lr_reference_batch, "eval.batch_size": e.batch_size,
+                    "eval.knn_temperature": e.knn_temperature, "optim.layer_decay": o.layer_decay}
         for key, value in positive.items():
             if value <= 0:
                 raise InputError(f"config key '{key}' must be positive, got {value}")
@@ -130,10 +132,30 @@ class TrainConfig:
                        "data.num_workers": self.data.num_workers, "train.threads": t.threads,
                        "train.save_every_epochs": t.save_every_epochs,
                        "train.checkpoint_every_minutes": t.checkpoint_every_minutes,
-                       "eval.train_limit": self.eval.train_limit, "eval.val_limit": self.eval.val_limit}
+                       "eval.train_limit": e.train_limit, "eval.val_limit": e.val_limit,
+                       "optim.weight_decay_end": o.weight_decay_end, "train.max_skipped_steps": t.max_skipped_steps,
+                       "eval.knn_every_epochs": e.knn_every_epochs, "eval.attention_images": e.attention_images,
+                       "eval.image_size": e.image_size, "eval.classify_every_epochs": e.classify_every_epochs}
         for key, value in nonnegative.items():
             if value < 0:
                 raise InputError(f"config key '{key}' must be >= 0, got {value}")
+        at_most_one = {"optim.layer_decay": o.layer_decay, "optim.momentum": o.momentum}
+        for key, value in at_most_one.items():
+            if not 0 <= value <= 1:
+                raise InputError(f"config key '{key}' must lie in [0, 1], got {value}")
+        if len(o.betas) != 2 or not all(0 <= beta < 1 for beta in o.betas):
+            raise InputError(f"config key 'optim.betas' is {list(o.betas)}: give two numbers in [0, 1), e.g. "
+                             "[0.9, 0.999]")
+        if o.min_lr > o.lr:
+            raise InputError(f"optim.min_lr ({o.min_lr}) exceeds optim.lr ({o.lr}): the cosine schedule decays from "
+                             "lr down to min_lr")
+        if self.model.checkpoint_key and not self.model.pretrained:
+            raise InputError(f"model.checkpoint_key={self.model.checkpoint_key} picks a network of model.pretrained, "
+                             "which is not set: set model.pretrained=FILE, or leave checkpoint_key out")
+        if t.resume not in ("auto", "never") and not t.resume.endswith((".pth", ".pt", ".ckpt", ".safetensors")) \
+                and not Path(t.resume).is_file():
+            raise InputError(f"train.resume={t.resume}: give auto (the run folder's checkpoint), never, or the path "
+                             "of a checkpoint file")
         if not self.eval.knn_k or min(self.eval.knn_k) < 1:
             raise InputError(f"config key 'eval.knn_k' is {self.eval.knn_k}: give neighbour counts of at least 1, "
                              "e.g. [10, 20]")

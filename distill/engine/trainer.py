@@ -99,6 +99,7 @@ class Trainer:
         self.shard_units: List[torch.nn.Module] = []
         self._log_handler: Optional[logging.Handler] = None
         self._whole: Optional[Objective] = None
+        self.config_changed_at: Optional[int] = None  # a resume with other settings: the step they start at
 
     # ------------------------------------------------------------------------------------------- set-up
 
@@ -174,7 +175,10 @@ class Trainer:
         one keeps the rows up to its checkpoint's step)."""
         self.output_dir.mkdir(parents=True, exist_ok=True)
         checkpointing.remove_stale_temporaries(self.output_dir)
-        save_config(self.config, self.output_dir / "config.yaml")
+        config = self.output_dir / "config.yaml"
+        if self.config_changed_at is not None and config.is_file():
+            config.replace(self.output_dir / f"config_until_step_{self.config_changed_at}.yaml")
+        save_config(self.config, config)
         handler = QuietFileHandler(self.output_dir / "train.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         for record in earlier:
@@ -357,6 +361,13 @@ class Trainer:
                            "(model.pretrained=%s, whose teacher it loads, in another train.output_dir)",
                            self.config.train.epochs, path, planned, self.total_steps, path)
             self.config.train.epochs = planned  # config.yaml says what the run follows
+        changed = setting_differences(run.config, self.config, ("model", "objective", "optim", "data"), most=6,
+                                      ignore=("data.num_workers",), new_keys=False)
+        if changed:  # allowed (a lower lr after a divergence), but said, and the earlier recipe is kept
+            self.config_changed_at = self.step
+            logger.warning("resuming %s with settings that differ from its run's: %s. Training goes on with these "
+                           "from step %d; the earlier config.yaml is kept as config_until_step_%d.yaml",
+                           path, "; ".join(changed), self.step, self.step)
         self._restore_random_states(run["rng"])
         self.results["resumed_from_step"] = self.step
         logger.info("resumed from %s at step %d of %d (epoch %.2f)", path, self.step, self.total_steps,
@@ -647,7 +658,16 @@ class Trainer:
         e = self.config.eval
         try:
             fresh = "resumed_from_step" not in self.results
-            if self.is_main and e.raw_pixels:
+            earlier = {} if fresh else self._earlier_results()
+            # (one process: every rank of several would have to see the same file to take the same way)
+            if earlier.get("status") == "finished" and self.step >= self.total_steps and distributed.world_size() == 1:
+                logger.info("%s already finished at step %d: its results.json stands, nothing to do (distill eval "
+                            "evaluates it again; another train.output_dir trains anew)", self.output_dir, self.step)
+                self.results = earlier
+                return self.results
+            # what only the first session measured (the backbone at start, raw pixels) stays in results.json
+            self.results.update({k: v for k, v in earlier.items() if k in ("knn_start", "knn_raw_pixels")})
+            if self.is_main and e.raw_pixels and "knn_raw_pixels" not in self.results:
                 pixels = self.evaluation.raw_pixels()
                 if pixels:
                     self.results["knn_raw_pixels"] = pixels
@@ -685,6 +705,14 @@ class Trainer:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
+    def _earlier_results(self) -> Dict[str, Any]:
+        """results.json of the sessions before a resume ({} if none or unreadable)."""
+        try:
+            earlier = json.loads((self.output_dir / "results.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        return earlier if isinstance(earlier, dict) else {}
+
     def _log_to_file(self, error: Exception) -> None:
         if self._log_handler is None:
             return
@@ -698,6 +726,11 @@ class Trainer:
         """Exports, the last evaluations, the loss curve and results.json (rank 0)."""
         e = self.config.eval
         self.results["exported"] = [str(p) for p in whole.export(self.output_dir)]
+        if self.stop_signal is not None:  # a stopped (preempted) job has seconds left: the resume evaluates
+            self.results["evaluation"] = "skipped: stopped by a signal; the resumed run evaluates at its end"
+            self._write_loss_curve()
+            self._write_results()
+            return
         classified = self.evaluation.classify(whole.classifiers())
         if classified:
             self.results["val"] = classified
@@ -710,6 +743,9 @@ class Trainer:
                                                       self.output_dir / "attention.png")
             self.results["attention_figure"] = str(figure.path)
         self._write_loss_curve()
+        self._write_results()
+
+    def _write_results(self) -> None:
         try:
             atomic_write_text(self.output_dir / "results.json", json.dumps(self.results, indent=2))
         except OSError as error:
@@ -766,7 +802,7 @@ def _leaves(tree: Any, prefix: str) -> Dict[str, Any]:
 
 
 def setting_differences(theirs: Any, ours: Any, sections: Tuple[str, ...] = ("model", "objective"),
-                        most: int = 4) -> List[str]:
+                        most: int = 4, ignore: Tuple[str, ...] = (), new_keys: bool = True) -> List[str]:
     """The settings of `sections` that differ between a checkpoint's run config and this run's, as
     "model.overrides.mlp_ratio 4.0 there, 2.0 here" (at most `most`, then how many more), for messages that refuse
     a resume: the networks' shapes follow from these sections."""
@@ -776,6 +812,8 @@ def setting_differences(theirs: Any, ours: Any, sections: Tuple[str, ...] = ("mo
     for section in sections:
         old, new = _leaves(theirs.get(section, {}), section), _leaves(ours.get(section, {}), section)
         for key in sorted(set(old) | set(new)):
+            if key in ignore or (not new_keys and key not in old):  # (a key its version did not have)
+                continue
             was, now = old.get(key, missing), new.get(key, missing)
             if was != now:
                 was, now = ("unset" if value is missing else value for value in (was, now))

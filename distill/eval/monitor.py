@@ -34,6 +34,9 @@ class KnnMonitor:
                 raise InputError(f"kNN evaluation needs labels, but {source.name} has none (use an ImageFolder tree "
                                  "or a file list with labels, or turn every kNN evaluation off: eval.knn=false, "
                                  "eval.knn_at_start=false, eval.knn_every_epochs=0)")
+        if max(self.ks) > len(self.train_source):
+            raise InputError(f"eval.knn_k {sorted(self.ks)} asks for more neighbours than the {len(self.train_source)} "
+                             f"images of {self.train_source.name}: lower eval.knn_k or raise eval.train_limit")
 
     def _features(self, backbone: nn.Module, source, desc: str):
         return extract_source_features(backbone, source, self.view, self.batch_size, self.precision,

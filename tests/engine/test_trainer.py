@@ -342,6 +342,51 @@ def test_a_refused_run_touches_nothing_in_the_folder(tiny_config, tmp_path, capl
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
 
 
+def test_a_resume_with_other_settings_says_which_and_keeps_the_earlier_recipe(tiny_overrides, tmp_path, caplog):
+    import yaml
+
+    run = tmp_path / "run"
+    Trainer(load_cfg(tiny_overrides, run, "train.max_steps=2")).run()
+    with caplog.at_level(logging.WARNING, logger="distill"):
+        Trainer(load_cfg(tiny_overrides, run, "train.max_steps=3", "optim.lr=0.5", "data.num_workers=1")).run()
+    said = [r.getMessage() for r in caplog.records if "settings that differ" in r.getMessage()]
+    assert len(said) == 1 and "optim.lr 0.001 there, 0.5 here" in said[0] and "num_workers" not in said[0]
+    assert yaml.safe_load((run / "config_until_step_2.yaml").read_text())["optim"]["lr"] == 0.001
+    assert yaml.safe_load((run / "config.yaml").read_text())["optim"]["lr"] == 0.5
+
+
+def test_a_finished_run_run_again_keeps_its_results_and_a_resume_keeps_what_its_start_measured(
+        tiny_overrides, tmp_path, caplog):
+    run = tmp_path / "run"
+    plan = ("train.epochs=2", "eval.knn_at_start=true", "eval.knn=true", "eval.train_limit=200",
+            "eval.val_limit=100")
+    first = Trainer(load_cfg(tiny_overrides, run, *plan, "train.max_steps=20")).run()
+    assert first["status"] == "stopped" and "knn_start" in first
+    second = Trainer(load_cfg(tiny_overrides, run, *plan)).run()  # resumed to the end of its 2 epochs
+    as_json = lambda results: json.loads(json.dumps(results))  # noqa: E731  (the file's keys are strings)
+    assert second["status"] == "finished" and "knn_end" in second
+    assert as_json(second["knn_start"]) == as_json(first["knn_start"])
+    before = (run / "results.json").read_bytes()
+    with caplog.at_level(logging.INFO, logger="distill"):
+        third = Trainer(load_cfg(tiny_overrides, run, *plan)).run()
+    assert third == as_json(second) and (run / "results.json").read_bytes() == before
+    assert any("already finished at step" in r.getMessage() for r in caplog.records)
+
+
+def test_more_neighbours_than_images_are_refused_before_the_run_folder_is_made(tiny_overrides, tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(InputError, match=r"eval.knn_k \[100\] asks for more neighbours than the 50 images"):
+        Trainer(load_cfg(tiny_overrides, run, "eval.knn=true", "eval.train_limit=50", "eval.knn_k=[100]")).run()
+    assert not run.exists()
+
+
+def test_a_bare_distill_train_asks_for_a_recipe(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train"]) == 2
+    assert "give a recipe, e.g. configs/demo/dino_fashion_mnist.yaml" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_knn_on_unlabelled_images_is_refused_before_the_run_folder_is_made(tiny_overrides, tmp_path):
     import numpy as np
     from PIL import Image
@@ -430,7 +475,8 @@ def test_a_signal_stop_says_so_in_results_and_in_the_exit_status(tiny_overrides,
     run = tmp_path / "run"
     command = [sys.executable, "-m", "distill.cli", "train", *tiny_overrides(run, "train.max_steps=2000",
                                                                             "train.epochs=200",
-                                                                            f"data.num_workers={workers}")]
+                                                                            f"data.num_workers={workers}",
+                                                                            "eval.knn=true", "eval.train_limit=500")]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)
     deadline = time.time() + 120
@@ -444,6 +490,8 @@ def test_a_signal_stop_says_so_in_results_and_in_the_exit_status(tiny_overrides,
     results = json.loads((run / "results.json").read_text())
     assert results["status"] == "stopped" and results["stop_reason"] == f"signal {stop.name}"
     assert results["steps"] == read_checkpoint(run / LATEST)["step"] < 2000
+    # a stopped job may have seconds left (a preemption's grace): the evaluation waits for the resume
+    assert results["evaluation"].startswith("skipped: stopped by a signal") and "knn_end" not in results
 
 
 def test_fp16_on_a_cpu_is_warned_about(tiny_config, tmp_path, caplog):
@@ -509,6 +557,12 @@ def test_weights_that_turned_non_finite_are_never_saved_over_a_checkpoint(tiny_c
     ("model.overrides.patch_size=0", "patch_size=0 for vit_tiny: give a whole number of at least 1"),
     ("model.overrides.embed_dim=abc", "embed_dim='abc' for vit_tiny: give a whole number"),
     ("model.overrides.num_heads=3", "not a multiple of num_heads 3"),
+    ("optim.betas=[0.9]", "'optim.betas' is [0.9]: give two numbers in [0, 1)"),
+    ("optim.min_lr=1", "optim.min_lr (1.0) exceeds optim.lr"), ("optim.momentum=2", "'optim.momentum' must lie in"),
+    ("eval.knn_temperature=0", "'eval.knn_temperature' must be positive"),
+    ("eval.batch_size=0", "'eval.batch_size' must be positive"), ("eval.image_size=-1", "'eval.image_size' must be"),
+    ("objective.views.hue=5", "views.hue must lie in [0, 0.5]"), ("train.resume=maybe", "give auto (the run"),
+    ("model.checkpoint_key=teacher", "model.pretrained, which is not set"),
 ])
 def test_numbers_that_cannot_train_are_refused_before_the_run(override, words, tiny_overrides, tmp_path, capsys):
     assert main(["train", *tiny_overrides(tmp_path / "run", override)]) == 2
