@@ -124,7 +124,7 @@ def load_config(
             config = OmegaConf.merge(config, loaded)
         except OmegaConfBaseException as error:
             raise _explain(error, schema, str(path)) from None
-    bad = [item for item in overrides if "=" not in item]
+    bad = [item for item in overrides if "=" not in item or not item.split("=", 1)[0].strip()]
     if bad:
         raise InputError(f"overrides must look like key=value, got {', '.join(bad)}")
     for item in overrides:

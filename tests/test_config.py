@@ -80,3 +80,11 @@ def test_a_config_mistake_is_reported_before_pytorch_loads(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "[2, 2] False", done.stdout + done.stderr
     assert "did you mean 'out_dim'" in done.stderr and "data.dataset.path" in done.stderr
+
+
+def test_a_recipe_switched_to_another_objective_says_where_its_settings_come_from(capsys):
+    from distill.cli import main
+
+    assert main(["train", "configs/demo/dino_fashion_mnist.yaml", "objective.name=dinov2"]) == 2
+    err = capsys.readouterr().err
+    assert "the recipe was written for dino, and objective.name=dinov2 keeps its objective section" in err

@@ -5,6 +5,7 @@
 """
 
 from dataclasses import dataclass, field
+import dataclasses
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
@@ -184,8 +185,36 @@ def _objective_name(path: Optional[Union[str, Path]], overrides: Sequence[str]) 
 
 def load_train_config(path: Optional[Union[str, Path]] = None, overrides: Sequence[str] = ()) -> TrainConfig:
     """Defaults <- recipe <- overrides, with the section of the chosen objective, validated."""
-    objective = objective_config_class(_objective_name(path, overrides))()
-    return load_config(TrainConfig(objective=objective), path, overrides)
+    name = _objective_name(path, overrides)
+    objective = objective_config_class(name)()
+    try:
+        return load_config(TrainConfig(objective=objective), path, overrides)
+    except InputError as error:
+        written_for = _objective_name(path, ())
+        if written_for != name and str(error).startswith("objective."):
+            origin = f"the recipe was written for {written_for}" if path else f"the defaults are {written_for}'s"
+            raise InputError(f"{error} ({origin}, and objective.name={name} keeps its objective section: start "
+                             f"from a {name} recipe, e.g. under configs/{name}/ or configs/demo/)") from None
+        raise _other_objective_hint(error, name) from None
+
+
+def _other_objective_hint(error: InputError, name: str) -> InputError:
+    """An unknown objective.<key> that another objective has: named as that objective's, with the switch."""
+    import re
+
+    from distill.objectives import OBJECTIVES
+
+    found = re.match(r"unknown config key 'objective\.([A-Za-z_0-9]+)'", str(error))
+    if not found:
+        return error
+    key = found.group(1)
+    owners = [other for other, (config_class, _) in OBJECTIVES.items()
+              if other != name and key in {f.name for f in dataclasses.fields(config_class)}]
+    if not owners:
+        return error
+    return InputError(f"objective.{key} belongs to the {' and '.join(owners)} objective, and this recipe trains "
+                      f"{name}: set objective.name={owners[0]} (with a recipe of it, e.g. under configs/{owners[0]}/) "
+                      f"or leave objective.{key} out")
 
 
 def check_data_paths(config: TrainConfig) -> None:

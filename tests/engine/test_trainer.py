@@ -563,6 +563,9 @@ def test_weights_that_turned_non_finite_are_never_saved_over_a_checkpoint(tiny_c
     ("eval.batch_size=0", "'eval.batch_size' must be positive"), ("eval.image_size=-1", "'eval.image_size' must be"),
     ("objective.views.hue=5", "views.hue must lie in [0, 0.5]"), ("train.resume=maybe", "give auto (the run"),
     ("model.checkpoint_key=teacher", "model.pretrained, which is not set"),
+    ("objective.koleo_loss_weight=0.3", "objective.koleo_loss_weight belongs to the dinov2 objective, and this "
+                                        "recipe trains dino: set objective.name=dinov2"),
+    ("=3", "overrides must look like key=value, got =3"),
 ])
 def test_numbers_that_cannot_train_are_refused_before_the_run(override, words, tiny_overrides, tmp_path, capsys):
     assert main(["train", *tiny_overrides(tmp_path / "run", override)]) == 2
