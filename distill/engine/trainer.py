@@ -521,9 +521,16 @@ class Trainer:
         t = self.config.train
         reasons = [("another rank was told to stop", signalled),  # a signal that reached only some ranks
                    (f"train.max_steps={t.max_steps}", t.max_steps and self.step >= t.max_steps),
-                   (f"time budget of {t.time_limit_minutes} min", self.budget.limit_seconds > 0
-                    and self.train_seconds >= self.budget.limit_seconds and self.step < self.total_steps)]
+                   (f"time budget of {t.time_limit_minutes} min", self._budget_spent())]
         return next((reason for reason, due in reasons if due), None)
+
+    def _budget_spent(self) -> bool:
+        """The time budget is used up with more than the plan's last 1% (at least one step) still ahead. The last
+        1% is trained past the limit: a plan fitted to a pace that drifted a little then still ends its schedules,
+        instead of stopping a step or two short and training a step per resume after."""
+        left = self.total_steps - self.step
+        return (self.budget.limit_seconds > 0 and self.train_seconds >= self.budget.limit_seconds
+                and left > max(1, self.total_steps // 100))
 
     def train(self) -> None:
         """Train from self.step (0, or where setup() resumed) until the plan is done or a stop is due; the last
@@ -557,6 +564,9 @@ class Trainer:
         _, (stop,) = distributed.agree(0.0, self.stop_reason is not None)
         if not stop and c.train.max_steps and self.step >= c.train.max_steps:  # a resume already there: no step
             stop, self.stop_reason = True, f"train.max_steps={c.train.max_steps}"
+        if not stop and self._budget_spent():  # a resume whose budget went before: no step, and why
+            stop, self.stop_reason = True, (f"time budget of {c.train.time_limit_minutes} min, spent before this "
+                                            "resume (raise train.time_limit_minutes to train on)")
         while self.step < self.total_steps and not stop:
             epoch, position = divmod(self.step, self.steps_per_epoch)
             if data is None:

@@ -387,6 +387,18 @@ def test_a_bare_distill_train_asks_for_a_recipe(capsys, tmp_path, monkeypatch):
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_spent_time_budget_stops_unless_only_the_plan_s_last_percent_is_left(tiny_config, tmp_path):
+    with Trainer(tiny_config(tmp_path, "train.time_limit_minutes=0.01", "train.epochs=20")) as trainer:
+        trainer.setup()
+        trainer.total_steps, trainer.train_seconds = 320, 0.6  # 0.01 min = 0.6 s: spent
+        for step, spent in ((0, True), (316, True), (317, False), (319, False)):  # 1% of 320: 3 steps
+            trainer.step = step
+            assert trainer._budget_spent() is spent, step
+        trainer.step = 0
+        trainer.train()  # as a resume whose budget went before: no step, and why
+        assert trainer.step == 0 and "spent before this resume (raise train.time_limit_minutes" in trainer.stop_reason
+
+
 def test_knn_on_unlabelled_images_is_refused_before_the_run_folder_is_made(tiny_overrides, tmp_path):
     import numpy as np
     from PIL import Image
