@@ -180,6 +180,9 @@ def cmd_eval_keypoints(args: argparse.Namespace) -> None:
     from distill.dense.keypoints import evaluate_keypoints, read_pairs
 
     pairs = read_pairs(args.pairs, args.images)
+    if not any(len(pair.source_points) for pair in pairs):
+        raise InputError(f"{args.pairs}: none of its {len(pairs)} pair(s) has a point: give each pair its [x, y] in "
+                         "source_points and target_points")
     source = _build_source(args)
     result = evaluate_keypoints(pairs, source, ALPHAS, show_progress=True)
     if result.skipped_pairs:

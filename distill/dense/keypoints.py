@@ -77,7 +77,11 @@ def _bbox(value, what: str) -> Optional[Tuple[float, float, float, float]]:
         return None
     if not isinstance(value, (list, tuple)) or len(value) != 4 or not all(isinstance(v, (int, float)) for v in value):
         raise InputError(f"{what} must be [x1, y1, x2, y2]")
-    return tuple(float(v) for v in value)
+    x1, y1, x2, y2 = (float(v) for v in value)
+    if max(x2 - x1, y2 - y1) <= 0:  # PCK's threshold is a share of its larger side: every point would miss
+        raise InputError(f"{what} {list(value)} has no extent: give [x1, y1, x2, y2] with x2 > x1 or y2 > y1, or "
+                         "leave it out (the target image's size is used)")
+    return x1, y1, x2, y2
 
 
 def _pair(source, target, source_points, target_points, bbox, category, where: str) -> KeypointPair:

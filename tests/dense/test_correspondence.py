@@ -234,7 +234,10 @@ def test_both_pair_list_forms_are_read(tmp_path):
     ([{"source": "x.png", "target": "x.png", "source_points": [[1, 2]]}], "lacks target_points"),
     ([{"source": "x.png", "target": "x.png", "source_points": [[1, 2]], "target_points": []}],
      "1 source points but 0 target points"),
-    ([{"source": "x.png", "target": "gone.png", "source_points": [], "target_points": []}], "not found: .*gone.png"),
+    ([{"source": "x.png", "target": "gone.png", "source_points": [[1, 2]], "target_points": [[1, 2]]}],
+     "not found: .*gone.png"),
+    ([{"source": "x.png", "target": "x.png", "source_points": [[1, 2]], "target_points": [[1, 2]],
+       "target_bbox": [5, 5, 5, 5]}], r"the box \[5, 5, 5, 5\] has no extent"),
     ([{"source": "x.png", "target": "x.png", "source_points": [[1, 2, 3]], "target_points": [[1, 2, 3]]}],
      r"pairs, got shape \(1, 3\)"),
 ])
@@ -464,6 +467,11 @@ def test_bad_requests_are_one_line_and_write_nothing(tiny, tmp_path, monkeypatch
                         if name.startswith("diffusers") else real_import(name, *a, **k))
     with pytest.raises(InputError, match=r"pip install 'distill\[sd\]'"):
         cmd_correspond(_args(add_correspond_arguments, [*base, "--with", f"sd:{tmp_path}"]))
+    (tmp_path / "pairs.json").write_text(json.dumps([{"source": str(folder / "a.png"), "target": str(folder / "b.png"),
+                                                      "source_points": [], "target_points": []}]))
+    with pytest.raises(InputError, match="none of its 1 pair.s. has a point"):
+        cmd_eval_keypoints(_args(add_keypoints_arguments, [str(tmp_path / "pairs.json"), "--checkpoint",
+                                                           str(weights), *TINY, "--output", str(output)]))
     (tmp_path / "pairs.json").write_text(json.dumps({"what": 1}))
     with pytest.raises(InputError, match="neither a pair list"):
         cmd_eval_keypoints(_args(add_keypoints_arguments, [str(tmp_path / "pairs.json"), "--checkpoint",
