@@ -31,7 +31,9 @@ EXTRAS_REQUIRE = {
     # import-linter: the layering contracts of .importlinter, checked by tests/test_layering.py.
     # diffusers, transformers: the sd extra, whose Stable Diffusion features the tests exercise on a tiny model.
     # onnx, onnxruntime, onnxscript: the export extra, whose ONNX graphs the tests check against PyTorch.
-    "dev": ["pytest>=8", "pytest-xdist", "pytest-timeout", "scikit-learn", "import-linter>=2.17", "diffusers>=0.30",
+    # pytest below 9.2: pytest 9.2 builds a test's id from a field pytest-xdist 3.8 does not change, so xdist's
+    # groups (--dist loadgroup, which keeps the SLURM tests on one worker) stop working (tests/test_suite_workers.py).
+    "dev": ["pytest>=8,<9.2", "pytest-xdist", "pytest-timeout", "scikit-learn", "import-linter>=2.17", "diffusers>=0.30",
             "transformers", "onnx", "onnxruntime", "onnxscript"],
     # distill export --to onnx: the exporter (torch.onnx's dynamo path needs onnxscript) and the check of the graph
     # against PyTorch. --to hf needs transformers only to be loaded afterwards (the hf extra).
