@@ -56,9 +56,24 @@ def _section(schema: Any, dotted: str) -> Optional[Any]:
         match = {f.name: f for f in fields(node)}.get(part) if is_dataclass(node) else None
         if match is None:
             return None
+        owner = node
         node = getattr(node, part) if not isinstance(node, type) else match.default_factory() \
             if callable(match.default_factory) else match.type
+        if node is None:  # an optional section left empty (eval.dataset): its declared type
+            node = _declared_section(owner, part)
     return node if is_dataclass(node) else None
+
+
+def _declared_section(owner: Any, name: str) -> Optional[Any]:
+    """The dataclass that field `name` of `owner` is declared to hold (Optional[X] -> X), or None."""
+    import typing
+
+    try:
+        hints = typing.get_type_hints(owner if isinstance(owner, type) else type(owner))
+    except Exception:  # an annotation that cannot be resolved: no section to name
+        return None
+    declared = hints.get(name)
+    return next((t for t in (declared, *typing.get_args(declared)) if is_dataclass(t)), None)
 
 
 def _check_sections(schema: Any, values: Any, source: str, prefix: str = "") -> None:
@@ -74,7 +89,8 @@ def _check_sections(schema: Any, values: Any, source: str, prefix: str = "") -> 
             _check_sections(schema, value, source, dotted)
         elif value is not None:
             names = [f.name for f in fields(section)]
-            example = f"{dotted}.name={value}" if "name" in names else f"{dotted}.{names[0]}=..."
+            example = f"{dotted}.name={value}" if "name" in names else f"{dotted}.path={value}" if "path" in names \
+                else f"{dotted}.{names[0]}=..."
             raise InputError(f"config key '{dotted}' in {source} is a section of keys, not a value: set one of them, "
                              f"e.g. {example} (keys: {', '.join(names)})")
 

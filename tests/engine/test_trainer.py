@@ -578,6 +578,8 @@ def test_weights_that_turned_non_finite_are_never_saved_over_a_checkpoint(tiny_c
     ("objective.koleo_loss_weight=0.3", "objective.koleo_loss_weight belongs to the dinov2 objective, and this "
                                         "recipe trains dino: set objective.name=dinov2"),
     ("=3", "overrides must look like key=value, got =3"),
+    ("eval.dataset=/nowhere", "'eval.dataset' in the command line is a section of keys, not a value: set one of "
+                              "them, e.g. eval.dataset.path=/nowhere"),
 ])
 def test_numbers_that_cannot_train_are_refused_before_the_run(override, words, tiny_overrides, tmp_path, capsys):
     assert main(["train", *tiny_overrides(tmp_path / "run", override)]) == 2
