@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Type, TypeVar,
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from distill.errors import InputError
+from distill.errors import InputError, UnknownConfigKey
 
 T = TypeVar("T")
 
@@ -42,7 +42,8 @@ def _explain(error: OmegaConfBaseException, schema: Any, source: str) -> InputEr
         allowed = _allowed_keys(schema, str(key))
         close = difflib.get_close_matches(str(key).split(".")[-1], allowed, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
-        return InputError(f"unknown config key '{key}' in {source}{hint}; allowed keys here: {', '.join(allowed)}")
+        return UnknownConfigKey(f"unknown config key '{key}' in {source}{hint}; allowed keys here: "
+                                f"{', '.join(allowed)}", str(key))
     if isinstance(error, ValidationError):
         message = str(error).splitlines()[0]
         return InputError(f"config key '{key}' in {source}: {message}")

@@ -16,6 +16,14 @@ class NoReadableImage(InputError):
     """Not one image of a data source could be decoded, so there is nothing to compute."""
 
 
+class UnknownConfigKey(InputError):
+    """A config key the schema does not have; `key` is its dotted name, for callers that can say more of it."""
+
+    def __init__(self, message: str, key: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
 class CheckpointError(DistillError, RuntimeError):
     """A checkpoint file cannot be read safely, or does not fit the model it is loaded into."""
 

@@ -19,6 +19,9 @@ from distill.files import atomic_write_text
 
 # PyTorch and the dense modules are imported in the commands themselves: building the parser stays light.
 
+# the options that shape the --with source (SD-DINO's values), and so mean nothing without one
+FUSION_DEFAULTS = {"alpha": 0.5, "sd_size": 960, "sd_timestep": 100, "sd_blocks": [0, 1, 2]}
+
 
 def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
     """The descriptor source: a checkpoint at a layer / facet / stride, optionally fused with a second source."""
@@ -32,11 +35,11 @@ def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--with", dest="with_source", metavar="SOURCE",
                         help="fuse with a second source: a registry name, a checkpoint file, or sd:<folder or hub "
                              "id> (Stable Diffusion; pip install 'distill[sd]')")
-    parser.add_argument("--alpha", type=float, default=0.5,
+    parser.add_argument("--alpha", type=float, default=FUSION_DEFAULTS["alpha"],
                         help="weight of the --with source in the fusion; the checkpoint's is 1 - alpha")
-    parser.add_argument("--sd-size", type=int, default=960, help="image side for Stable Diffusion (SD-DINO: 960)")
-    parser.add_argument("--sd-timestep", type=int, default=100, help="noise timestep of 1000 (SD-DINO: 100)")
-    parser.add_argument("--sd-blocks", type=int, nargs="+", default=[0, 1, 2],
+    parser.add_argument("--sd-size", type=int, default=FUSION_DEFAULTS["sd_size"], help="image side for Stable Diffusion (SD-DINO: 960)")
+    parser.add_argument("--sd-timestep", type=int, default=FUSION_DEFAULTS["sd_timestep"], help="noise timestep of 1000 (SD-DINO: 100)")
+    parser.add_argument("--sd-blocks", type=int, nargs="+", default=FUSION_DEFAULTS["sd_blocks"],
                         help="UNet decoder up-blocks whose outputs to use (SD-DINO: 0 1 2)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
 
@@ -76,17 +79,11 @@ def _check_source_arguments(args: argparse.Namespace) -> None:
     if args.size < 0:
         raise InputError(f"--size must be positive, got {args.size}")
     if not args.with_source:
-        unused = [option for option, value, default in (("--alpha", args.alpha, 0.5), ("--sd-size", args.sd_size, 960),
-                                                         ("--sd-timestep", args.sd_timestep, 100),
-                                                         ("--sd-blocks", list(args.sd_blocks), [0, 1, 2]))
-                  if value != default]
+        unused = ["--" + key.replace("_", "-") for key, default in FUSION_DEFAULTS.items()
+                  if getattr(args, key) != default]
         if unused:
             raise InputError(f"{', '.join(unused)} only apply to a second source: give it with --with SOURCE, or "
                              "leave them out")
-    import torch
-
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda, but no CUDA device is visible: use --device cpu")
 
 
 def _check_layers(model, layers: List[int]) -> None:

@@ -129,12 +129,19 @@ def _earlier_features(out: Path, force: bool) -> set:
         raise InputError(f"--output {out} holds features written before: pass --force to replace them, or give "
                          "another folder")
     try:
-        index = json.loads((out / "index.json").read_text())
-        files = {name if isinstance(name, str) else name["file"] for name in index["files"]}
+        return _files_of(json.loads((out / "index.json").read_text())["files"], unreadable=True)
     except (ValueError, KeyError, TypeError):
         raise InputError(f"{out / 'index.json'} is not an index of features: give a new or empty folder") from None
-    files = {name for name in files if name == Path(name).name and name not in ("", ".", "..")}  # its own files
-    return files | {f"{Path(name).stem}.paths.txt" for name in files} | {"index.json", "unreadable.txt"}
+
+
+def _files_of(entries, unreadable: bool) -> set:
+    """The files a features folder holds for its index.json's "files" entries (a name per image, or {"file",
+    "rows"} per shard): each, a shard's paths list, index.json, and unreadable.txt when images were left out.
+    Only plain names count: an entry naming a path elsewhere is never taken as the folder's own."""
+    files = {entry if isinstance(entry, str) else entry["file"] for entry in entries}
+    files = {name for name in files if name == Path(name).name and name not in ("", ".", "..")}
+    return (files | {f"{Path(name).stem}.paths.txt" for name in files} | {"index.json"}
+            | ({"unreadable.txt"} if unreadable else set()))
 
 
 def cmd_features(args: argparse.Namespace) -> None:
@@ -182,10 +189,7 @@ def cmd_features(args: argparse.Namespace) -> None:
         print(f"left out {len(skipped)} unreadable image(s): {'; '.join(skipped[:5])}"
               + (" ..." if len(skipped) > 5 else ""))
     atomic_write_text(out / "index.json", json.dumps(index, indent=1))
-    written = {name if isinstance(name, str) else name["file"] for name in index["files"]}
-    written |= {f"{Path(name).stem}.paths.txt" for name in written} | {"index.json"}
-    written |= {"unreadable.txt"} if skipped else set()
-    for stale in sorted(earlier - written):  # what the run before wrote and this one did not: replaced, gone
+    for stale in sorted(earlier - _files_of(index["files"], unreadable=bool(skipped))):  # what the run before wrote and this one did not: replaced, gone
         (out / stale).unlink(missing_ok=True)
     grid = "x".join(map(str, index["grid"]))
     print(f"{done} image(s): {grid} grid of {args.facet} descriptors (layer {args.layer}) -> {out}/")
@@ -208,8 +212,6 @@ def cmd_pca(args: argparse.Namespace) -> None:
 
     if Path(args.output).suffix.lower() != ".png":
         raise InputError(f"--output {args.output} must be a .png file (the picture)")
-    if not 0 < args.threshold < 1:
-        raise InputError(f"--threshold {args.threshold} must lie in (0, 1) (of the first component, scaled)")
     if args.masks and Path(args.masks).exists() and not Path(args.masks).is_dir():
         raise InputError(f"--masks {args.masks} is a file: give a folder for the masks")
     paths = resolve_images(args.images)
@@ -278,7 +280,8 @@ def add_dense_commands(commands, evaluate_kinds) -> None:
     pca.add_argument("images", nargs="+", help="image files, folders or file lists")
     add_backbone_arguments(pca)
     add_grid_arguments(pca)
-    pca.add_argument("--threshold", type=float, default=0.5, help="of the first component, scaled to [0, 1]")
+    pca.add_argument("--threshold", type=number(float, above=0, below=1), default=0.5,
+                     help="of the first component, scaled to [0, 1]; in (0, 1)")
     pca.add_argument("--masks", help="folder for the foreground masks of every image (PNG, at each image's own "
                                      "size; masks.txt lists which image each is)")
     pca.add_argument("--batch-size", type=number(at_least=1), default=32, help="images per forward pass")

@@ -158,8 +158,6 @@ def cmd_eval_segment(args: argparse.Namespace) -> Dict[str, object]:
     train_files = pair_files(*args.train)  # a missing file fails here, before the backbone is loaded
     val_files = pair_files(*args.val)
     names = _class_names(args.classes, args.train[1])
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda but no CUDA device is visible: use --device cpu")
     model, setup = load_backbone(args.checkpoint, args.backbone, overrides, args.checkpoint_key)
     blocks, needed = len(getattr(model, "blocks", ())), len(LAYER_SETS[args.layers])
     if 0 < blocks < needed:

@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from distill.config import load_config
 from distill.data.configs import DatasetConfig
-from distill.errors import InputError
+from distill.errors import InputError, UnknownConfigKey
 from distill.objectives import ObjectiveConfig, objective_config_class
 from distill.precision import PRECISIONS
 
@@ -200,14 +200,13 @@ def load_train_config(path: Optional[Union[str, Path]] = None, overrides: Sequen
 
 def _other_objective_hint(error: InputError, name: str) -> InputError:
     """An unknown objective.<key> that another objective has: named as that objective's, with the switch."""
-    import re
-
     from distill.objectives import OBJECTIVES
 
-    found = re.match(r"unknown config key 'objective\.([A-Za-z_0-9]+)'", str(error))
-    if not found:
+    if not isinstance(error, UnknownConfigKey):
         return error
-    key = found.group(1)
+    section, _, key = error.key.partition(".")
+    if section != "objective" or "." in key:  # a key of the objective section itself
+        return error
     owners = [other for other, (config_class, _) in OBJECTIVES.items()
               if other != name and key in {f.name for f in dataclasses.fields(config_class)}]
     if not owners:
