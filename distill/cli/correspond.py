@@ -37,8 +37,10 @@ def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
                              "id> (Stable Diffusion; pip install 'distill[sd]')")
     parser.add_argument("--alpha", type=float, default=FUSION_DEFAULTS["alpha"],
                         help="weight of the --with source in the fusion; the checkpoint's is 1 - alpha")
-    parser.add_argument("--sd-size", type=int, default=FUSION_DEFAULTS["sd_size"], help="image side for Stable Diffusion (SD-DINO: 960)")
-    parser.add_argument("--sd-timestep", type=int, default=FUSION_DEFAULTS["sd_timestep"], help="noise timestep of 1000 (SD-DINO: 100)")
+    parser.add_argument("--sd-size", type=int, default=FUSION_DEFAULTS["sd_size"],
+                        help="image side for Stable Diffusion (SD-DINO: 960)")
+    parser.add_argument("--sd-timestep", type=int, default=FUSION_DEFAULTS["sd_timestep"],
+                        help="noise timestep of 1000 (SD-DINO: 100)")
     parser.add_argument("--sd-blocks", type=int, nargs="+", default=FUSION_DEFAULTS["sd_blocks"],
                         help="UNet decoder up-blocks whose outputs to use (SD-DINO: 0 1 2)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))

@@ -189,7 +189,8 @@ def cmd_features(args: argparse.Namespace) -> None:
         print(f"left out {len(skipped)} unreadable image(s): {'; '.join(skipped[:5])}"
               + (" ..." if len(skipped) > 5 else ""))
     atomic_write_text(out / "index.json", json.dumps(index, indent=1))
-    for stale in sorted(earlier - _files_of(index["files"], unreadable=bool(skipped))):  # what the run before wrote and this one did not: replaced, gone
+    # what the run before wrote and this one did not: replaced, gone
+    for stale in sorted(earlier - _files_of(index["files"], unreadable=bool(skipped))):
         (out / stale).unlink(missing_ok=True)
     grid = "x".join(map(str, index["grid"]))
     print(f"{done} image(s): {grid} grid of {args.facet} descriptors (layer {args.layer}) -> {out}/")
